@@ -1,0 +1,285 @@
+//! Logical time: version vectors, dots and the client's causal token.
+//!
+//! # Design
+//!
+//! Every replica has a [`ReplicaId`], a random 64-bit number drawn once when its data
+//! directory is created. A write accepted by a replica gets a [`Dot`]: that replica's id
+//! and the next value of its own counter. Because the id is tied to the data directory
+//! and not to the address, a node whose disk was wiped comes back as a *new* replica and
+//! can never reissue a dot that some other replica already holds.
+//!
+//! A [`VersionVector`] maps replica ids to counters. It describes a set of writes closed
+//! under "earlier writes of the same origin": `{a: 3}` means writes a:1, a:2 and a:3.
+//! It is a join-semilattice: [`VersionVector::merge`] is the pointwise maximum, which is
+//! commutative, associative and idempotent (property-tested below).
+//!
+//! The [`CausalToken`] is what clients carry around (`causal_payload` in the `/kv-store`
+//! dialect). It records, per partition, the version vector of everything the client has
+//! observed there, so a replica can decide whether it may answer: it may when its own
+//! applied vector dominates the token's entry for its partition. The token also names the
+//! cluster it was issued by, so a token from another cluster is rejected instead of being
+//! silently misread. On the wire it is `c1.` followed by the base64url (no padding) of its
+//! postcard encoding; the prefix is a format version.
+//!
+//! # Caveats
+//!
+//! * Tokens grow with the number of (partition, replica) pairs ever seen; replicas that
+//!   were wiped leave entries behind. Pruning needs the view-change machinery.
+//! * Partition ids in tokens are those of the view the token was made in; view changes
+//!   must translate or conservatively keep them (see the view-change issue).
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Identity of a replica's data directory; see the module doc.
+pub type ReplicaId = u64;
+
+/// Index of a partition in a view.
+pub type PartitionId = u32;
+
+/// One write's identity: the replica that accepted it and that replica's counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Dot {
+    pub replica: ReplicaId,
+    pub counter: u64,
+}
+
+/// A map from replica to the highest counter seen from it (absent = 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionVector(BTreeMap<ReplicaId, u64>);
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, replica: ReplicaId) -> u64 {
+        self.0.get(&replica).copied().unwrap_or(0)
+    }
+
+    /// Raises the entry of `replica` to at least `counter`.
+    pub fn raise(&mut self, replica: ReplicaId, counter: u64) {
+        if counter == 0 {
+            return;
+        }
+        let entry = self.0.entry(replica).or_insert(0);
+        *entry = (*entry).max(counter);
+    }
+
+    /// Pointwise maximum.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (&replica, &counter) in &other.0 {
+            self.raise(replica, counter);
+        }
+    }
+
+    /// True when every write in `other` is also in `self`.
+    pub fn dominates(&self, other: &VersionVector) -> bool {
+        other.0.iter().all(|(&r, &c)| self.get(r) >= c)
+    }
+
+    /// True when the write `dot` is in the set this vector describes.
+    pub fn contains(&self, dot: Dot) -> bool {
+        self.get(dot.replica) >= dot.counter
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
+        self.0.iter().map(|(&r, &c)| (r, c))
+    }
+}
+
+impl FromIterator<(ReplicaId, u64)> for VersionVector {
+    fn from_iter<T: IntoIterator<Item = (ReplicaId, u64)>>(iter: T) -> Self {
+        let mut vv = VersionVector::new();
+        for (r, c) in iter {
+            vv.raise(r, c);
+        }
+        vv
+    }
+}
+
+/// What a client has observed, per partition. See the module doc.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CausalToken {
+    /// Identity of the cluster that issued the token.
+    pub cluster: u64,
+    pub parts: BTreeMap<PartitionId, VersionVector>,
+}
+
+/// Why a client's token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("causal_payload is malformed")]
+    Malformed,
+    #[error("causal_payload was issued by another cluster")]
+    Foreign,
+    #[error("causal_payload is too large")]
+    TooLarge,
+}
+
+/// Wire prefix; bump it when the encoding changes.
+const TOKEN_PREFIX: &str = "c1.";
+
+/// Encoded tokens longer than this are refused: a token holds one small entry per
+/// (partition, replica), so 64 KiB is thousands of entries, far beyond any real cluster,
+/// while still bounding what a client can make us decode.
+pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+impl CausalToken {
+    pub fn empty(cluster: u64) -> Self {
+        Self {
+            cluster,
+            parts: BTreeMap::new(),
+        }
+    }
+
+    /// The entry for `partition` (empty when the client saw nothing there).
+    pub fn part(&self, partition: PartitionId) -> VersionVector {
+        self.parts.get(&partition).cloned().unwrap_or_default()
+    }
+
+    /// Adds what `vv` describes to the entry of `partition`.
+    pub fn observe(&mut self, partition: PartitionId, vv: &VersionVector) {
+        if vv.is_empty() {
+            return;
+        }
+        self.parts.entry(partition).or_default().merge(vv);
+    }
+
+    /// Pointwise merge of every partition's entry.
+    pub fn merge(&mut self, other: &CausalToken) {
+        for (&p, vv) in &other.parts {
+            self.observe(p, vv);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        // Serializing plain maps of integers into a Vec cannot fail.
+        let bytes = postcard::to_stdvec(self).expect("token serialization is infallible");
+        let mut out = String::with_capacity(TOKEN_PREFIX.len() + bytes.len() * 4 / 3 + 4);
+        out.push_str(TOKEN_PREFIX);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&bytes, &mut out);
+        out
+    }
+
+    /// Parses a client's token. An empty string is the empty token of `cluster`.
+    pub fn decode(text: &str, cluster: u64) -> Result<Self, TokenError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(Self::empty(cluster));
+        }
+        if text.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLarge);
+        }
+        let body = text
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenError::Malformed)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
+        let (token, rest): (CausalToken, _) =
+            postcard::take_from_bytes(&bytes).map_err(|_| TokenError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(TokenError::Malformed);
+        }
+        if token.cluster != cluster {
+            return Err(TokenError::Foreign);
+        }
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vv() -> impl Strategy<Value = VersionVector> {
+        prop::collection::vec((0u64..5, 0u64..20), 0..6).prop_map(|v| v.into_iter().collect())
+    }
+
+    fn token() -> impl Strategy<Value = CausalToken> {
+        prop::collection::btree_map(0u32..4, vv(), 0..4)
+            .prop_map(|parts| CausalToken { cluster: 7, parts })
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative(a in vv(), b in vv()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn merge_is_associative(a in vv(), b in vv(), c in vv()) {
+            let mut left = a.clone(); left.merge(&b); left.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut right = a.clone(); right.merge(&bc);
+            prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn merge_is_idempotent_and_an_upper_bound(a in vv(), b in vv()) {
+            let mut aa = a.clone(); aa.merge(&a);
+            prop_assert_eq!(&aa, &a);
+            let mut ab = a.clone(); ab.merge(&b);
+            prop_assert!(ab.dominates(&a) && ab.dominates(&b));
+        }
+
+        #[test]
+        fn dominance_is_a_partial_order(a in vv(), b in vv()) {
+            prop_assert!(a.dominates(&a));
+            if a.dominates(&b) && b.dominates(&a) {
+                prop_assert_eq!(a, b);
+            }
+        }
+
+        #[test]
+        fn token_round_trips(t in token()) {
+            let text = t.encode();
+            prop_assert_eq!(CausalToken::decode(&text, 7), Ok(t));
+        }
+
+        #[test]
+        fn decode_never_panics(s in ".{0,200}") {
+            let _ = CausalToken::decode(&s, 7);
+        }
+
+        #[test]
+        fn truncated_tokens_are_rejected(t in token(), cut in 1usize..8) {
+            let text = t.encode();
+            if text.len() > TOKEN_PREFIX.len() + cut {
+                let short = &text[..text.len() - cut];
+                // Either malformed, or (rarely) a shorter valid encoding: never a panic,
+                // and never silently the same token.
+                prop_assert_ne!(CausalToken::decode(short, 7), Ok(t));
+            }
+        }
+    }
+
+    #[test]
+    fn empty_string_is_the_empty_token() {
+        assert_eq!(CausalToken::decode("", 3), Ok(CausalToken::empty(3)));
+        assert_eq!(CausalToken::decode("  ", 3), Ok(CausalToken::empty(3)));
+    }
+
+    #[test]
+    fn foreign_and_garbage_tokens_are_refused() {
+        let t = CausalToken::empty(1).encode();
+        assert_eq!(CausalToken::decode(&t, 2), Err(TokenError::Foreign));
+        assert_eq!(
+            CausalToken::decode("1.0.0.4", 2),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(CausalToken::decode("c1.!!!", 2), Err(TokenError::Malformed));
+        let huge = "c1.".to_string() + &"A".repeat(MAX_TOKEN_LEN);
+        assert_eq!(CausalToken::decode(&huge, 2), Err(TokenError::TooLarge));
+    }
+}

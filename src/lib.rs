@@ -1,0 +1,20 @@
+//! kvs: a distributed, sharded, replicated, causally consistent key-value store.
+//!
+//! The layers, from the bottom (see ARCHITECTURE.md for the tour):
+//!
+//! | module | what | pure? |
+//! |---|---|---|
+//! | [`storage`] | durable engine (redb) and an in-memory one behind one trait | I/O |
+//! | [`placement`] | key → slot → partition → replicas; the view | pure |
+//! | [`clock`] | version vectors, dots, the client's causal token | pure |
+//! | [`replica`] | key versions and siblings, writes, causal reads, sync protocol | pure over a store |
+//! | [`cluster`] | the node's view, liveness of peers | pure |
+//! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
+//! | [`api`] | client dialects (`/kv-store`) | thin |
+//! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
+//! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
+
+pub mod clock;
+pub mod placement;
+pub mod replica;
+pub mod storage;

@@ -1,0 +1,425 @@
+//! Durable storage behind a small trait, with a redb engine and an in-memory one.
+//!
+//! # Design
+//!
+//! Three tables:
+//!
+//! * `kv`: `(slot, key) → KeyState` (postcard). Keying by slot first keeps a slot's keys
+//!   together, so moving a slot to another partition is one range scan.
+//! * `log`: `(origin, counter) → (slot, key)`. One entry per write this replica has
+//!   incorporated, whichever replica accepted it. It is the replication stream: a peer
+//!   that has seen origin `o` up to counter `c` is sent the current state of every key
+//!   named by `log[(o, c+1..)]`. Entries are trimmed once every peer has them.
+//! * `meta`: small named blobs (replica id, applied version vector, view).
+//!
+//! A [`WriteTxn`] is atomic; its `commit` returns only once the data is on disk (redb's
+//! `Durability::Immediate`, an fsync). Callers batch many writes into one transaction
+//! (group commit, see `server::writer`) so one fsync serves many clients.
+//!
+//! [`MemoryStore`] implements the same trait without a disk for tests and `--memory`.
+//!
+//! # Caveats
+//!
+//! * redb allows one write transaction at a time; that suits the single writer task.
+//! * Values are stored inside the key state; very large values make rewriting a key's
+//!   state (on every update) cost proportionally.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Dot, ReplicaId};
+use crate::replica::KeyState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    #[error("corrupt record in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+fn engine<E: std::fmt::Display>(e: E) -> StorageError {
+    StorageError::Engine(e.to_string())
+}
+
+/// A log entry: which write, and which key it touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub dot: Dot,
+    pub slot: u32,
+    pub key: String,
+}
+
+/// Reads, from a consistent snapshot.
+pub trait ReadTxn {
+    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>>;
+    /// Log entries of `origin` with counter > `after`, ascending, at most `limit`.
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>>;
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Number of keys stored (all slots).
+    fn key_count(&self) -> Result<u64>;
+}
+
+/// An atomic, durable batch of changes.
+pub trait WriteTxn: ReadTxn {
+    fn put(&mut self, slot: u32, key: &str, state: &KeyState) -> Result<()>;
+    fn log_append(&mut self, entry: &LogEntry) -> Result<()>;
+    /// Drops log entries of `origin` with counter <= `upto`.
+    fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()>;
+    fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()>;
+    /// Makes the changes durable, or none of them.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn read(&self) -> Result<Box<dyn ReadTxn + '_>>;
+    fn write(&self) -> Result<Box<dyn WriteTxn + '_>>;
+}
+
+fn decode_state(bytes: &[u8]) -> Result<KeyState> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
+        table: "kv",
+        detail: e.to_string(),
+    })
+}
+
+fn encode_state(state: &KeyState) -> Vec<u8> {
+    postcard::to_stdvec(state).expect("key state serialization is infallible")
+}
+
+// ---------------------------------------------------------------------------------------
+// redb
+
+const KV: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("kv");
+const LOG: TableDefinition<(u64, u64), (u32, &str)> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The durable engine: one redb file, `kvs.redb`, in the data directory.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+impl RedbStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StorageError::Engine(format!("creating {}: {e}", dir.display())))?;
+        let db = redb::Database::create(dir.join("kvs.redb")).map_err(engine)?;
+        // Create the tables up front so read transactions can always open them.
+        let txn = db.begin_write().map_err(engine)?;
+        txn.open_table(KV).map_err(engine)?;
+        txn.open_table(LOG).map_err(engine)?;
+        txn.open_table(META).map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        Ok(Self { db })
+    }
+}
+
+struct RedbRead(redb::ReadTransaction);
+struct RedbWrite(redb::WriteTransaction);
+
+macro_rules! redb_reads {
+    () => {
+        fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
+            let table = self.0.open_table(KV).map_err(engine)?;
+            let value = table.get((slot, key)).map_err(engine)?;
+            value.map(|v| decode_state(v.value())).transpose()
+        }
+
+        fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+            let table = self.0.open_table(LOG).map_err(engine)?;
+            let start = after.saturating_add(1);
+            let mut out = Vec::new();
+            for item in table
+                .range((origin, start)..=(origin, u64::MAX))
+                .map_err(engine)?
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(engine)?;
+                let (_, counter) = k.value();
+                let (slot, key) = v.value();
+                out.push(LogEntry {
+                    dot: Dot {
+                        replica: origin,
+                        counter,
+                    },
+                    slot,
+                    key: key.to_string(),
+                });
+            }
+            Ok(out)
+        }
+
+        fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+            let table = self.0.open_table(META).map_err(engine)?;
+            let value = table.get(name).map_err(engine)?;
+            Ok(value.map(|v| v.value().to_vec()))
+        }
+
+        fn key_count(&self) -> Result<u64> {
+            let table = self.0.open_table(KV).map_err(engine)?;
+            table.len().map_err(engine)
+        }
+    };
+}
+
+impl ReadTxn for RedbRead {
+    redb_reads!();
+}
+
+impl ReadTxn for RedbWrite {
+    redb_reads!();
+}
+
+impl WriteTxn for RedbWrite {
+    fn put(&mut self, slot: u32, key: &str, state: &KeyState) -> Result<()> {
+        let mut table = self.0.open_table(KV).map_err(engine)?;
+        table
+            .insert((slot, key), encode_state(state).as_slice())
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    fn log_append(&mut self, e: &LogEntry) -> Result<()> {
+        let mut table = self.0.open_table(LOG).map_err(engine)?;
+        table
+            .insert((e.dot.replica, e.dot.counter), (e.slot, e.key.as_str()))
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()> {
+        let mut table = self.0.open_table(LOG).map_err(engine)?;
+        table
+            .retain_in((origin, 0)..=(origin, upto), |_, _| false)
+            .map_err(engine)?;
+        Ok(())
+    }
+
+    fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()> {
+        let mut table = self.0.open_table(META).map_err(engine)?;
+        table.insert(name, value).map_err(engine)?;
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.0.commit().map_err(engine)
+    }
+}
+
+impl Store for RedbStore {
+    fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        Ok(Box::new(RedbRead(self.db.begin_read().map_err(engine)?)))
+    }
+
+    fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
+        Ok(Box::new(RedbWrite(self.db.begin_write().map_err(engine)?)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// memory
+
+#[derive(Clone, Default)]
+struct Tables {
+    kv: BTreeMap<(u32, String), KeyState>,
+    log: BTreeMap<(u64, u64), (u32, String)>,
+    meta: BTreeMap<String, Vec<u8>>,
+}
+
+impl Tables {
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Vec<LogEntry> {
+        self.log
+            .range((origin, after.saturating_add(1))..=(origin, u64::MAX))
+            .take(limit)
+            .map(|(&(replica, counter), (slot, key))| LogEntry {
+                dot: Dot { replica, counter },
+                slot: *slot,
+                key: key.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Volatile engine for tests and `--memory` runs. Reads see a snapshot (a clone).
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    tables: Arc<Mutex<Arc<Tables>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn snapshot(&self) -> Arc<Tables> {
+        // A poisoned lock means a panic mid-commit, which swaps an Arc and cannot leave
+        // the tables half-written; the data behind it is still consistent.
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+struct MemRead(Arc<Tables>);
+
+struct MemWrite<'a> {
+    store: &'a MemoryStore,
+    staged: Tables,
+}
+
+impl ReadTxn for MemRead {
+    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
+        Ok(self.0.kv.get(&(slot, key.to_string())).cloned())
+    }
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        Ok(self.0.log_after(origin, after, limit))
+    }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.meta.get(name).cloned())
+    }
+    fn key_count(&self) -> Result<u64> {
+        Ok(self.0.kv.len() as u64)
+    }
+}
+
+impl ReadTxn for MemWrite<'_> {
+    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
+        Ok(self.staged.kv.get(&(slot, key.to_string())).cloned())
+    }
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        Ok(self.staged.log_after(origin, after, limit))
+    }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.staged.meta.get(name).cloned())
+    }
+    fn key_count(&self) -> Result<u64> {
+        Ok(self.staged.kv.len() as u64)
+    }
+}
+
+impl WriteTxn for MemWrite<'_> {
+    fn put(&mut self, slot: u32, key: &str, state: &KeyState) -> Result<()> {
+        self.staged
+            .kv
+            .insert((slot, key.to_string()), state.clone());
+        Ok(())
+    }
+    fn log_append(&mut self, e: &LogEntry) -> Result<()> {
+        self.staged
+            .log
+            .insert((e.dot.replica, e.dot.counter), (e.slot, e.key.clone()));
+        Ok(())
+    }
+    fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()> {
+        self.staged.log.retain(|&(o, c), _| o != origin || c > upto);
+        Ok(())
+    }
+    fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()> {
+        self.staged.meta.insert(name.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn commit(self: Box<Self>) -> Result<()> {
+        *self.store.tables.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.staged);
+        Ok(())
+    }
+}
+
+impl Store for MemoryStore {
+    fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        Ok(Box::new(MemRead(self.snapshot())))
+    }
+    fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
+        // One writer at a time is the caller's contract (the writer task), as with redb.
+        Ok(Box::new(MemWrite {
+            store: self,
+            staged: (*self.snapshot()).clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn Store) {
+        let state = KeyState::default();
+        let mut w = store.write().expect("write");
+        w.put(3, "a", &state).expect("put");
+        for c in 1..=5 {
+            w.log_append(&LogEntry {
+                dot: Dot {
+                    replica: 9,
+                    counter: c,
+                },
+                slot: 3,
+                key: "a".into(),
+            })
+            .expect("log");
+        }
+        w.set_meta("m", b"x").expect("meta");
+        assert_eq!(w.get(3, "a").expect("get"), Some(state.clone()));
+        w.commit().expect("commit");
+
+        let r = store.read().expect("read");
+        assert_eq!(r.get(3, "a").expect("get"), Some(state));
+        assert_eq!(r.get(4, "a").expect("get"), None);
+        assert_eq!(r.meta("m").expect("meta"), Some(b"x".to_vec()));
+        assert_eq!(r.key_count().expect("count"), 1);
+        let after2: Vec<u64> = r
+            .log_after(9, 2, 2)
+            .expect("log")
+            .iter()
+            .map(|e| e.dot.counter)
+            .collect();
+        assert_eq!(after2, vec![3, 4]);
+        drop(r);
+
+        let mut w = store.write().expect("write");
+        w.log_trim(9, 3).expect("trim");
+        w.commit().expect("commit");
+        let r = store.read().expect("read");
+        let left: Vec<u64> = r
+            .log_after(9, 0, 10)
+            .expect("log")
+            .iter()
+            .map(|e| e.dot.counter)
+            .collect();
+        assert_eq!(left, vec![4, 5]);
+    }
+
+    #[test]
+    fn memory_store_behaves() {
+        exercise(&MemoryStore::new());
+    }
+
+    #[test]
+    fn redb_store_behaves_and_persists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = RedbStore::open(dir.path()).expect("open");
+            exercise(&store);
+        }
+        let store = RedbStore::open(dir.path()).expect("reopen");
+        let r = store.read().expect("read");
+        assert_eq!(r.meta("m").expect("meta"), Some(b"x".to_vec()));
+        assert_eq!(r.key_count().expect("count"), 1);
+    }
+
+    #[test]
+    fn uncommitted_changes_are_invisible() {
+        let store = MemoryStore::new();
+        let mut w = store.write().expect("write");
+        w.set_meta("m", b"x").expect("meta");
+        drop(w);
+        assert_eq!(store.read().expect("read").meta("m").expect("meta"), None);
+    }
+}

@@ -1,0 +1,679 @@
+//! Harness for process-level tests: starts real `kvs` processes on loopback.
+//!
+//! Each test owns a distinct `127.<net>.<test_id>.0/24` range (`net` is 77 unless
+//! `KVS_TEST_NET` says otherwise), and node `i` binds `127.<net>.<test_id>.<i+1>:8080`
+//! (`KVS_TEST_PORT` overrides the port). Linux routes all of 127.0.0.0/8 to `lo`, so
+//! no setup is needed and the tests of one `cargo test` run can run in parallel.
+//!
+//! Every node gets its own data directory and log file (stdout and stderr of the
+//! process, appended across restarts) under one temporary directory. When a test
+//! panics (including a scenario timeout, see [`Cluster::within`]) the tail of every
+//! node log is printed and the temporary directory is kept for inspection.
+//!
+//! Every wait has a deadline and every HTTP request a timeout, so no test can hang.
+//!
+//! Caveat: children are killed by `Drop`; if the test binary itself is killed
+//! (SIGKILL), the nodes outlive it. The next run then refuses to start on their
+//! addresses (see [`Cluster::spawn`]) instead of talking to a stale cluster.
+
+// Each test crate uses a different subset of the helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Time a whole cluster gets to answer its readiness probe after the processes start.
+/// Generous: debug builds, two tests starting clusters at once on a 2-core machine.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+/// Per-request timeout. Above the server's bounded catch-up wait (~2 s) and any
+/// unavailability detection, so a slow-but-correct answer is never mistaken for a hang.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time a node gets to exit after SIGTERM before it is killed with SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Interval between polls in every wait loop.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// Lines of each node log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+const DEFAULT_NET: u8 = 77;
+const DEFAULT_PORT: u16 = 8080;
+const DEFAULT_SECRET: &str = "kvs-integration-test-secret";
+
+/// One `kvs` process slot: its fixed address, env and files, and the running child, if any.
+struct Node {
+    addr: String,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Mutex<Option<Child>>,
+    starts: Mutex<u32>,
+}
+
+/// A running cluster of `kvs` processes (K mode, seed 001 dialect).
+pub struct Cluster {
+    pub k: usize,
+    pub view: Vec<String>,
+    secret: String,
+    nodes: Vec<Node>,
+    tmp: Option<TempDir>,
+    http: reqwest::Client,
+}
+
+/// Reads the numeric environment override `name`, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
+        Err(_) => default,
+    }
+}
+
+/// Locks a harness mutex; a panic while it was held (a failed assertion) must not stop
+/// `Drop` from killing the processes, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Builds the form body `k1=v1&k2=v2` (application/x-www-form-urlencoded).
+pub fn form(fields: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(fields).expect("form fields always encode")
+}
+
+impl Cluster {
+    /// Starts `n` nodes with replication factor `k` in the address range of `test_id`,
+    /// and waits until every node is ready.
+    pub async fn start(test_id: u8, n: usize, k: usize) -> Cluster {
+        Cluster::start_with_secret(test_id, n, k, DEFAULT_SECRET).await
+    }
+
+    /// Like [`Cluster::start`], with a given `CLUSTER_SECRET`.
+    pub async fn start_with_secret(test_id: u8, n: usize, k: usize, secret: &str) -> Cluster {
+        assert!(
+            (1..=250).contains(&n),
+            "a test range holds at most 250 nodes"
+        );
+        let net: u8 = env_or("KVS_TEST_NET", DEFAULT_NET);
+        let port: u16 = env_or("KVS_TEST_PORT", DEFAULT_PORT);
+        let view: Vec<String> = (0..n)
+            .map(|i| format!("127.{net}.{test_id}.{}:{port}", i + 1))
+            .collect();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("kvs-test-{test_id}-"))
+            .tempdir()
+            .expect("create temporary directory for the cluster");
+        let nodes = view
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| Node {
+                addr: addr.clone(),
+                data_dir: tmp.path().join(format!("node{i}")),
+                log_path: tmp.path().join(format!("node{i}.log")),
+                child: Mutex::new(None),
+                starts: Mutex::new(0),
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            // No pooling: nodes are killed and restarted under the tests' feet, and a
+            // stale pooled connection would turn into a spurious transport error.
+            .pool_max_idle_per_host(0)
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("build HTTP client");
+        let cluster = Cluster {
+            k,
+            view,
+            secret: secret.to_owned(),
+            nodes,
+            tmp: Some(tmp),
+            http,
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        for i in 0..n {
+            cluster.wait_ready_until(i, deadline).await;
+        }
+        cluster
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.nodes[i].addr
+    }
+
+    /// Number of partitions: floor(N/K).
+    pub fn partitions(&self) -> usize {
+        self.len() / self.k
+    }
+
+    /// The partition node `i` belongs to per the layout rule, or -1 for a proxy.
+    pub fn expected_partition_of(&self, i: usize) -> i64 {
+        if i < self.partitions() * self.k {
+            (i / self.k) as i64
+        } else {
+            -1
+        }
+    }
+
+    /// Node indices of partition `p` per the layout rule.
+    pub fn expected_members(&self, p: usize) -> Vec<usize> {
+        (p * self.k..(p + 1) * self.k).collect()
+    }
+
+    /// Starts the process of node `i` (which must not be running) with its env and DATA_DIR.
+    fn spawn(&self, i: usize) {
+        let node = &self.nodes[i];
+        let mut guard = lock(&node.child);
+        assert!(
+            guard.is_none(),
+            "node {i} ({}) is already running",
+            node.addr
+        );
+        // A process left over from an aborted run would answer our readiness probe for
+        // the new node; refuse to start rather than test against a stale cluster.
+        if let Err(e) = std::net::TcpListener::bind(&node.addr) {
+            panic!(
+                "cannot bind {} before starting node {i}: {e}. Is a kvs process from an \
+                 aborted test run still alive? (set KVS_TEST_NET to use another range)",
+                node.addr
+            );
+        }
+        let mut starts = lock(&node.starts);
+        *starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .unwrap_or_else(|e| panic!("open log {}: {e}", node.log_path.display()));
+        writeln!(
+            log,
+            "===== harness: starting node {i} ({}), start #{} =====",
+            node.addr, *starts
+        )
+        .expect("write log header");
+        let stderr = log.try_clone().expect("clone log file handle");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvs"))
+            .env("K", self.k.to_string())
+            .env("VIEW", self.view.join(","))
+            .env("IPPORT", &node.addr)
+            .env("DATA_DIR", &node.data_dir)
+            .env("CLUSTER_SECRET", &self.secret)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            // Variables of the other dialects select other configuration modes.
+            .env_remove("SOCKET_ADDRESS")
+            .env_remove("SHARD_COUNT")
+            .env_remove("ADDRESS")
+            .env_remove("REPL_FACTOR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_kvs")));
+        *guard = Some(child);
+    }
+
+    /// Polls node `i` until `GET /kv-store/get_partition_id` answers 200.
+    pub async fn wait_ready(&self, i: usize) {
+        self.wait_ready_until(i, Instant::now() + STARTUP_DEADLINE)
+            .await
+    }
+
+    async fn wait_ready_until(&self, i: usize, deadline: Instant) {
+        let node = &self.nodes[i];
+        let url = format!("http://{}/kv-store/get_partition_id", node.addr);
+        loop {
+            {
+                let mut guard = lock(&node.child);
+                let child = guard
+                    .as_mut()
+                    .unwrap_or_else(|| panic!("node {i} is not running; cannot become ready"));
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "node {i} ({}) exited with {status} before becoming ready\n{}",
+                        node.addr,
+                        self.log_tail(i)
+                    );
+                }
+            }
+            let probe = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if let Ok(resp) = probe {
+                if resp.status().as_u16() == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {i} ({}) not ready within the deadline\n{}",
+                    node.addr,
+                    self.log_tail(i)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// SIGKILLs node `i` (`Child::kill` sends SIGKILL) and reaps it.
+    pub fn kill_9(&self, i: usize) {
+        let mut guard = lock(&self.nodes[i].child);
+        let mut child = guard
+            .take()
+            .unwrap_or_else(|| panic!("kill_9: node {i} is not running"));
+        // An error here means it already exited, which is what we want anyway.
+        let _ = child.kill();
+        child
+            .wait()
+            .unwrap_or_else(|e| panic!("reap node {i} after SIGKILL: {e}"));
+    }
+
+    /// Stops node `i` gracefully (SIGTERM), falling back to SIGKILL after a grace period.
+    pub async fn stop(&self, i: usize) {
+        let mut child = lock(&self.nodes[i].child)
+            .take()
+            .unwrap_or_else(|| panic!("stop: node {i} is not running"));
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        if !matches!(term, Ok(s) if s.success()) {
+            let _ = child.kill();
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                _ => {
+                    eprintln!("node {i} did not exit {STOP_GRACE:?} after SIGTERM; killing it");
+                    let _ = child.kill();
+                    child
+                        .wait()
+                        .unwrap_or_else(|e| panic!("reap node {i} after SIGKILL: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts node `i` again with the same env and DATA_DIR and waits until it is ready.
+    pub async fn restart(&self, i: usize) {
+        self.spawn(i);
+        self.wait_ready(i).await;
+    }
+
+    /// Runs a test scenario with an overall time limit; on timeout, panics (which makes
+    /// `Drop` print the node logs).
+    pub async fn within<F: Future>(&self, limit: Duration, scenario: F) -> F::Output {
+        match tokio::time::timeout(limit, scenario).await {
+            Ok(out) => out,
+            Err(_) => panic!("scenario did not finish within {limit:?}"),
+        }
+    }
+
+    /// The last lines of node `i`'s log, with a header.
+    pub fn log_tail(&self, i: usize) -> String {
+        let path = &self.nodes[i].log_path;
+        let text = std::fs::read(path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        format!(
+            "----- node {i} ({}) log tail: {} -----\n{}\n",
+            self.nodes[i].addr,
+            path.display(),
+            tail.join("\n")
+        )
+    }
+
+    // ---------------------------------------------------------------- HTTP helpers
+
+    /// An owned HTTP client for node `i`, usable from spawned tasks.
+    pub fn node(&self, i: usize) -> NodeClient {
+        NodeClient {
+            http: self.http.clone(),
+            index: i,
+            addr: self.addr(i).to_owned(),
+        }
+    }
+
+    /// See [`NodeClient::try_request`].
+    pub async fn try_request(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> Result<(u16, Value), String> {
+        self.node(i).try_request(method, path, body).await
+    }
+
+    /// See [`NodeClient::request`].
+    pub async fn request(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> (u16, Value) {
+        self.node(i).request(method, path, body).await
+    }
+
+    /// GET /kv-store/<key> on node `i` with the given causal payload.
+    pub async fn get(&self, i: usize, key: &str, causal_payload: &str) -> (u16, Value) {
+        self.node(i).get(key, causal_payload).await
+    }
+
+    /// PUT /kv-store/<key> on node `i` with `val` and the given causal payload.
+    pub async fn put(&self, i: usize, key: &str, val: &str, causal_payload: &str) -> (u16, Value) {
+        self.node(i).put(key, val, causal_payload).await
+    }
+
+    /// GET /kv-store/get_partition_id on node `i`.
+    pub async fn partition_id(&self, i: usize) -> i64 {
+        let (status, body) = self
+            .request(i, Method::GET, "/kv-store/get_partition_id", String::new())
+            .await;
+        assert_eq!(status, 200, "get_partition_id on node {i}: {body}");
+        assert_success(&body);
+        body["partition_id"].as_i64().unwrap_or_else(|| {
+            panic!("get_partition_id on node {i}: no integer partition_id: {body}")
+        })
+    }
+
+    /// GET /kv-store/get_all_partition_ids on node `i`.
+    pub async fn all_partition_ids(&self, i: usize) -> Vec<i64> {
+        let (status, body) = self
+            .request(
+                i,
+                Method::GET,
+                "/kv-store/get_all_partition_ids",
+                String::new(),
+            )
+            .await;
+        assert_eq!(status, 200, "get_all_partition_ids on node {i}: {body}");
+        assert_success(&body);
+        body["partition_id_list"]
+            .as_array()
+            .unwrap_or_else(|| panic!("get_all_partition_ids on node {i}: no list: {body}"))
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .unwrap_or_else(|| panic!("non-integer partition id {v} in {body}"))
+            })
+            .collect()
+    }
+
+    /// GET /kv-store/get_partition_members (form `partition_id`) on node `i`.
+    pub async fn partition_members(&self, i: usize, partition_id: i64) -> Vec<String> {
+        let (status, body) = self
+            .request(
+                i,
+                Method::GET,
+                "/kv-store/get_partition_members",
+                form(&[("partition_id", &partition_id.to_string())]),
+            )
+            .await;
+        assert_eq!(
+            status, 200,
+            "get_partition_members({partition_id}) on node {i}: {body}"
+        );
+        assert_success(&body);
+        body["partition_members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("get_partition_members on node {i}: no list: {body}"))
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .unwrap_or_else(|| panic!("non-string member {v} in {body}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// PUTs fresh keys `<prefix>_<n>` through node `via` until each of the cluster's
+    /// partitions owns at least `per_partition` of them; returns partition → keys
+    /// (the value of each key is the key itself).
+    pub async fn keys_by_partition(
+        &self,
+        via: usize,
+        prefix: &str,
+        per_partition: usize,
+    ) -> BTreeMap<i64, Vec<String>> {
+        let mut found: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        for n in 0..1000 {
+            let enough = found.len() == self.partitions()
+                && found.values().all(|keys| keys.len() >= per_partition);
+            if enough {
+                return found;
+            }
+            let key = format!("{prefix}_{n}");
+            let (status, body) = self.put(via, &key, &key, "").await;
+            assert_eq!(status, 201, "PUT new key {key} via node {via}: {body}");
+            let p = body["partition_id"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("PUT {key}: no integer partition_id: {body}"));
+            found.entry(p).or_default().push(key);
+        }
+        panic!(
+            "1000 keys did not cover all {} partitions with {per_partition} keys each: {found:?}",
+            self.partitions()
+        );
+    }
+
+    /// A client session that carries its causal payload from reply to request.
+    pub fn session(&self, name: &str) -> Session<'_> {
+        Session {
+            cluster: self,
+            name: name.to_owned(),
+            token: String::new(),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Some(mut child) = lock(&node.child).take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for i in 0..self.nodes.len() {
+                eprintln!("{}", self.log_tail(i));
+            }
+            if let Some(tmp) = self.tmp.take() {
+                eprintln!("cluster files kept in {}", tmp.keep().display());
+            }
+        }
+    }
+}
+
+/// HTTP access to one node. Requests carry form bodies (also on GET, as the
+/// dialect requires) and replies are parsed as JSON.
+#[derive(Clone)]
+pub struct NodeClient {
+    http: reqwest::Client,
+    index: usize,
+    addr: String,
+}
+
+impl NodeClient {
+    /// Sends `method path` with a form body. Transport failures are `Err`; a response
+    /// that is not JSON is a contract violation and panics.
+    pub async fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> Result<(u16, Value), String> {
+        let (i, addr) = (self.index, &self.addr);
+        let resp = self
+            .http
+            .request(method.clone(), format!("http://{addr}{path}"))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("{method} {path} to node {i} ({addr}): {e:?}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| format!("{method} {path} to node {i} ({addr}): reading body: {e:?}"))?;
+        match serde_json::from_str(&text) {
+            Ok(v) => Ok((status, v)),
+            Err(e) => {
+                let excerpt: String = text.chars().take(300).collect();
+                panic!(
+                    "{method} {path} to node {i} ({addr}) answered {status} with a non-JSON \
+                     body ({e}): {excerpt:?}"
+                )
+            }
+        }
+    }
+
+    /// Like [`NodeClient::try_request`], but a transport failure panics.
+    pub async fn request(&self, method: Method, path: &str, body: String) -> (u16, Value) {
+        self.try_request(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("request failed: {e}"))
+    }
+
+    /// GET /kv-store/<key> with the given causal payload.
+    pub async fn get(&self, key: &str, causal_payload: &str) -> (u16, Value) {
+        self.request(
+            Method::GET,
+            &format!("/kv-store/{key}"),
+            form(&[("causal_payload", causal_payload)]),
+        )
+        .await
+    }
+
+    /// PUT /kv-store/<key> with `val` and the given causal payload.
+    pub async fn put(&self, key: &str, val: &str, causal_payload: &str) -> (u16, Value) {
+        self.request(
+            Method::PUT,
+            &format!("/kv-store/{key}"),
+            form(&[("val", val), ("causal_payload", causal_payload)]),
+        )
+        .await
+    }
+}
+
+/// A client: remembers the latest causal payload it received and sends it back.
+pub struct Session<'c> {
+    cluster: &'c Cluster,
+    pub name: String,
+    pub token: String,
+}
+
+impl Session<'_> {
+    /// Starts from another client's token (as if it had been handed over).
+    pub fn adopt(&mut self, token: &str) {
+        self.token = token.to_owned();
+    }
+
+    fn absorb(&mut self, status: u16, body: &Value) {
+        if (200..300).contains(&status) {
+            self.token = body["causal_payload"]
+                .as_str()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: success reply without string causal_payload: {body}",
+                        self.name
+                    )
+                })
+                .to_owned();
+        }
+    }
+
+    pub async fn put(&mut self, i: usize, key: &str, val: &str) -> (u16, Value) {
+        let (status, body) = self.cluster.put(i, key, val, &self.token).await;
+        self.absorb(status, &body);
+        (status, body)
+    }
+
+    pub async fn get(&mut self, i: usize, key: &str) -> (u16, Value) {
+        let (status, body) = self.cluster.get(i, key, &self.token).await;
+        self.absorb(status, &body);
+        (status, body)
+    }
+
+    /// GETs `key` via node `i`, asserting 200, and returns the value.
+    pub async fn read(&mut self, i: usize, key: &str) -> String {
+        let (status, body) = self.get(i, key).await;
+        assert_eq!(status, 200, "{}: GET {key} via node {i}: {body}", self.name);
+        value_of(&body)
+    }
+
+    /// PUTs `key=val` via node `i`, asserting 200 or 201.
+    pub async fn write(&mut self, i: usize, key: &str, val: &str) -> Value {
+        let (status, body) = self.put(i, key, val).await;
+        assert!(
+            status == 200 || status == 201,
+            "{}: PUT {key} via node {i} answered {status}: {body}",
+            self.name
+        );
+        body
+    }
+}
+
+/// Asserts the success envelope `{"result":"success","msg":"success",...}`.
+pub fn assert_success(body: &Value) {
+    assert_eq!(body["result"], "success", "not a success envelope: {body}");
+    assert_eq!(body["msg"], "success", "not a success envelope: {body}");
+}
+
+/// Asserts the error envelope `{"result":"error","msg":"error","error":"<text>"}`.
+pub fn assert_error(body: &Value) {
+    assert_eq!(body["result"], "error", "not an error envelope: {body}");
+    assert_eq!(body["msg"], "error", "not an error envelope: {body}");
+    let text = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error envelope without a string \"error\": {body}"));
+    assert!(
+        !text.is_empty(),
+        "error envelope with an empty \"error\": {body}"
+    );
+}
+
+/// The string `value` of a successful GET reply.
+pub fn value_of(body: &Value) -> String {
+    body["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("GET reply without a string value: {body}"))
+        .to_owned()
+}
