@@ -14,7 +14,13 @@
 //! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
+pub mod api;
 pub mod clock;
+pub mod cluster;
+pub mod error;
+pub mod local;
 pub mod placement;
 pub mod replica;
+pub mod rpc;
+pub mod server;
 pub mod storage;

@@ -419,10 +419,10 @@ impl Replica {
     /// this replica's and every peer's applied counter. Only call with the vectors of
     /// *all* peers, or the log could be trimmed under a peer that still needs it.
     pub fn trim_floor<'a>(
-        &self,
+        applied: &VersionVector,
         peers: impl IntoIterator<Item = &'a VersionVector>,
     ) -> VersionVector {
-        let mut floor = self.applied.clone();
+        let mut floor = applied.clone();
         for peer in peers {
             floor = floor.iter().map(|(r, c)| (r, c.min(peer.get(r)))).collect();
         }
@@ -756,10 +756,13 @@ mod tests {
         r.write("a", "x", CausalToken::empty(0), 1);
         r.write("a", "y", CausalToken::empty(0), 2);
         let peer: VersionVector = [(1, 1)].into_iter().collect();
-        let floor = r.replica.trim_floor([&peer]);
+        let floor = Replica::trim_floor(r.replica.applied(), [&peer]);
         assert_eq!(floor.get(1), 1);
         let none = VersionVector::new();
-        assert_eq!(r.replica.trim_floor([&peer, &none]).get(1), 0);
+        assert_eq!(
+            Replica::trim_floor(r.replica.applied(), [&peer, &none]).get(1),
+            0
+        );
     }
 
     #[test]

@@ -1,0 +1,257 @@
+//! The `/kv-store` dialect of seeds 000/001.
+//!
+//! # Contract
+//!
+//! Requests are form-encoded, on GET too (`curl -X GET -d 'causal_payload=...'`); fields
+//! may also come in the query string (the body wins). Every response is JSON with
+//! `"result"` and `"msg"` (`"success"` or `"error"`); errors add `"error"`.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /kv-store/<key>` (`causal_payload`) | 200 `value, partition_id, causal_payload, timestamp`; 404 unknown key |
+//! | `PUT /kv-store/<key>` (`val`, `causal_payload`) | 201 new / 200 existing: `partition_id, causal_payload, timestamp` |
+//! | `GET /kv-store/get_partition_id` | `partition_id` (-1 on a proxy) |
+//! | `GET /kv-store/get_all_partition_ids` | `partition_id_list` |
+//! | `GET /kv-store/get_partition_members` (`partition_id`) | `partition_members` |
+//! | `PUT /kv-store/update_view` | 501 until view changes land (their own issue) |
+//!
+//! Keys are 1–200 characters of `[A-Za-z0-9_]`. `timestamp` is the Unix time in seconds at
+//! which the replica that accepted the write accepted it. Status codes come from
+//! [`status_of`] alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use axum::Router;
+use http_body_util::{BodyExt, Limited};
+use serde_json::{json, Value};
+
+use crate::error::{Error, ErrorKind};
+use crate::placement::Role;
+use crate::server::Node;
+
+/// Largest request body accepted. Form encoding can triple a value's size, so this
+/// leaves room for a [`MAX_VALUE_BYTES`] value however it is encoded... within reason.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Largest value accepted (decoded). The seeds' tests store values of 1.5 MB.
+pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+/// Longest key accepted.
+pub const MAX_KEY_CHARS: usize = 200;
+
+pub fn router() -> Router<Arc<Node>> {
+    Router::new().route("/kv-store/{name}", get(get_endpoint).put(put_endpoint))
+}
+
+/// The one place where errors become status codes in this dialect.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_response(e: Error) -> Response {
+    let status = status_of(e.kind);
+    if status.is_server_error() {
+        tracing::warn!("answering {status}: {}", e.message);
+    }
+    (
+        status,
+        Json(json!({"result": "error", "msg": "error", "error": e.message})),
+    )
+        .into_response()
+}
+
+fn success(status: StatusCode, mut fields: Value) -> Response {
+    if let Some(map) = fields.as_object_mut() {
+        map.insert("result".into(), json!("success"));
+        map.insert("msg".into(), json!("success"));
+    }
+    (status, Json(fields)).into_response()
+}
+
+/// Answer for any path no dialect serves.
+pub async fn unknown_path() -> Response {
+    error_response(Error::new(ErrorKind::NotFound, "no such endpoint"))
+}
+
+/// Form fields from the query string and the body (the body wins).
+async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, String>, Error> {
+    let bytes = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::TooLarge,
+                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        })?
+        .to_bytes();
+    let mut fields = HashMap::new();
+    for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(source)
+            .map_err(|e| Error::bad_request(format!("body is not form-encoded: {e}")))?;
+        fields.extend(pairs);
+    }
+    Ok(fields)
+}
+
+fn check_key(key: &str) -> Result<(), Error> {
+    let ok = !key.is_empty()
+        && key.chars().count() <= MAX_KEY_CHARS
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::bad_request(format!(
+            "key must be 1 to {MAX_KEY_CHARS} characters of [A-Za-z0-9_]"
+        )))
+    }
+}
+
+fn seconds(ms: u64) -> String {
+    (ms / 1000).to_string()
+}
+
+async fn get_endpoint(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let result = async {
+        let fields = form(query, body).await?;
+        match name.as_str() {
+            "get_partition_id" => {
+                let id: i64 = match node.role() {
+                    Role::Replica(p) => i64::from(p),
+                    Role::Proxy => -1,
+                };
+                Ok(success(StatusCode::OK, json!({"partition_id": id})))
+            }
+            "get_all_partition_ids" => {
+                let ids: Vec<u32> = node.view().partition_ids().collect();
+                Ok(success(StatusCode::OK, json!({"partition_id_list": ids})))
+            }
+            "get_partition_members" => {
+                let text = fields
+                    .get("partition_id")
+                    .ok_or_else(|| Error::bad_request("partition_id is missing"))?;
+                let id: u32 = text.trim().parse().map_err(|_| {
+                    Error::bad_request(format!("partition_id {text:?} is not a partition id"))
+                })?;
+                let members = node.view().replicas(id).ok_or_else(|| {
+                    Error::new(ErrorKind::NotFound, format!("there is no partition {id}"))
+                })?;
+                Ok(success(
+                    StatusCode::OK,
+                    json!({"partition_members": members}),
+                ))
+            }
+            key => {
+                check_key(key)?;
+                let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+                let reply = node.get(key, token, true).await?;
+                let (value, ts) = reply
+                    .value
+                    .ok_or_else(|| Error::new(ErrorKind::NotFound, "key does not exist"))?;
+                Ok(success(
+                    StatusCode::OK,
+                    json!({
+                        "value": String::from_utf8_lossy(&value),
+                        "partition_id": reply.partition,
+                        "causal_payload": node.encode_token(&reply.token),
+                        "timestamp": seconds(ts),
+                    }),
+                ))
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(error_response)
+}
+
+async fn put_endpoint(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let result = async {
+        let fields = form(query, body).await?;
+        if name == "update_view" {
+            return Ok((
+                StatusCode::NOT_IMPLEMENTED,
+                Json(json!({"result": "error", "msg": "error",
+                    "error": "update_view is not supported by this version of kvs yet"})),
+            )
+                .into_response());
+        }
+        check_key(&name)?;
+        let value = fields
+            .get("val")
+            .ok_or_else(|| Error::bad_request("val is missing"))?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("value is larger than {MAX_VALUE_BYTES} bytes"),
+            ));
+        }
+        let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+        let reply = node
+            .put(&name, value.clone().into_bytes(), token, true)
+            .await?;
+        let status = if reply.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok(success(
+            status,
+            json!({
+                "partition_id": reply.partition,
+                "causal_payload": node.encode_token(&reply.token),
+                "timestamp": seconds(reply.timestamp_ms),
+            }),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(error_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("abc_XYZ_09").is_ok());
+        assert!(check_key(&"a".repeat(200)).is_ok());
+        assert!(check_key(&"a".repeat(201)).is_err());
+        assert!(check_key("").is_err());
+        assert!(check_key("a-b").is_err());
+        assert!(check_key("é").is_err());
+    }
+
+    #[test]
+    fn every_kind_has_a_status() {
+        assert_eq!(status_of(ErrorKind::BadRequest), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status_of(ErrorKind::TooLarge),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            status_of(ErrorKind::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! The error type at the boundary between the node and its client dialects.
+//!
+//! Callers decide on the [`ErrorKind`]; each dialect maps kinds to status codes in one
+//! place (for `/kv-store`, `api::kv_store::status_of`).
+
+use crate::storage::StorageError;
+
+/// What the caller can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ErrorKind {
+    /// The request is wrong; retrying it unchanged will fail again.
+    BadRequest,
+    /// The request is too large.
+    TooLarge,
+    /// The thing asked for does not exist.
+    NotFound,
+    /// Nobody who can answer is reachable now; retrying later may work.
+    Unavailable,
+    /// A bug or a broken disk.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(e: StorageError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,252 @@
+//! Node-to-node messages, their codec and the transport that carries them.
+//!
+//! # Design
+//!
+//! Every internal call is one [`Envelope`] (sender, its epoch, a [`Request`]) answered by
+//! one [`Response`]. Both are postcard-encoded and travel as `POST /_internal/v1/rpc` over
+//! pooled HTTP/1.1 keep-alive connections, on the same port as the client API. Two headers
+//! guard the endpoint: `x-kvs-secret` must carry the cluster secret (compared in constant
+//! time) and `x-kvs-proto` the protocol version, so a client cannot inject replication
+//! traffic and mismatched binaries fail loudly instead of misreading each other. The
+//! receiver also refuses senders that are not members of its view.
+//!
+//! [`Transport`] is a trait so that tests and a simulator can carry messages without
+//! sockets; [`HttpTransport`] is the real one.
+//!
+//! # Caveats
+//!
+//! * The secret travels in clear text: run the cluster on a private network (as the seeds
+//!   do) or behind TLS termination.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{CausalToken, PartitionId};
+use crate::error::{Error, ErrorKind};
+use crate::replica::{SyncRequest, SyncResponse};
+
+/// Path of the internal endpoint.
+pub const RPC_PATH: &str = "/_internal/v1/rpc";
+/// Header carrying the cluster secret.
+pub const SECRET_HEADER: &str = "x-kvs-secret";
+/// Header carrying [`PROTOCOL_VERSION`].
+pub const PROTO_HEADER: &str = "x-kvs-proto";
+/// Bump on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: &str = "1";
+/// Largest internal message accepted. Sync pages are bounded well below this
+/// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
+pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
+
+/// One internal call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sender's address as it appears in the view.
+    pub from: String,
+    /// The epoch of the sender's view.
+    pub epoch: u64,
+    pub body: Request,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness probe; answered with [`Response::Ok`].
+    Ping,
+    /// "Send me what my `have` vector lacks": answered with [`Response::Sync`]. Also tells
+    /// the receiver how far the sender is, which decides log trimming.
+    Sync(SyncRequest),
+    /// "I accepted new writes in this partition": the receiver should pull from the
+    /// sender soon. Answered with [`Response::Ok`].
+    Poke { partition: PartitionId },
+    /// A client read forwarded to a replica of the key's partition.
+    Get { key: String, token: CausalToken },
+    /// A client write forwarded to a replica of the key's partition.
+    Put {
+        key: String,
+        value: Vec<u8>,
+        token: CausalToken,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Sync(SyncResponse),
+    Get(ReadReply),
+    Put(WriteReply),
+    /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
+    Error(Error),
+}
+
+/// Answer to a read, wherever it was served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadReply {
+    pub partition: PartitionId,
+    /// The winning value and its timestamp (ms), `None` when the key does not exist.
+    pub value: Option<(Vec<u8>, u64)>,
+    pub token: CausalToken,
+}
+
+/// Answer to a write, wherever it was accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteReply {
+    pub partition: PartitionId,
+    pub created: bool,
+    pub timestamp_ms: u64,
+    pub token: CausalToken,
+}
+
+/// Why a call produced no [`Response`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("peer {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("peer {0} refused the call: {1}")]
+    Refused(String, String),
+}
+
+impl From<CallError> for Error {
+    fn from(e: CallError) -> Self {
+        Error::new(ErrorKind::Unavailable, e.to_string())
+    }
+}
+
+pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send + 'a>>;
+
+/// Carries an envelope to a peer and brings back its answer.
+pub trait Transport: Send + Sync + 'static {
+    fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_>;
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Every message type is plain data; serializing into a Vec cannot fail.
+    postcard::to_stdvec(value).expect("message serialization is infallible")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a prefix.
+pub fn secrets_match(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Idle pooled connections are closed after this; below the server's keep-alive so the
+/// client never sends on a connection the server is about to close.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+
+/// The real transport: HTTP/1.1 with keep-alive.
+pub struct HttpTransport {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    secret: String,
+}
+
+impl HttpTransport {
+    pub fn new(secret: String) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self { client, secret }
+    }
+
+    async fn call_once(&self, to: &str, body: Vec<u8>) -> Result<Response, CallError> {
+        let unreachable =
+            |e: &dyn std::fmt::Display| CallError::Unreachable(to.into(), e.to_string());
+        let request = hyper::Request::post(format!("http://{to}{RPC_PATH}"))
+            .header(SECRET_HEADER, &self.secret)
+            .header(PROTO_HEADER, PROTOCOL_VERSION)
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unreachable(&e))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_RPC_BYTES)
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(CallError::Refused(
+                to.into(),
+                format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                ),
+            ));
+        }
+        decode(&bytes)
+            .map_err(|e| CallError::Refused(to.into(), format!("undecodable answer: {e}")))
+    }
+}
+
+impl Transport for HttpTransport {
+    fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_> {
+        let body = encode(envelope);
+        let to = to.to_string();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.call_once(&to, body)).await {
+                Ok(result) => result,
+                Err(_) => Err(CallError::Timeout(to, timeout)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::VersionVector;
+
+    #[test]
+    fn envelopes_round_trip() {
+        let env = Envelope {
+            from: "10.0.0.1:8080".into(),
+            epoch: 3,
+            body: Request::Sync(SyncRequest {
+                partition: 1,
+                have: [(5, 7)].into_iter().collect::<VersionVector>(),
+                max_entries: 10,
+                max_bytes: 100,
+            }),
+        };
+        let back: Envelope = decode(&encode(&env)).expect("decodes");
+        assert_eq!(back.from, env.from);
+        assert!(matches!(back.body, Request::Sync(s) if s.have.get(5) == 7));
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        assert!(decode::<Envelope>(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn secret_comparison() {
+        assert!(secrets_match(b"abc", b"abc"));
+        assert!(!secrets_match(b"abd", b"abc"));
+        assert!(!secrets_match(b"ab", b"abc"));
+    }
+}
