@@ -43,9 +43,16 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
 /// Longest key accepted.
 pub const MAX_KEY_CHARS: usize = 200;
+/// Client requests handled at once; more wait on their connection (backpressure). With
+/// [`MAX_BODY_BYTES`] this bounds request bodies in memory to 2 GiB at the very worst.
+pub const MAX_CLIENT_REQUESTS: usize = 256;
 
 pub fn router() -> Router<Arc<Node>> {
-    Router::new().route("/kv-store/{name}", get(get_endpoint).put(put_endpoint))
+    Router::new()
+        .route("/kv-store/{name}", get(get_endpoint).put(put_endpoint))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_CLIENT_REQUESTS,
+        ))
 }
 
 /// The one place where errors become status codes in this dialect.
