@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{CausalToken, PartitionId};
 use crate::error::{Error, ErrorKind};
-use crate::replica::{SyncRequest, SyncResponse};
+use crate::replica::{SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 
 /// Path of the internal endpoint.
 pub const RPC_PATH: &str = "/_internal/v1/rpc";
@@ -61,6 +61,9 @@ pub enum Request {
     /// "Send me what my `have` vector lacks": answered with [`Response::Sync`]. Also tells
     /// the receiver how far the sender is, which decides log trimming.
     Sync(SyncRequest),
+    /// A page of the receiver's whole state, for a sender that fell behind the receiver's
+    /// trimmed log: answered with [`Response::Snapshot`].
+    Snapshot(SnapshotRequest),
     /// "I accepted new writes in this partition": the receiver should pull from the
     /// sender soon. Answered with [`Response::Ok`].
     Poke { partition: PartitionId },
@@ -78,6 +81,7 @@ pub enum Request {
 pub enum Response {
     Ok,
     Sync(SyncResponse),
+    Snapshot(SnapshotPage),
     Get(ReadReply),
     Put(WriteReply),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.

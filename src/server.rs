@@ -49,7 +49,9 @@ use crate::clock::{CausalToken, PartitionId, ReplicaId, VersionVector};
 use crate::cluster::Liveness;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, Role, View};
-use crate::replica::{Replica, SyncRequest, SyncResponse, WriteOutcome, WriteRequest};
+use crate::replica::{
+    Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse, WriteOutcome, WriteRequest,
+};
 use crate::rpc::{self, Envelope, ReadReply, Request, Response, Transport, WriteReply};
 use crate::storage::Store;
 
@@ -462,6 +464,7 @@ impl Node {
                 Ok(Response::Ok)
             }
             Request::Sync(req) => self.serve_sync(&env.from, req).await.map(Response::Sync),
+            Request::Snapshot(req) => self.serve_snapshot(req).await.map(Response::Snapshot),
             Request::Get { key, token } => self.get(&key, token, false).await.map(Response::Get),
             Request::Put { key, value, token } => {
                 self.put(&key, value, token, false).await.map(Response::Put)
@@ -503,6 +506,80 @@ impl Node {
         })
         .await
         .map_err(|e| Error::internal(format!("sync task failed: {e}")))?
+    }
+
+    async fn serve_snapshot(self: &Arc<Self>, req: SnapshotRequest) -> Result<SnapshotPage> {
+        let r = self.local_partition(req.partition).ok_or_else(|| {
+            Error::unavailable(format!(
+                "{} is not a replica of partition {}",
+                self.addr, req.partition
+            ))
+        })?;
+        let (id, partition) = (r.id, r.partition);
+        let node = self.clone();
+        let req = SnapshotRequest {
+            max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
+            max_bytes: req.max_bytes.min(SYNC_PAGE_BYTES),
+            ..req
+        };
+        tokio::task::spawn_blocking(move || {
+            let txn = node.store.read()?;
+            let state = Replica::load(&*txn, id, partition)?;
+            Ok(Replica::serve_snapshot(&*txn, state.applied(), &req)?)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("snapshot task failed: {e}")))?
+    }
+
+    /// Hands a page to the writer and waits until it is committed.
+    async fn apply_page(&self, r: &ReplicaHandle, resp: SyncResponse) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        r.writer
+            .send(WriterCmd::Sync(resp, tx))
+            .await
+            .map_err(|_| Error::unavailable("the node is shutting down"))?;
+        rx.await
+            .map_err(|_| Error::unavailable("the node is shutting down"))?
+            .map(|_| ())
+    }
+
+    /// Rebuilds this replica from `peer`'s whole state, page by page; see
+    /// `Replica::serve_snapshot` for why the first page's vector may be claimed at the end.
+    async fn transfer_snapshot(&self, r: &ReplicaHandle, peer: &str) -> Result<usize> {
+        let mut after = None;
+        let mut claim: Option<VersionVector> = None;
+        let mut keys = 0;
+        loop {
+            let req = Request::Snapshot(SnapshotRequest {
+                partition: r.partition,
+                after,
+                max_entries: SYNC_PAGE_ENTRIES,
+                max_bytes: SYNC_PAGE_BYTES,
+            });
+            let page = match self
+                .transport
+                .call(peer, &self.envelope(req), SYNC_TIMEOUT)
+                .await?
+            {
+                Response::Snapshot(page) => page,
+                Response::Error(e) => return Err(e),
+                other => return Err(unexpected(&other)),
+            };
+            let first = claim.get_or_insert_with(|| page.applied.clone()).clone();
+            let done = page.next.is_none();
+            keys += page.states.len();
+            let resp = SyncResponse {
+                states: page.states,
+                covered: if done { first } else { VersionVector::new() },
+                complete: true,
+                ..SyncResponse::default()
+            };
+            self.apply_page(r, resp).await?;
+            if done {
+                return Ok(keys);
+            }
+            after = page.next;
+        }
     }
 
     /// Keys stored on this node.
@@ -643,7 +720,6 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
     let Some(r) = node.replica.as_ref() else {
         return;
     };
-    let mut gap_warned = false;
     loop {
         tokio::select! {
             _ = wake.notified() => {}
@@ -676,26 +752,22 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
                     break;
                 }
             };
-            if resp.gap && !gap_warned {
+            if resp.gap {
                 tracing::warn!(
                     %peer,
-                    "peer has trimmed log entries this replica still needs; a full-state transfer is required"
+                    "peer has trimmed log entries this replica still needs; copying its whole state"
                 );
-                gap_warned = true;
-            }
-            let complete = resp.complete || resp.gap;
-            if !resp.log.is_empty() || !resp.states.is_empty() {
-                let (tx, rx) = oneshot::channel();
-                if r.writer.send(WriterCmd::Sync(resp, tx)).await.is_err() {
-                    return;
+                match node.transfer_snapshot(r, &peer).await {
+                    Ok(keys) => tracing::info!(%peer, keys, "full-state transfer done"),
+                    Err(e) => tracing::warn!(%peer, "full-state transfer failed, will retry: {e}"),
                 }
-                match rx.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, "applying a sync page failed: {e}");
-                        break;
-                    }
-                    Err(_) => return,
+                break;
+            }
+            let complete = resp.complete;
+            if !resp.log.is_empty() || !resp.states.is_empty() {
+                if let Err(e) = node.apply_page(r, resp).await {
+                    tracing::warn!(%peer, "applying a sync page failed: {e}");
+                    break;
                 }
             }
             if complete {

@@ -64,6 +64,13 @@ pub trait ReadTxn {
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>>;
     /// Number of keys stored (all slots).
     fn key_count(&self) -> Result<u64>;
+    /// Keys in `(slot, key)` order strictly after `after` (from the start if `None`),
+    /// at most `limit`.
+    fn scan(
+        &self,
+        after: Option<&(u32, String)>,
+        limit: usize,
+    ) -> Result<Vec<(u32, String, KeyState)>>;
 }
 
 /// An atomic, durable batch of changes.
@@ -167,6 +174,29 @@ macro_rules! redb_reads {
             let table = self.0.open_table(KV).map_err(engine)?;
             table.len().map_err(engine)
         }
+
+        fn scan(
+            &self,
+            after: Option<&(u32, String)>,
+            limit: usize,
+        ) -> Result<Vec<(u32, String, KeyState)>> {
+            let table = self.0.open_table(KV).map_err(engine)?;
+            let range = match after {
+                Some((slot, key)) => table.range::<(u32, &str)>((
+                    std::ops::Bound::Excluded((*slot, key.as_str())),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => table.range::<(u32, &str)>(..),
+            }
+            .map_err(engine)?;
+            let mut out = Vec::new();
+            for item in range.take(limit) {
+                let (k, v) = item.map_err(engine)?;
+                let (slot, key) = k.value();
+                out.push((slot, key.to_string(), decode_state(v.value())?));
+            }
+            Ok(out)
+        }
     };
 }
 
@@ -235,6 +265,19 @@ struct Tables {
 }
 
 impl Tables {
+    fn scan(&self, after: Option<&(u32, String)>, limit: usize) -> Vec<(u32, String, KeyState)> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded(k.clone()),
+            None => Bound::Unbounded,
+        };
+        self.kv
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|((slot, key), state)| (*slot, key.clone(), state.clone()))
+            .collect()
+    }
+
     fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Vec<LogEntry> {
         self.log
             .range((origin, after.saturating_add(1))..=(origin, u64::MAX))
@@ -289,6 +332,13 @@ impl ReadTxn for MemRead {
     fn key_count(&self) -> Result<u64> {
         Ok(self.0.kv.len() as u64)
     }
+    fn scan(
+        &self,
+        after: Option<&(u32, String)>,
+        limit: usize,
+    ) -> Result<Vec<(u32, String, KeyState)>> {
+        Ok(self.0.scan(after, limit))
+    }
 }
 
 impl ReadTxn for MemWrite<'_> {
@@ -303,6 +353,13 @@ impl ReadTxn for MemWrite<'_> {
     }
     fn key_count(&self) -> Result<u64> {
         Ok(self.staged.kv.len() as u64)
+    }
+    fn scan(
+        &self,
+        after: Option<&(u32, String)>,
+        limit: usize,
+    ) -> Result<Vec<(u32, String, KeyState)>> {
+        Ok(self.staged.scan(after, limit))
     }
 }
 
@@ -374,6 +431,9 @@ mod tests {
         assert_eq!(r.get(4, "a").expect("get"), None);
         assert_eq!(r.meta("m").expect("meta"), Some(b"x".to_vec()));
         assert_eq!(r.key_count().expect("count"), 1);
+        assert_eq!(r.scan(None, 10).expect("scan").len(), 1);
+        assert!(r.scan(Some(&(3, "a".into())), 10).expect("scan").is_empty());
+        assert_eq!(r.scan(Some(&(2, "zz".into())), 10).expect("scan").len(), 1);
         let after2: Vec<u64> = r
             .log_after(9, 2, 2)
             .expect("log")
