@@ -326,6 +326,11 @@ impl Node {
         value: Vec<u8>,
         token: CausalToken,
     ) -> Result<WriteReply> {
+        // Not needed for correctness (the token is folded into the new version's history,
+        // so the write supersedes what the client saw either way), but it makes `created`
+        // right: a client overwriting its own fresh key must not be told the key is new.
+        // If the peers cannot help in time the write is accepted anyway: availability.
+        self.catch_up(r, &token).await;
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
             slot: slot_of(key),
@@ -349,27 +354,34 @@ impl Node {
         })
     }
 
+    /// Waits (up to [`CATCHUP_WAIT`]) until this replica has applied everything `token`
+    /// names in its partition, waking the pullers to fetch it. Returns whether it has.
+    async fn catch_up(&self, r: &ReplicaHandle, token: &CausalToken) -> bool {
+        if Replica::can_serve(&r.applied.borrow(), r.partition, token) {
+            return true;
+        }
+        for (_, notify) in &r.peers {
+            notify.notify_one();
+        }
+        let mut applied = r.applied.clone();
+        let caught_up = tokio::time::timeout(
+            CATCHUP_WAIT,
+            applied.wait_for(|vv| Replica::can_serve(vv, r.partition, token)),
+        )
+        .await;
+        matches!(caught_up, Ok(Ok(_)))
+    }
+
     async fn read_local(
         &self,
         r: &ReplicaHandle,
         key: &str,
         token: &CausalToken,
     ) -> Result<ReadReply> {
-        if !Replica::can_serve(&r.applied.borrow(), r.partition, token) {
-            for (_, notify) in &r.peers {
-                notify.notify_one();
-            }
-            let mut applied = r.applied.clone();
-            let caught_up = tokio::time::timeout(
-                CATCHUP_WAIT,
-                applied.wait_for(|vv| Replica::can_serve(vv, r.partition, token)),
-            )
-            .await;
-            if !matches!(caught_up, Ok(Ok(_))) {
-                return Err(Error::unavailable(
-                    "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
-                ));
-            }
+        if !self.catch_up(r, token).await {
+            return Err(Error::unavailable(
+                "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
+            ));
         }
         let txn = self.store.read()?;
         let out = Replica::read(&*txn, r.partition, slot_of(key), key, token.clone())?;
@@ -720,11 +732,16 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
     let Some(r) = node.replica.as_ref() else {
         return;
     };
+    // The first round runs at once: a restarted replica catches up before anything else.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+        if !first {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            }
         }
+        first = false;
         for _ in 0..MAX_PAGES_PER_ROUND {
             let have = r.applied.borrow().clone();
             let req = Request::Sync(SyncRequest {

@@ -50,6 +50,9 @@ pub const MAX_CLIENT_REQUESTS: usize = 256;
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
         .route("/kv-store/{name}", get(get_endpoint).put(put_endpoint))
+        // `{name}` does not match an empty segment; an empty key is a bad key, not a
+        // missing endpoint.
+        .route("/kv-store/", get(empty_key).put(empty_key))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             MAX_CLIENT_REQUESTS,
         ))
@@ -123,6 +126,14 @@ fn check_key(key: &str) -> Result<(), Error> {
             "key must be 1 to {MAX_KEY_CHARS} characters of [A-Za-z0-9_]"
         )))
     }
+}
+
+async fn empty_key() -> Response {
+    error_response(
+        check_key("")
+            .err()
+            .unwrap_or_else(|| Error::internal("the empty key passed the key check")),
+    )
 }
 
 fn seconds(ms: u64) -> String {

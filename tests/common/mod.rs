@@ -10,6 +10,9 @@
 //! panics (including a scenario timeout, see [`Cluster::within`]) the tail of every
 //! node log is printed and the temporary directory is kept for inspection.
 //!
+//! `KVS_TEST_BIN` runs the scenarios against another server binary than the crate's;
+//! `KVS_TEST_KEEP=1` keeps every cluster's files (they are always kept on failure).
+//!
 //! Every wait has a deadline and every HTTP request a timeout, so no test can hang.
 //!
 //! Caveat: children are killed by `Drop`; if the test binary itself is killed
@@ -82,6 +85,14 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// `Drop` from killing the processes, so poisoning is ignored.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The server binary: the crate's `kvs`, unless `KVS_TEST_BIN` names another build
+/// (e.g. a release build) to run the same scenarios against.
+fn binary() -> PathBuf {
+    std::env::var_os("KVS_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kvs")))
 }
 
 /// Builds the form body `k1=v1&k2=v2` (application/x-www-form-urlencoded).
@@ -212,7 +223,7 @@ impl Cluster {
         )
         .expect("write log header");
         let stderr = log.try_clone().expect("clone log file handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvs"))
+        let child = Command::new(binary())
             .env("K", self.k.to_string())
             .env("VIEW", self.view.join(","))
             .env("IPPORT", &node.addr)
@@ -231,7 +242,7 @@ impl Cluster {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_kvs")));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary().display()));
         *guard = Some(child);
     }
 
@@ -387,6 +398,20 @@ impl Cluster {
         self.node(i).request(method, path, body).await
     }
 
+    /// See [`NodeClient::request_reading_early`].
+    pub async fn request_reading_early(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        self.node(i)
+            .request_reading_early(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("request failed: {e}"))
+    }
+
     /// GET /kv-store/<key> on node `i` with the given causal payload.
     pub async fn get(&self, i: usize, key: &str, causal_payload: &str) -> (u16, Value) {
         self.node(i).get(key, causal_payload).await
@@ -507,10 +532,13 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed {
             for i in 0..self.nodes.len() {
                 eprintln!("{}", self.log_tail(i));
             }
+        }
+        if failed || std::env::var_os("KVS_TEST_KEEP").is_some() {
             if let Some(tmp) = self.tmp.take() {
                 eprintln!("cluster files kept in {}", tmp.keep().display());
             }
@@ -565,6 +593,39 @@ impl NodeClient {
         }
     }
 
+    /// Sends a request over a plain TCP connection, writing the body from another
+    /// thread while reading, so a response sent before the body is complete (a server
+    /// rejecting an oversize body early, as RFC 9110 allows) is still received. HTTP
+    /// client libraries, reqwest included, report a broken pipe instead in that case.
+    pub async fn request_reading_early(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Value), String> {
+        let (addr, what) = (
+            self.addr.clone(),
+            format!("{method} {path} to node {} ({})", self.index, self.addr),
+        );
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let result = tokio::task::spawn_blocking(move || raw_exchange(&addr, head, body))
+            .await
+            .map_err(|e| format!("{what}: raw client thread failed: {e}"))?;
+        let (status, text) = result.map_err(|e| format!("{what}: {e}"))?;
+        match serde_json::from_str(&text) {
+            Ok(v) => Ok((status, v)),
+            Err(e) => {
+                let excerpt: String = text.chars().take(300).collect();
+                panic!("{what} answered {status} with a non-JSON body ({e}): {excerpt:?}")
+            }
+        }
+    }
+
     /// Like [`NodeClient::try_request`], but a transport failure panics.
     pub async fn request(&self, method: Method, path: &str, body: String) -> (u16, Value) {
         self.try_request(method, path, body)
@@ -590,6 +651,110 @@ impl NodeClient {
             form(&[("val", val), ("causal_payload", causal_payload)]),
         )
         .await
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: the body is written by a second thread
+/// while this one reads the response. Returns the status and the (de-chunked) body.
+fn raw_exchange(addr: &str, head: String, body: Vec<u8>) -> Result<(u16, String), String> {
+    use std::io::Read as _;
+    use std::net::{Shutdown, TcpStream, ToSocketAddrs as _};
+
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve: {e}"))?
+        .next()
+        .ok_or("no address")?;
+    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+        .map_err(|e| format!("socket options: {e}"))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| format!("clone socket: {e}"))?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(head.as_bytes())?;
+        for chunk in body.chunks(64 * 1024) {
+            writer.write_all(chunk)?;
+        }
+        writer.flush()
+    });
+    let mut response = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let read_error = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e),
+        }
+        if response_complete(&response) {
+            break None;
+        }
+    };
+    // Unblocks the sender if the server stopped reading.
+    let _ = stream.shutdown(Shutdown::Both);
+    let sent = sender.join();
+    let header_end = find(&response, b"\r\n\r\n").ok_or_else(|| {
+        format!(
+            "no complete response (read error: {read_error:?}, body write: {sent:?}, \
+             got {} bytes)",
+            response.len()
+        )
+    })?;
+    let head = String::from_utf8_lossy(&response[..header_end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let mut payload = response[header_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload).ok_or("malformed chunked body")?;
+    } else if let Some(len) = content_length(&head) {
+        payload.truncate(len);
+    }
+    Ok((status, String::from_utf8_lossy(&payload).into_owned()))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// True once `response` holds the head and the whole Content-Length body.
+fn response_complete(response: &[u8]) -> bool {
+    let Some(end) = find(response, b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&response[..end]);
+    matches!(content_length(&head), Some(len) if response.len() >= end + 4 + len)
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(data, b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
     }
 }
 
