@@ -734,6 +734,8 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
     };
     // The first round runs at once: a restarted replica catches up before anything else.
     let mut first = true;
+    // Only transitions are logged, so a long outage is two lines, not one per round.
+    let mut reachable = true;
     loop {
         if !first {
             tokio::select! {
@@ -757,15 +759,22 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
             {
                 Ok(Response::Sync(resp)) => {
                     node.liveness().record_ok(&peer);
+                    if !reachable {
+                        tracing::info!(%peer, "peer replica reachable again");
+                        reachable = true;
+                    }
                     resp
                 }
                 Ok(other) => {
-                    tracing::debug!(%peer, "sync refused: {other:?}");
+                    tracing::warn!(%peer, "sync refused: {other:?}");
                     break;
                 }
                 Err(e) => {
                     node.liveness().record_failure(&peer, now_ms());
-                    tracing::debug!(%peer, "sync failed: {e}");
+                    if reachable {
+                        tracing::warn!(%peer, "peer replica unreachable, will keep trying: {e}");
+                        reachable = false;
+                    }
                     break;
                 }
             };

@@ -304,6 +304,20 @@ async fn bad_input_gets_clear_errors() {
                 );
             }
 
+            // 405: methods the dialect does not have, still with the error envelope.
+            for method in [Method::DELETE, Method::POST] {
+                let (status, body) = c
+                    .request(via, method.clone(), "/kv-store/some_key", String::new())
+                    .await;
+                expect_error(
+                    &mut problems,
+                    format!("{method} /kv-store/some_key via node {via}"),
+                    405,
+                    status,
+                    &body,
+                );
+            }
+
             // 413: a value over 2 MiB, and a body over 8 MiB (with a small value). Sent
             // with a client that reads a response arriving before the body is complete.
             let big_value = "a".repeat(2 * 1024 * 1024 + 1);

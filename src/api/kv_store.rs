@@ -49,10 +49,18 @@ pub const MAX_CLIENT_REQUESTS: usize = 256;
 
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
-        .route("/kv-store/{name}", get(get_endpoint).put(put_endpoint))
+        .route(
+            "/kv-store/{name}",
+            get(get_endpoint)
+                .put(put_endpoint)
+                .fallback(method_not_allowed),
+        )
         // `{name}` does not match an empty segment; an empty key is a bad key, not a
         // missing endpoint.
-        .route("/kv-store/", get(empty_key).put(empty_key))
+        .route(
+            "/kv-store/",
+            get(empty_key).put(empty_key).fallback(method_not_allowed),
+        )
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             MAX_CLIENT_REQUESTS,
         ))
@@ -126,6 +134,15 @@ fn check_key(key: &str) -> Result<(), Error> {
             "key must be 1 to {MAX_KEY_CHARS} characters of [A-Za-z0-9_]"
         )))
     }
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({"result": "error", "msg": "error",
+            "error": "this dialect supports GET and PUT only"})),
+    )
+        .into_response()
 }
 
 async fn empty_key() -> Response {
