@@ -38,15 +38,18 @@ def call(conn, method, path, fields):
 def phase(name, hosts, method, make_fields):
     conns = [http.client.HTTPConnection(h, 8080, timeout=10) for h in hosts]
     token = phase.token
+    per_partition = {}
     start = time.perf_counter()
     for i in range(N):
         if time.time() > DEADLINE:
             raise RuntimeError("time limit reached")
         body = call(conns[i % len(conns)], method, f"/kv-store/key{i}", make_fields(i, token))
         token = body["causal_payload"]
+        per_partition[body["partition_id"]] = per_partition.get(body["partition_id"], 0) + 1
     elapsed = time.perf_counter() - start
     phase.token = token
     print(f"{name:<34} {N / elapsed:8.0f} req/s   mean {elapsed / N * 1e3:6.3f} ms")
+    return per_partition
 
 
 phase.token = ""
@@ -63,10 +66,12 @@ def main():
                     break
             value = "v" * 100
             print(f"4 nodes, K=2, {N} sequential requests per phase, 100-byte values, durable PUTs")
-            phase("PUT via node 1", NODES[:1], "PUT", lambda i, t: {"val": value, "causal_payload": t})
+            counts = phase("PUT via node 1", NODES[:1], "PUT", lambda i, t: {"val": value, "causal_payload": t})
             phase("GET via node 1", NODES[:1], "GET", lambda i, t: {"causal_payload": t})
             phase("PUT round-robin over 4 nodes", NODES, "PUT", lambda i, t: {"val": value, "causal_payload": t})
             phase("GET round-robin over 4 nodes", NODES, "GET", lambda i, t: {"causal_payload": t})
+            ratio = max(counts.values()) / min(counts.values())
+            print(f"keys per partition (from PUT replies): {dict(sorted(counts.items()))}, max/min = {ratio:.3f}")
         finally:
             cluster.send_signal(signal.SIGINT)
             try:

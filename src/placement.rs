@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_keys_are_balanced_within_ten_percent() {
-        for (n, k) in [(4, 2), (6, 3), (7, 2), (6, 2)] {
+        for (n, k) in [(4, 2), (6, 3), (7, 2), (6, 2), (8, 2)] {
             let v = View::bootstrap(addrs(n), k).expect("valid view");
             let mut counts = vec![0usize; v.partition_count()];
             for key in sample_keys(10_000) {
