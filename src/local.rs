@@ -128,27 +128,12 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
         }
     };
     let outcome = tokio::select! {
-        _ = shutdown() => Ok(()),
+        _ = crate::server::shutdown_signal() => Ok(()),
         (i, status) = exited => Err(format!("node {} exited unexpectedly ({status})", addrs[i])),
     };
     println!("stopping the cluster ...");
     stop(&mut children).await;
     outcome
-}
-
-async fn shutdown() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 /// SIGTERM to every node, then SIGKILL to those still running after [`STOP_TIMEOUT`].

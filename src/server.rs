@@ -53,7 +53,7 @@ use crate::replica::{
     Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse, WriteOutcome, WriteRequest,
 };
 use crate::rpc::{self, Envelope, ReadReply, Request, Response, Transport, WriteReply};
-use crate::storage::Store;
+use crate::storage::{ReadTxn, Store};
 
 /// How often a replica asks each peer for news when nothing pokes it. Bounds convergence
 /// time after a peer comes back even if every poke was lost.
@@ -81,6 +81,22 @@ pub const MAX_BATCH: usize = 512;
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// Timeout of a poke; it is only a hint.
 const POKE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and service managers send).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
 
 /// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
 pub fn now_ms() -> u64 {
@@ -486,61 +502,64 @@ impl Node {
     }
 
     async fn serve_sync(self: &Arc<Self>, from: &str, req: SyncRequest) -> Result<SyncResponse> {
-        let r = self.local_partition(req.partition).ok_or_else(|| {
-            Error::unavailable(format!(
-                "{} is not a replica of partition {}",
-                self.addr, req.partition
-            ))
-        })?;
-        if let Some(have) = r
-            .peers
-            .iter()
-            .any(|(a, _)| a == from)
-            .then(|| req.have.clone())
-        {
+        let r = self.serving_replica(req.partition)?;
+        // Remember how far this peer is: it decides how much of the log may be trimmed.
+        if r.peers.iter().any(|(a, _)| a == from) {
             r.peer_have
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(from.to_string(), have);
+                .insert(from.to_string(), req.have.clone());
         }
-        let (id, partition) = (r.id, r.partition);
-        let node = self.clone();
         let req = SyncRequest {
             max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
             max_bytes: req.max_bytes.min(SYNC_PAGE_BYTES),
             ..req
         };
-        tokio::task::spawn_blocking(move || {
-            // Serve from one snapshot, with the applied vector of that same snapshot.
-            let txn = node.store.read()?;
-            let state = Replica::load(&*txn, id, partition)?;
-            Ok(Replica::serve_sync(&*txn, state.applied(), &req)?)
+        self.serve_from_snapshot(r, move |txn, applied| {
+            Replica::serve_sync(txn, applied, &req)
         })
         .await
-        .map_err(|e| Error::internal(format!("sync task failed: {e}")))?
     }
 
     async fn serve_snapshot(self: &Arc<Self>, req: SnapshotRequest) -> Result<SnapshotPage> {
-        let r = self.local_partition(req.partition).ok_or_else(|| {
-            Error::unavailable(format!(
-                "{} is not a replica of partition {}",
-                self.addr, req.partition
-            ))
-        })?;
-        let (id, partition) = (r.id, r.partition);
-        let node = self.clone();
+        let r = self.serving_replica(req.partition)?;
         let req = SnapshotRequest {
             max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
             max_bytes: req.max_bytes.min(SYNC_PAGE_BYTES),
             ..req
         };
+        self.serve_from_snapshot(r, move |txn, applied| {
+            Replica::serve_snapshot(txn, applied, &req)
+        })
+        .await
+    }
+
+    /// This node's replica of `partition`, for answering a peer.
+    fn serving_replica(&self, partition: PartitionId) -> Result<&ReplicaHandle> {
+        self.local_partition(partition).ok_or_else(|| {
+            Error::unavailable(format!(
+                "{} is not a replica of partition {partition}",
+                self.addr
+            ))
+        })
+    }
+
+    /// Runs `serve` on a blocking thread over one store snapshot and the applied vector
+    /// of that same snapshot, so what it claims matches what it reads.
+    async fn serve_from_snapshot<T: Send + 'static>(
+        self: &Arc<Self>,
+        r: &ReplicaHandle,
+        serve: impl FnOnce(&dyn ReadTxn, &VersionVector) -> crate::storage::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (id, partition) = (r.id, r.partition);
+        let node = self.clone();
         tokio::task::spawn_blocking(move || {
             let txn = node.store.read()?;
             let state = Replica::load(&*txn, id, partition)?;
-            Ok(Replica::serve_snapshot(&*txn, state.applied(), &req)?)
+            Ok(serve(&*txn, state.applied())?)
         })
         .await
-        .map_err(|e| Error::internal(format!("snapshot task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("serving task failed: {e}")))?
     }
 
     /// Hands a page to the writer and waits until it is committed.
