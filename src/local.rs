@@ -60,6 +60,7 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
     let addrs: Vec<String> = (0..args.nodes).map(|i| addr_of(&args, i)).collect();
     let view = addrs.join(",");
+    check_layout(&args, &view)?;
     let mut children: Vec<Child> = Vec::new();
     for addr in &addrs {
         let name = addr.replace(':', "_");
@@ -134,6 +135,30 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
     println!("stopping the cluster ...");
     stop(&mut children).await;
     outcome
+}
+
+/// Nodes keep the view they were first started with; refuse to start a different layout
+/// over data written by another, which would mix clusters that do not agree.
+fn check_layout(args: &LocalArgs, view: &str) -> Result<(), String> {
+    if args.memory {
+        return Ok(());
+    }
+    let path = args.data_dir.join("layout");
+    let layout = format!("K={} VIEW={view}\n", args.k);
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if existing == layout => Ok(()),
+        Ok(existing) => Err(format!(
+            "{} holds a cluster started as `{}`; this run asks for `{}`. \
+             Use another --data-dir, or remove that one to start afresh.",
+            args.data_dir.display(),
+            existing.trim(),
+            layout.trim()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, layout).map_err(|e| format!("writing {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
 }
 
 /// SIGTERM to every node, then SIGKILL to those still running after [`STOP_TIMEOUT`].
