@@ -18,8 +18,12 @@
 //! observed there, so a replica can decide whether it may answer: it may when its own
 //! applied vector dominates the token's entry for its partition. The token also names the
 //! cluster it was issued by, so a token from another cluster is rejected instead of being
-//! silently misread. On the wire it is `c1.` followed by the base64url (no padding) of its
-//! postcard encoding; the prefix is a format version.
+//! silently misread. On the wire it is `c1.<payload>.<tag>`: the base64url (no padding)
+//! of its postcard encoding, and a 128-bit keyed BLAKE3 tag over the payload with a
+//! [`TokenKey`] derived from the cluster secret. The tag matters: the token feeds into
+//! version histories, so a client that could raise a counter in it could make replicas
+//! drop acknowledged writes or wait forever; with the tag a client can only hand back
+//! tokens the cluster issued. The prefix is a format version.
 //!
 //! # Caveats
 //!
@@ -89,6 +93,11 @@ impl VersionVector {
         self.0.is_empty()
     }
 
+    /// Number of replicas with a non-zero entry.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
         self.0.iter().map(|(&r, &c)| (r, c))
     }
@@ -119,12 +128,42 @@ pub enum TokenError {
     Malformed,
     #[error("causal_payload was issued by another cluster")]
     Foreign,
+    #[error("causal_payload was altered or not issued by this cluster")]
+    BadTag,
     #[error("causal_payload is too large")]
     TooLarge,
 }
 
 /// Wire prefix; bump it when the encoding changes.
 const TOKEN_PREFIX: &str = "c1.";
+/// Bytes of the authentication tag kept on the wire.
+const TAG_LEN: usize = 16;
+
+/// Key that signs and checks tokens; every node derives the same one from the secret.
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    pub fn derive(cluster_secret: &str) -> Self {
+        Self(blake3::derive_key(
+            "kvs 2026 causal token tag v1",
+            cluster_secret.as_bytes(),
+        ))
+    }
+
+    fn tag(&self, payload: &[u8]) -> [u8; TAG_LEN] {
+        let full = blake3::keyed_hash(&self.0, payload);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
+        tag
+    }
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
 
 /// Encoded tokens longer than this are refused: a token holds one small entry per
 /// (partition, replica), so 64 KiB is thousands of entries, far beyond any real cluster,
@@ -159,17 +198,20 @@ impl CausalToken {
         }
     }
 
-    pub fn encode(&self) -> String {
+    pub fn encode(&self, key: &TokenKey) -> String {
         // Serializing plain maps of integers into a Vec cannot fail.
         let bytes = postcard::to_stdvec(self).expect("token serialization is infallible");
-        let mut out = String::with_capacity(TOKEN_PREFIX.len() + bytes.len() * 4 / 3 + 4);
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut out = String::with_capacity(TOKEN_PREFIX.len() + bytes.len() * 4 / 3 + 28);
         out.push_str(TOKEN_PREFIX);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&bytes, &mut out);
+        b64.encode_string(&bytes, &mut out);
+        out.push('.');
+        b64.encode_string(key.tag(&bytes), &mut out);
         out
     }
 
     /// Parses a client's token. An empty string is the empty token of `cluster`.
-    pub fn decode(text: &str, cluster: u64) -> Result<Self, TokenError> {
+    pub fn decode(text: &str, cluster: u64, key: &TokenKey) -> Result<Self, TokenError> {
         let text = text.trim();
         if text.is_empty() {
             return Ok(Self::empty(cluster));
@@ -180,9 +222,10 @@ impl CausalToken {
         let body = text
             .strip_prefix(TOKEN_PREFIX)
             .ok_or(TokenError::Malformed)?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| TokenError::Malformed)?;
+        let (payload, tag) = body.split_once('.').ok_or(TokenError::Malformed)?;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let bytes = b64.decode(payload).map_err(|_| TokenError::Malformed)?;
+        let tag = b64.decode(tag).map_err(|_| TokenError::Malformed)?;
         let (token, rest): (CausalToken, _) =
             postcard::take_from_bytes(&bytes).map_err(|_| TokenError::Malformed)?;
         if !rest.is_empty() {
@@ -190,6 +233,11 @@ impl CausalToken {
         }
         if token.cluster != cluster {
             return Err(TokenError::Foreign);
+        }
+        // Not constant-time: the tag protects integrity, it is not a password, and an
+        // attacker learns nothing usable from how many leading bytes matched.
+        if tag != key.tag(&bytes) {
+            return Err(TokenError::BadTag);
         }
         Ok(token)
     }
@@ -243,43 +291,69 @@ mod tests {
 
         #[test]
         fn token_round_trips(t in token()) {
-            let text = t.encode();
-            prop_assert_eq!(CausalToken::decode(&text, 7), Ok(t));
+            let text = t.encode(&key());
+            prop_assert_eq!(CausalToken::decode(&text, 7, &key()), Ok(t));
         }
 
         #[test]
         fn decode_never_panics(s in ".{0,200}") {
-            let _ = CausalToken::decode(&s, 7);
+            let _ = CausalToken::decode(&s, 7, &key());
         }
 
         #[test]
         fn truncated_tokens_are_rejected(t in token(), cut in 1usize..8) {
-            let text = t.encode();
-            if text.len() > TOKEN_PREFIX.len() + cut {
-                let short = &text[..text.len() - cut];
-                // Either malformed, or (rarely) a shorter valid encoding: never a panic,
-                // and never silently the same token.
-                prop_assert_ne!(CausalToken::decode(short, 7), Ok(t));
-            }
+            let text = t.encode(&key());
+            let short = &text[..text.len() - cut];
+            prop_assert!(CausalToken::decode(short, 7, &key()).is_err());
         }
+
+        #[test]
+        fn altered_tokens_are_rejected(t in token(), r in 0u64..5, c in 1u64..1000) {
+            // What a client would do to claim more than it saw: re-encode with a higher
+            // counter, keeping the old tag.
+            let text = t.encode(&key());
+            let tag = text.rsplit('.').next().expect("has a tag").to_string();
+            let mut forged = t.clone();
+            forged.observe(0, &[(r, c + 100)].into_iter().collect());
+            let payload = forged.encode(&key());
+            let payload = payload.rsplit_once('.').expect("has a tag").0;
+            let text = format!("{payload}.{tag}");
+            prop_assert_eq!(CausalToken::decode(&text, 7, &key()), Err(TokenError::BadTag));
+        }
+    }
+
+    fn key() -> TokenKey {
+        TokenKey::derive("test secret")
     }
 
     #[test]
     fn empty_string_is_the_empty_token() {
-        assert_eq!(CausalToken::decode("", 3), Ok(CausalToken::empty(3)));
-        assert_eq!(CausalToken::decode("  ", 3), Ok(CausalToken::empty(3)));
+        assert_eq!(
+            CausalToken::decode("", 3, &key()),
+            Ok(CausalToken::empty(3))
+        );
+        assert_eq!(
+            CausalToken::decode("  ", 3, &key()),
+            Ok(CausalToken::empty(3))
+        );
     }
 
     #[test]
     fn foreign_and_garbage_tokens_are_refused() {
-        let t = CausalToken::empty(1).encode();
-        assert_eq!(CausalToken::decode(&t, 2), Err(TokenError::Foreign));
-        assert_eq!(
-            CausalToken::decode("1.0.0.4", 2),
-            Err(TokenError::Malformed)
-        );
-        assert_eq!(CausalToken::decode("c1.!!!", 2), Err(TokenError::Malformed));
+        let t = CausalToken::empty(1).encode(&key());
+        assert_eq!(CausalToken::decode(&t, 2, &key()), Err(TokenError::Foreign));
+        let other = TokenKey::derive("another secret");
+        assert_eq!(CausalToken::decode(&t, 1, &other), Err(TokenError::BadTag));
+        for garbage in ["1.0.0.4", "c1.!!!", "c1.AAAA", "c1.AA.!!"] {
+            assert_eq!(
+                CausalToken::decode(garbage, 2, &key()),
+                Err(TokenError::Malformed)
+            );
+        }
         let huge = "c1.".to_string() + &"A".repeat(MAX_TOKEN_LEN);
-        assert_eq!(CausalToken::decode(&huge, 2), Err(TokenError::TooLarge));
+        assert_eq!(
+            CausalToken::decode(&huge, 2, &key()),
+            Err(TokenError::TooLarge)
+        );
     }
 }

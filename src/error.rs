@@ -12,6 +12,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The request is too large.
     TooLarge,
+    /// The client took too long to send its request.
+    Timeout,
     /// The thing asked for does not exist.
     NotFound,
     /// Nobody who can answer is reachable now; retrying later may work.

@@ -176,7 +176,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let transport = Arc::new(HttpTransport::new(secret.clone()));
+    let local_ip = addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+    let transport = Arc::new(HttpTransport::new(secret.clone(), local_ip));
     let cfg = NodeConfig {
         addr: addr.clone(),
         view,
@@ -192,10 +193,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         replica_id = format!("{replica_id:016x}"),
         "kvs node serving"
     );
-    let app = kvs::server::router(node);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(kvs::server::shutdown_signal())
-        .await;
+    let served = kvs::server::serve(listener, node, kvs::server::shutdown_signal()).await;
     tracing::info!("shutting down");
     workers.stop().await;
     served.map_err(|e| format!("server error: {e}"))

@@ -88,13 +88,17 @@ impl KeyState {
             // Nothing new; `self` already held no dominated version.
             return false;
         }
+        // `w` supersedes `v` when it saw `v` and `v` did not see it. Real histories are
+        // acyclic, so mutual containment cannot happen between honest versions; if it
+        // ever did (a bug, a cloned data directory reusing dots), keeping both as
+        // siblings loses nothing, whereas dropping both would.
         let dominated: Vec<bool> = self
             .versions
             .iter()
             .map(|v| {
                 self.versions
                     .iter()
-                    .any(|w| w.dot != v.dot && w.vv.contains(v.dot))
+                    .any(|w| w.dot != v.dot && w.vv.contains(v.dot) && !v.vv.contains(w.dot))
             })
             .collect();
         let mut flags = dominated.into_iter();
@@ -124,6 +128,19 @@ impl KeyState {
     /// True when the write `dot` is reflected: some sibling is it or dominates it.
     pub fn covers(&self, dot: Dot) -> bool {
         self.versions.iter().any(|v| v.vv.contains(dot))
+    }
+
+    /// Roughly how many bytes this state takes on the wire, histories included; what sync
+    /// pages count against their byte bound.
+    pub fn approx_size(&self) -> usize {
+        const ENTRY: usize = 20; // a varint replica id and counter, generously
+        self.versions
+            .iter()
+            .map(|v| {
+                let deps: usize = v.deps.values().map(|vv| 8 + vv.len() * ENTRY).sum();
+                32 + v.value.len() + v.vv.len() * ENTRY + deps
+            })
+            .sum()
     }
 
     /// Adds what a reader of this state has observed to `token`.
@@ -182,7 +199,9 @@ pub struct SyncResponse {
     pub covered: VersionVector,
     /// False when a bound cut the page short: ask again.
     pub complete: bool,
-    /// The answering replica has trimmed log entries the asker still needs.
+    /// The answering replica lacks log entries the asker still needs for at least one
+    /// origin (trimmed, or claimed through a snapshot); `covered` leaves those origins
+    /// alone. Another peer may have them; otherwise a snapshot is needed.
     pub gap: bool,
 }
 
@@ -275,6 +294,26 @@ impl Replica {
             .parts
             .get(&partition)
             .is_none_or(|need| applied.dominates(need))
+    }
+
+    /// Whether a read of one key carrying `token` may be answered although the replica as a
+    /// whole is behind the token: yes when every write the token names beyond `applied`
+    /// is covered by the key's state. Then every write to this key the client depends on
+    /// is reflected (typically: the client's own newer write of this key, accepted here
+    /// while the replica could not reach the peer holding the older writes).
+    pub fn can_serve_key(
+        applied: &VersionVector,
+        partition: PartitionId,
+        token: &CausalToken,
+        state: &KeyState,
+    ) -> bool {
+        let Some(need) = token.parts.get(&partition) else {
+            return true;
+        };
+        need.iter().all(|(origin, counter)| {
+            applied.get(origin) >= counter
+                || state.versions.iter().any(|v| v.vv.get(origin) >= counter)
+        })
     }
 
     /// Persists the replica's vectors into `txn`; call once per batch before committing.
@@ -374,45 +413,41 @@ impl Replica {
         };
         let mut sent_keys: BTreeSet<(u32, String)> = BTreeSet::new();
         let mut bytes = 0usize;
-        for (origin, upto) in applied.iter() {
-            let mut next = req.have.get(origin) + 1;
-            while next <= upto {
+        'origins: for (origin, upto) in applied.iter() {
+            let mut last = req.have.get(origin);
+            while last < upto {
                 if resp.log.len() >= max_entries || bytes >= max_bytes {
                     resp.complete = false;
                     return Ok(resp);
                 }
                 let budget = max_entries - resp.log.len();
-                let entries = txn.log_after(origin, next - 1, budget)?;
-                if entries.is_empty() {
-                    resp.gap = true;
-                    return Ok(resp);
-                }
-                for entry in entries {
-                    if entry.dot.counter != next {
-                        // Trimmed, or (impossible by construction) a hole: cannot claim.
+                let entries = txn.log_after(origin, last, budget)?;
+                for entry in &entries {
+                    if entry.dot.counter != last + 1 {
+                        // Trimmed here (or a range claimed by a snapshot): this origin
+                        // cannot be claimed from us, but the others still can.
                         resp.gap = true;
-                        return Ok(resp);
+                        continue 'origins;
                     }
                     if entry.dot.counter > upto {
-                        break;
+                        continue 'origins;
                     }
                     if sent_keys.insert((entry.slot, entry.key.clone())) {
                         if let Some(state) = txn.get(entry.slot, &entry.key)? {
-                            bytes += entry.key.len()
-                                + state
-                                    .versions
-                                    .iter()
-                                    .map(|v| v.value.len() + 64)
-                                    .sum::<usize>();
+                            bytes += entry.key.len() + state.approx_size();
                             resp.states.push((entry.slot, entry.key.clone(), state));
                         }
                     }
                     resp.covered.raise(origin, entry.dot.counter);
-                    resp.log.push(entry);
-                    next += 1;
+                    resp.log.push(entry.clone());
+                    last = entry.dot.counter;
                     if bytes >= max_bytes {
                         break;
                     }
+                }
+                if entries.is_empty() {
+                    resp.gap = true;
+                    continue 'origins;
                 }
             }
         }
@@ -619,6 +654,39 @@ mod tests {
         assert_eq!(ab.versions, c.versions);
     }
 
+    #[test]
+    fn mutually_containing_versions_are_kept_as_siblings() {
+        let a = KeyState {
+            versions: vec![version(1, 1, &[(1, 2)], 1)],
+        };
+        let b = KeyState {
+            versions: vec![version(1, 2, &[(1, 1)], 2)],
+        };
+        let mut ab = a.clone();
+        ab.merge(&b);
+        assert_eq!(ab.versions.len(), 2);
+    }
+
+    #[test]
+    fn a_key_whose_state_covers_the_token_is_served_by_a_lagging_replica() {
+        let applied: VersionVector = [(1, 3)].into_iter().collect();
+        let mut token = CausalToken::empty(0);
+        token.observe(0, &[(1, 5), (2, 1)].into_iter().collect());
+        let newer = KeyState {
+            versions: vec![version(2, 1, &[(1, 5)], 9)],
+        };
+        let older = KeyState {
+            versions: vec![version(1, 2, &[], 9)],
+        };
+        assert!(!Replica::can_serve(&applied, 0, &token));
+        assert!(Replica::can_serve_key(&applied, 0, &token, &newer));
+        assert!(!Replica::can_serve_key(&applied, 0, &token, &older));
+        assert!(
+            Replica::can_serve_key(&applied, 1, &token, &older),
+            "other partition"
+        );
+    }
+
     // ---- a deterministic multi-replica simulation over the memory store ----
 
     struct Node {
@@ -654,11 +722,13 @@ mod tests {
         }
 
         fn read(&self, key: &str, token: &CausalToken) -> Option<(KeyState, ReadOutcome)> {
-            if !Replica::can_serve(self.replica.applied(), 0, token) {
-                return None;
-            }
             let txn = self.store.read().expect("read");
             let state = txn.get(0, key).expect("get").unwrap_or_default();
+            if !Replica::can_serve(self.replica.applied(), 0, token)
+                && !Replica::can_serve_key(self.replica.applied(), 0, token, &state)
+            {
+                return None;
+            }
             let out = Replica::read(&*txn, 0, 0, key, token.clone()).expect("read");
             Some((state, out))
         }
@@ -831,6 +901,37 @@ mod tests {
             Replica::trim_floor(r.replica.applied(), [&peer, &none]).get(1),
             0
         );
+    }
+
+    #[test]
+    fn a_gap_in_one_origin_does_not_block_the_others() {
+        let mut a = Node::new(1);
+        let mut b = Node::new(2);
+        b.write("x", "from b", CausalToken::empty(0), 1);
+        a.pull(&b, 10);
+        a.write("y", "from a", CausalToken::empty(0), 2);
+        let mut txn = a.store.write().expect("txn");
+        txn.log_trim(2, u64::MAX).expect("trim");
+        txn.commit().expect("commit");
+        let req = SyncRequest {
+            partition: 0,
+            have: VersionVector::new(),
+            max_entries: 10,
+            max_bytes: 1 << 20,
+        };
+        let resp = Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
+            .expect("serve");
+        assert!(resp.gap);
+        assert_eq!(resp.covered.get(1), 1, "origin 1 is still served");
+        assert_eq!(resp.covered.get(2), 0, "origin 2 is not claimed");
+        // A hostile or confused `have` cannot overflow anything.
+        let req = SyncRequest {
+            have: [(1, u64::MAX), (2, u64::MAX)].into_iter().collect(),
+            ..req
+        };
+        let resp = Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
+            .expect("serve");
+        assert!(resp.log.is_empty() && !resp.gap);
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! guard the endpoint: `x-kvs-secret` must carry the cluster secret (compared in constant
 //! time) and `x-kvs-proto` the protocol version, so a client cannot inject replication
 //! traffic and mismatched binaries fail loudly instead of misreading each other. The
-//! receiver also refuses senders that are not members of its view.
+//! receiver also refuses senders that are not members of its view, and calls whose TCP
+//! source address is not the IP of the member they claim to come from (outgoing
+//! connections are bound to the node's own IP for this). The seeds start nodes without a
+//! secret, so the built-in default is public; the address check is what keeps a client
+//! on another host from posing as a node then.
 //!
 //! [`Transport`] is a trait so that tests and a simulator can carry messages without
 //! sockets; [`HttpTransport`] is the real one.
@@ -162,9 +166,12 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new(secret: String) -> Self {
+    /// `local_ip` is the node's own IP: outgoing calls come from it, which is what the
+    /// receiver checks against the sender's claimed address.
+    pub fn new(secret: String, local_ip: Option<std::net::IpAddr>) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_local_address(local_ip);
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)

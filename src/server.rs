@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::post;
@@ -45,7 +45,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::clock::{CausalToken, PartitionId, ReplicaId, VersionVector};
+use crate::clock::{CausalToken, PartitionId, ReplicaId, TokenKey, VersionVector};
 use crate::cluster::Liveness;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, Role, View};
@@ -66,6 +66,9 @@ pub const SYNC_PAGE_ENTRIES: u32 = 1_000;
 pub const SYNC_PAGE_BYTES: u32 = 4 * 1024 * 1024;
 /// Pages pulled back to back before yielding to the next interval.
 const MAX_PAGES_PER_ROUND: usize = 64;
+/// Sync rounds a puller waits for another peer to fill a gap in its log before it copies
+/// this peer's whole state (about 3 x [`SYNC_INTERVAL`]).
+const GAP_PATIENCE_ROUNDS: u32 = 3;
 /// How long a read waits for its replica to catch up with the client's token.
 pub const CATCHUP_WAIT: Duration = Duration::from_millis(1_000);
 /// Timeout of one forwarded client request: above [`CATCHUP_WAIT`], so a replica that is
@@ -96,6 +99,27 @@ pub async fn shutdown_signal() {
             let _ = ctrl_c.await;
         }
     }
+}
+
+/// Longest key the node accepts from any dialect or peer. Dialects have stricter rules
+/// (200 characters for `/kv-store`); this bounds what reaches storage whatever the path.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value the node accepts from any dialect or peer (seeds store 1.5 MB values).
+pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+
+fn check_bounds(key: &str, value: Option<&[u8]>) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Error::bad_request(format!(
+            "key must be 1 to {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    if value.is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("value is larger than {MAX_VALUE_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
@@ -133,6 +157,8 @@ pub struct Node {
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     secret: String,
+    /// Signs and checks client tokens; derived from `secret`, the same on every node.
+    token_key: TokenKey,
     replica: Option<ReplicaHandle>,
     /// Plain mutex: held for a map lookup or update, never across an await.
     liveness: Mutex<Liveness>,
@@ -229,6 +255,7 @@ impl Node {
             view,
             store,
             transport,
+            token_key: TokenKey::derive(&cfg.secret),
             secret: cfg.secret,
             replica,
             liveness: Mutex::new(Liveness::default()),
@@ -267,13 +294,14 @@ impl Node {
         }
     }
 
-    /// Parses a client's causal token against this cluster.
+    /// Parses a client's causal token: it must be one this cluster issued, unaltered.
     pub fn parse_token(&self, text: &str) -> Result<CausalToken> {
-        CausalToken::decode(text, self.view.cluster).map_err(|e| Error::bad_request(e.to_string()))
+        CausalToken::decode(text, self.view.cluster, &self.token_key)
+            .map_err(|e| Error::bad_request(e.to_string()))
     }
 
     pub fn encode_token(&self, token: &CausalToken) -> String {
-        token.encode()
+        token.encode(&self.token_key)
     }
 
     fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
@@ -288,6 +316,7 @@ impl Node {
     /// Reads `key` for a client. `may_forward` is false for requests that were already
     /// forwarded to us, so a request never travels more than one hop.
     pub async fn get(&self, key: &str, token: CausalToken, may_forward: bool) -> Result<ReadReply> {
+        check_bounds(key, None)?;
         let p = self.view.partition_of_key(key);
         match self.local_partition(p) {
             Some(r) => match self.read_local(r, key, &token).await {
@@ -314,6 +343,7 @@ impl Node {
         token: CausalToken,
         may_forward: bool,
     ) -> Result<WriteReply> {
+        check_bounds(key, Some(&value))?;
         let p = self.view.partition_of_key(key);
         match self.local_partition(p) {
             Some(r) => self.write_local(r, key, value, token).await,
@@ -394,18 +424,32 @@ impl Node {
         key: &str,
         token: &CausalToken,
     ) -> Result<ReadReply> {
-        if !self.catch_up(r, token).await {
-            return Err(Error::unavailable(
-                "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
-            ));
+        let slot = slot_of(key);
+        for attempt in 0..2 {
+            // The applied vector first, then the snapshot: it is published after each
+            // commit, so the snapshot holds at least what the vector claims.
+            let applied = r.applied.borrow().clone();
+            let txn = self.store.read()?;
+            let servable = Replica::can_serve(&applied, r.partition, token) || {
+                let state = txn.get(slot, key)?.unwrap_or_default();
+                Replica::can_serve_key(&applied, r.partition, token, &state)
+            };
+            if servable {
+                let out = Replica::read(&*txn, r.partition, slot, key, token.clone())?;
+                return Ok(ReadReply {
+                    partition: r.partition,
+                    value: out.value,
+                    token: out.token,
+                });
+            }
+            drop(txn);
+            if attempt == 0 && !self.catch_up(r, token).await {
+                break;
+            }
         }
-        let txn = self.store.read()?;
-        let out = Replica::read(&*txn, r.partition, slot_of(key), key, token.clone())?;
-        Ok(ReadReply {
-            partition: r.partition,
-            value: out.value,
-            token: out.token,
-        })
+        Err(Error::unavailable(
+            "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
+        ))
     }
 
     async fn forward_get(
@@ -445,7 +489,10 @@ impl Node {
         let mut last = format!("partition {p} has no other replica");
         for peer in order {
             match self.transport.call(&peer, &env, FORWARD_TIMEOUT).await {
-                Ok(Response::Error(e)) if e.kind == ErrorKind::Unavailable => {
+                // A replica that cannot serve now, or whose disk fails: try the next one.
+                Ok(Response::Error(e))
+                    if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
+                {
                     self.liveness().record_ok(&peer);
                     last = format!("{peer}: {e}");
                 }
@@ -646,7 +693,16 @@ fn writer_loop(
         let before = replica.clone();
         match run_batch(&*store, &mut replica, &mut trimmed, &batch) {
             Ok(outcomes) => {
-                // Committed: only now may anyone learn of the writes.
+                // Committed: only now may anyone learn of the writes. The vector goes
+                // out first, so a client that reads right after its ack finds this
+                // replica caught up instead of waking the pullers for nothing.
+                applied_tx.send_if_modified(|vv| {
+                    let changed = vv != replica.applied();
+                    if changed {
+                        *vv = replica.applied().clone();
+                    }
+                    changed
+                });
                 for (cmd, outcome) in batch.drain(..).zip(outcomes) {
                     match (cmd, outcome) {
                         (WriterCmd::Write(_, tx), Outcome::Write(out)) => {
@@ -658,13 +714,6 @@ fn writer_loop(
                         _ => {}
                     }
                 }
-                applied_tx.send_if_modified(|vv| {
-                    let changed = vv != replica.applied();
-                    if changed {
-                        *vv = replica.applied().clone();
-                    }
-                    changed
-                });
                 if local_writes {
                     for p in &pokes {
                         p.notify_one();
@@ -755,6 +804,7 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
     let mut first = true;
     // Only transitions are logged, so a long outage is two lines, not one per round.
     let mut reachable = true;
+    let mut gap_rounds = 0u32;
     loop {
         if !first {
             tokio::select! {
@@ -797,24 +847,34 @@ async fn puller(node: Arc<Node>, peer: String, wake: Arc<Notify>) {
                     break;
                 }
             };
-            if resp.gap {
-                tracing::warn!(
-                    %peer,
-                    "peer has trimmed log entries this replica still needs; copying its whole state"
-                );
-                match node.transfer_snapshot(r, &peer).await {
-                    Ok(keys) => tracing::info!(%peer, keys, "full-state transfer done"),
-                    Err(e) => tracing::warn!(%peer, "full-state transfer failed, will retry: {e}"),
-                }
-                break;
-            }
-            let complete = resp.complete;
+            let (complete, gap) = (resp.complete, resp.gap);
             if !resp.log.is_empty() || !resp.states.is_empty() {
                 if let Err(e) = node.apply_page(r, resp).await {
                     tracing::warn!(%peer, "applying a sync page failed: {e}");
                     break;
                 }
             }
+            if gap {
+                // This peer lacks log entries we need. Another peer may still have them,
+                // so wait a few rounds before copying this peer's whole state; with a
+                // single peer there is nobody else to wait for.
+                gap_rounds += 1;
+                if r.peers.len() == 1 || gap_rounds >= GAP_PATIENCE_ROUNDS {
+                    gap_rounds = 0;
+                    tracing::warn!(
+                        %peer,
+                        "log entries this replica needs are gone from the peers' logs; copying the peer's whole state"
+                    );
+                    match node.transfer_snapshot(r, &peer).await {
+                        Ok(keys) => tracing::info!(%peer, keys, "full-state transfer done"),
+                        Err(e) => {
+                            tracing::warn!(%peer, "full-state transfer failed, will retry: {e}")
+                        }
+                    }
+                }
+                break;
+            }
+            gap_rounds = 0;
             if complete {
                 break;
             }
@@ -875,8 +935,22 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// Serves `node` on `listener` until `shutdown` resolves. The internal endpoint needs
+/// each connection's peer address, which this supplies.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    node: Arc<Node>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(node).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 async fn rpc_endpoint(
     State(node): State<Arc<Node>>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResponse {
@@ -908,6 +982,18 @@ async fn rpc_endpoint(
             return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
         }
     };
+    let claimed = env.from.parse::<std::net::SocketAddr>().map(|a| a.ip());
+    if claimed.ok() != Some(remote.ip()) {
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "call claims to come from {} but arrived from {}",
+                env.from,
+                remote.ip()
+            ),
+        )
+            .into_response();
+    }
     let resp = node.handle_rpc(env).await;
     (
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],

@@ -304,6 +304,36 @@ async fn bad_input_gets_clear_errors() {
                 );
             }
 
+            // 400: endpoint names are not keys, and a path that is not UTF-8 still gets
+            // the error envelope.
+            for name in [
+                "get_partition_id",
+                "get_all_partition_ids",
+                "get_partition_members",
+            ] {
+                let body = form(&[("val", "x"), ("causal_payload", "")]);
+                let (status, reply) = c
+                    .request(via, Method::PUT, &format!("/kv-store/{name}"), body)
+                    .await;
+                expect_error(
+                    &mut problems,
+                    format!("PUT {name} via node {via}"),
+                    400,
+                    status,
+                    &reply,
+                );
+            }
+            let (status, reply) = c
+                .request(via, Method::GET, "/kv-store/%FF", String::new())
+                .await;
+            expect_error(
+                &mut problems,
+                format!("GET /kv-store/%FF via node {via}"),
+                400,
+                status,
+                &reply,
+            );
+
             // 405: methods the dialect does not have, still with the error envelope.
             for method in [Method::DELETE, Method::POST] {
                 let (status, body) = c
@@ -706,6 +736,77 @@ async fn concurrent_writers_converge_to_one_value() {
                 "node {i} kept a sibling over a write that followed a read of it"
             );
         }
+    })
+    .await;
+}
+
+/// The internal endpoint refuses a caller without the cluster secret, a caller posing as a
+/// member from another address (what a client could do with the seeds' public default
+/// secret), and a sender that is not in the view; a member calling from its own address
+/// gets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_api_refuses_impostors() {
+    use kvs::rpc::{decode, encode, Envelope, Request, Response, RPC_PATH};
+    let c = Cluster::start(10, 2, 2).await;
+    c.within(SCENARIO_LIMIT, async {
+        let url = format!("http://{}{RPC_PATH}", c.addr(0));
+        let member = c.addr(1).to_string();
+        let ip_of = |addr: &str| -> std::net::IpAddr {
+            addr.parse::<std::net::SocketAddr>()
+                .expect("node addresses are ip:port")
+                .ip()
+        };
+        let member_ip = ip_of(&member);
+        let outsider_ip: std::net::IpAddr = {
+            let std::net::IpAddr::V4(v4) = member_ip else {
+                panic!("test addresses are IPv4")
+            };
+            let [a, b, c3, _] = v4.octets();
+            std::net::Ipv4Addr::new(a, b, c3, 200).into()
+        };
+        let post = |from_ip: std::net::IpAddr, claimed: String, secret: Option<&'static str>| {
+            let url = url.clone();
+            async move {
+                let client = reqwest::Client::builder()
+                    .local_address(from_ip)
+                    .build()
+                    .expect("client");
+                let mut req = client
+                    .post(&url)
+                    .header("x-kvs-proto", "1")
+                    .body(encode(&Envelope {
+                        from: claimed,
+                        epoch: 1,
+                        body: Request::Ping,
+                    }));
+                if let Some(secret) = secret {
+                    req = req.header("x-kvs-secret", secret);
+                }
+                let resp = req.send().await.expect("the node answers");
+                let status = resp.status().as_u16();
+                (status, resp.bytes().await.expect("body").to_vec())
+            }
+        };
+        let secret = Some(common::DEFAULT_SECRET);
+
+        let (status, _) = post(member_ip, member.clone(), None).await;
+        assert_eq!(status, 401, "no secret");
+        let (status, _) = post(member_ip, member.clone(), Some("wrong")).await;
+        assert_eq!(status, 401, "wrong secret");
+        let (status, body) = post(outsider_ip, member.clone(), secret).await;
+        assert_eq!(status, 403, "posing as {member} from {outsider_ip}: {body:?}");
+
+        let (status, body) = post(member_ip, member.clone(), secret).await;
+        assert_eq!(status, 200);
+        assert!(matches!(decode::<Response>(&body), Ok(Response::Ok)));
+
+        let outsider = format!("{outsider_ip}:8080");
+        let (status, body) = post(outsider_ip, outsider, secret).await;
+        assert_eq!(status, 200);
+        assert!(
+            matches!(decode::<Response>(&body), Ok(Response::Error(e)) if e.kind == kvs::error::ErrorKind::BadRequest),
+            "a non-member is refused"
+        );
     })
     .await;
 }

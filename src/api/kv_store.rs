@@ -29,18 +29,29 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
-use http_body_util::{BodyExt, Limited};
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
 use crate::error::{Error, ErrorKind};
 use crate::placement::Role;
-use crate::server::Node;
+use crate::server::{Node, MAX_VALUE_BYTES};
 
-/// Largest request body accepted. Form encoding can triple a value's size, so this
-/// leaves room for a [`MAX_VALUE_BYTES`] value however it is encoded... within reason.
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-/// Largest value accepted (decoded). The seeds' tests store values of 1.5 MB.
-pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+/// Largest request body accepted. Percent-encoding can triple a value's size, so this
+/// leaves room for a [`MAX_VALUE_BYTES`] value (2 MiB) however it is encoded.
+pub const MAX_BODY_BYTES: usize = 3 * MAX_VALUE_BYTES + 64 * 1024;
+/// How long a client may take to send its body; a trickling client would otherwise
+/// hold one of the [`MAX_CLIENT_REQUESTS`] slots for ever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Names under `/kv-store/` that are endpoints; they cannot be used as keys.
+const RESERVED: [&str; 4] = [
+    "get_partition_id",
+    "get_all_partition_ids",
+    "get_partition_members",
+    "update_view",
+];
 /// Longest key accepted.
 pub const MAX_KEY_CHARS: usize = 200;
 /// Client requests handled at once; more wait on their connection (backpressure). With
@@ -71,6 +82,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -104,16 +116,29 @@ pub async fn unknown_path() -> Response {
 
 /// Form fields from the query string and the body (the body wins).
 async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, String>, Error> {
-    let bytes = Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|_| {
-            Error::new(
+    let collected =
+        tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+                )
+            })?;
+    let bytes = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Err(Error::new(
                 ErrorKind::TooLarge,
                 format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        })?
-        .to_bytes();
+            ))
+        }
+        Err(e) => {
+            return Err(Error::bad_request(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    };
     let mut fields = HashMap::new();
     for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(source)
@@ -121,6 +146,13 @@ async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, Strin
         fields.extend(pairs);
     }
     Ok(fields)
+}
+
+/// The key (or endpoint name) from the path, with the dialect's error envelope when the
+/// path cannot be decoded (e.g. invalid UTF-8).
+fn path_name(path: Result<Path<String>, PathRejection>) -> Result<String, Error> {
+    path.map(|Path(name)| name)
+        .map_err(|e| Error::bad_request(format!("bad path: {e}")))
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
@@ -159,11 +191,12 @@ fn seconds(ms: u64) -> String {
 
 async fn get_endpoint(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
     let result = async {
+        let name = path_name(path)?;
         let fields = form(query, body).await?;
         match name.as_str() {
             "get_partition_id" => {
@@ -217,12 +250,13 @@ async fn get_endpoint(
 
 async fn put_endpoint(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
     let result = async {
-        let fields = form(query, body).await?;
+        let name = path_name(path)?;
+        let mut fields = form(query, body).await?;
         if name == "update_view" {
             return Ok((
                 StatusCode::NOT_IMPLEMENTED,
@@ -232,19 +266,16 @@ async fn put_endpoint(
                 .into_response());
         }
         check_key(&name)?;
-        let value = fields
-            .get("val")
-            .ok_or_else(|| Error::bad_request("val is missing"))?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!("value is larger than {MAX_VALUE_BYTES} bytes"),
-            ));
+        if RESERVED.contains(&name.as_str()) {
+            return Err(Error::bad_request(format!(
+                "{name} is an endpoint name and cannot be used as a key"
+            )));
         }
+        let value = fields
+            .remove("val")
+            .ok_or_else(|| Error::bad_request("val is missing"))?;
         let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
-        let reply = node
-            .put(&name, value.clone().into_bytes(), token, true)
-            .await?;
+        let reply = node.put(&name, value.into_bytes(), token, true).await?;
         let status = if reply.created {
             StatusCode::CREATED
         } else {

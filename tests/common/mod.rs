@@ -50,7 +50,7 @@ const LOG_TAIL_LINES: usize = 60;
 
 const DEFAULT_NET: u8 = 77;
 const DEFAULT_PORT: u16 = 8080;
-const DEFAULT_SECRET: &str = "kvs-integration-test-secret";
+pub const DEFAULT_SECRET: &str = "kvs-integration-test-secret";
 
 /// One `kvs` process slot: its fixed address, env and files, and the running child, if any.
 struct Node {
