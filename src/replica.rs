@@ -44,6 +44,16 @@
 //! * A write supersedes the coordinator's local siblings even if the client never saw
 //!   them (last-writer-wins at the coordinator). That is the seed dialects' semantics; an
 //!   API exposing siblings would pass the sibling context explicitly.
+//! * A sync page ships the *current* state of each key it names, which may hold versions
+//!   beyond what the page claims. They are real writes and normally get claimed by a later
+//!   page; but if their accepting replica loses its disk before any peer claimed them,
+//!   the log that would carry them is gone and replicas can keep different states for
+//!   that key. State-based anti-entropy (Merkle digests over slots, the fault-tolerance
+//!   issue) closes this.
+//! * Dots are unique because replica ids are random per data directory; a *copied* data
+//!   directory running as a second node would reuse them. Merge keeps mutually
+//!   containing versions as siblings rather than losing both, but do not clone data
+//!   directories between live nodes.
 //! * If a peer falls behind the trimmed log (its disk was wiped: it comes back with a new
 //!   replica id and an empty vector while peers have trimmed), the answer is a `gap` and
 //!   the peer copies the whole state instead ([`Replica::serve_snapshot`]).
