@@ -132,7 +132,7 @@ pub fn now_ms() -> u64 {
 
 enum WriterCmd {
     Write(WriteRequest, oneshot::Sender<Result<WriteOutcome>>),
-    Sync(SyncResponse, oneshot::Sender<Result<bool>>),
+    Sync(SyncResponse, oneshot::Sender<Result<()>>),
     Trim(VersionVector),
     Stop,
 }
@@ -327,10 +327,9 @@ impl Node {
                 other => other,
             },
             None if may_forward => self.forward_get(p, key, token, false).await,
-            None => Err(Error::unavailable(format!(
-                "{} is not a replica of partition {p}",
-                self.addr
-            ))),
+            // Forwarded to us, but we do not hold the partition: say so, the sender
+            // tries another replica.
+            None => Err(self.not_a_replica(p)),
         }
     }
 
@@ -358,10 +357,7 @@ impl Node {
                     other => Err(unexpected(&other)),
                 }
             }
-            None => Err(Error::unavailable(format!(
-                "{} is not a replica of partition {p}",
-                self.addr
-            ))),
+            None => Err(self.not_a_replica(p)),
         }
     }
 
@@ -583,12 +579,16 @@ impl Node {
 
     /// This node's replica of `partition`, for answering a peer.
     fn serving_replica(&self, partition: PartitionId) -> Result<&ReplicaHandle> {
-        self.local_partition(partition).ok_or_else(|| {
-            Error::unavailable(format!(
-                "{} is not a replica of partition {partition}",
-                self.addr
-            ))
-        })
+        self.local_partition(partition)
+            .ok_or_else(|| self.not_a_replica(partition))
+    }
+
+    /// Retryable: the caller should ask another replica of `partition`.
+    fn not_a_replica(&self, partition: PartitionId) -> Error {
+        Error::unavailable(format!(
+            "{} is not a replica of partition {partition}",
+            self.addr
+        ))
     }
 
     /// Runs `serve` on a blocking thread over one store snapshot and the applied vector
@@ -618,7 +618,6 @@ impl Node {
             .map_err(|_| Error::unavailable("the node is shutting down"))?;
         rx.await
             .map_err(|_| Error::unavailable("the node is shutting down"))?
-            .map(|_| ())
     }
 
     /// Rebuilds this replica from `peer`'s whole state, page by page; see
@@ -708,8 +707,8 @@ fn writer_loop(
                         (WriterCmd::Write(_, tx), Outcome::Write(out)) => {
                             let _ = tx.send(Ok(out));
                         }
-                        (WriterCmd::Sync(_, tx), Outcome::Sync(moved)) => {
-                            let _ = tx.send(Ok(moved));
+                        (WriterCmd::Sync(_, tx), Outcome::Synced) => {
+                            let _ = tx.send(Ok(()));
                         }
                         _ => {}
                     }
@@ -746,7 +745,7 @@ fn writer_loop(
 /// The result of one command of a batch, sent to its requester after the commit.
 enum Outcome {
     Write(WriteOutcome),
-    Sync(bool),
+    Synced,
     Nothing,
 }
 
@@ -769,7 +768,8 @@ fn run_batch(
             }
             WriterCmd::Sync(resp, _) => {
                 dirty = true;
-                Outcome::Sync(replica.apply_sync(&mut *txn, resp)?)
+                replica.apply_sync(&mut *txn, resp)?;
+                Outcome::Synced
             }
             WriterCmd::Trim(floor) => {
                 for (origin, upto) in floor.iter() {
