@@ -290,10 +290,6 @@ impl Replica {
         self.id
     }
 
-    pub fn partition(&self) -> PartitionId {
-        self.partition
-    }
-
     pub fn applied(&self) -> &VersionVector {
         &self.applied
     }
@@ -509,8 +505,8 @@ impl Replica {
         Ok(page)
     }
 
-    /// Applies a page from a peer. Returns whether the applied vector moved.
-    pub fn apply_sync(&mut self, txn: &mut dyn WriteTxn, resp: &SyncResponse) -> Result<bool> {
+    /// Applies a page from a peer. Not durable until the caller commits.
+    pub fn apply_sync(&mut self, txn: &mut dyn WriteTxn, resp: &SyncResponse) -> Result<()> {
         for (slot, key, state) in &resp.states {
             let mut current = txn.get(*slot, key)?.unwrap_or_default();
             if current.merge(state) {
@@ -523,9 +519,8 @@ impl Replica {
                 txn.log_append(entry)?;
             }
         }
-        let before = self.applied.clone();
         self.applied.merge(&resp.covered);
-        Ok(before != self.applied)
+        Ok(())
     }
 
     /// Log entries every replica of the partition has: for each origin, the minimum of
@@ -746,18 +741,7 @@ mod tests {
         /// Pulls from `from` until complete; small pages exercise paging.
         fn pull(&mut self, from: &Node, page: u32) {
             for _ in 0..10_000 {
-                let req = SyncRequest {
-                    partition: 0,
-                    have: self.replica.applied().clone(),
-                    max_entries: page,
-                    max_bytes: 1 << 20,
-                };
-                let resp = Replica::serve_sync(
-                    &*from.store.read().expect("read"),
-                    from.replica.applied(),
-                    &req,
-                )
-                .expect("serve");
+                let resp = from.serve(self.replica.applied().clone(), page);
                 assert!(!resp.gap, "no trimming happens in this simulation");
                 let mut txn = self.store.write().expect("txn");
                 self.replica.apply_sync(&mut *txn, &resp).expect("apply");
@@ -768,6 +752,22 @@ mod tests {
                 }
             }
             panic!("sync did not finish");
+        }
+
+        /// What this node answers to a peer that has `have`.
+        fn serve(&self, have: VersionVector, max_entries: u32) -> SyncResponse {
+            let req = SyncRequest {
+                partition: 0,
+                have,
+                max_entries,
+                max_bytes: 1 << 20,
+            };
+            Replica::serve_sync(
+                &*self.store.read().expect("read"),
+                self.replica.applied(),
+                &req,
+            )
+            .expect("serve")
         }
 
         fn restart(&mut self) {
@@ -923,24 +923,12 @@ mod tests {
         let mut txn = a.store.write().expect("txn");
         txn.log_trim(2, u64::MAX).expect("trim");
         txn.commit().expect("commit");
-        let req = SyncRequest {
-            partition: 0,
-            have: VersionVector::new(),
-            max_entries: 10,
-            max_bytes: 1 << 20,
-        };
-        let resp = Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
-            .expect("serve");
+        let resp = a.serve(VersionVector::new(), 10);
         assert!(resp.gap);
         assert_eq!(resp.covered.get(1), 1, "origin 1 is still served");
         assert_eq!(resp.covered.get(2), 0, "origin 2 is not claimed");
         // A hostile or confused `have` cannot overflow anything.
-        let req = SyncRequest {
-            have: [(1, u64::MAX), (2, u64::MAX)].into_iter().collect(),
-            ..req
-        };
-        let resp = Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
-            .expect("serve");
+        let resp = a.serve([(1, u64::MAX), (2, u64::MAX)].into_iter().collect(), 10);
         assert!(resp.log.is_empty() && !resp.gap);
     }
 
@@ -952,14 +940,7 @@ mod tests {
         let mut txn = a.store.write().expect("txn");
         txn.log_trim(1, 1).expect("trim");
         txn.commit().expect("commit");
-        let req = SyncRequest {
-            partition: 0,
-            have: VersionVector::new(),
-            max_entries: 10,
-            max_bytes: 1 << 20,
-        };
-        let resp = Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
-            .expect("serve");
+        let resp = a.serve(VersionVector::new(), 10);
         assert!(resp.gap);
         assert!(resp.covered.is_empty());
     }
@@ -1034,15 +1015,7 @@ mod tests {
             txn.log_trim(1, u64::MAX).expect("trim");
             txn.commit().expect("commit");
             let mut c = Node::new(3);
-            let req = SyncRequest {
-                partition: 0,
-                have: VersionVector::new(),
-                max_entries: 10,
-                max_bytes: 1 << 20,
-            };
-            let resp =
-                Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
-                    .expect("serve");
+            let resp = a.serve(VersionVector::new(), 10);
             assert!(resp.gap);
             let mut step = 100;
             let claim = transfer(&mut c, &mut a, 1 + rng.next(4) as u32, |a| {
@@ -1068,15 +1041,7 @@ mod tests {
                 }
             }
             // And the log-based sync takes over from the claim without a gap.
-            let req = SyncRequest {
-                partition: 0,
-                have: c.replica.applied().clone(),
-                max_entries: 100,
-                max_bytes: 1 << 20,
-            };
-            let resp =
-                Replica::serve_sync(&*a.store.read().expect("read"), a.replica.applied(), &req)
-                    .expect("serve");
+            let resp = a.serve(c.replica.applied().clone(), 100);
             assert!(
                 !resp.gap,
                 "seed {seed}: the writes made during the transfer are still in the log"

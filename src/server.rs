@@ -278,10 +278,6 @@ impl Node {
         Ok((node, workers))
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     pub fn view(&self) -> &View {
         &self.view
     }
@@ -657,11 +653,6 @@ impl Node {
             }
             after = page.next;
         }
-    }
-
-    /// Keys stored on this node.
-    pub fn key_count(&self) -> Result<u64> {
-        Ok(self.store.read()?.key_count()?)
     }
 }
 
