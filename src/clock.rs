@@ -15,22 +15,27 @@
 //!
 //! The [`CausalToken`] is what clients carry around (`causal_payload` in the `/kv-store`
 //! dialect). It records, per partition, the version vector of everything the client has
-//! observed there, so a replica can decide whether it may answer: it may when its own
-//! applied vector dominates the token's entry for its partition. The token also names the
-//! cluster it was issued by, so a token from another cluster is rejected instead of being
-//! silently misread. On the wire it is `c1.<payload>.<tag>`: the base64url (no padding)
-//! of its postcard encoding, and a 128-bit keyed BLAKE3 tag over the payload with a
-//! [`TokenKey`] derived from the cluster secret. The tag matters: the token feeds into
-//! version histories, so a client that could raise a counter in it could make replicas
-//! drop acknowledged writes or wait forever; with the tag a client can only hand back
-//! tokens the cluster issued. The prefix is a format version.
+//! observed there, so a replica can decide whether it may answer: it may when what it
+//! reflects dominates the token's entry for its partition. Partitions are named by their
+//! stable uid ([`PartitionUid`]), never by the index clients see, so a token stays
+//! meaningful across view changes. The token also records the newest view epoch the
+//! client has seen: a node whose view is older than that must catch up before it routes
+//! the request, or it could answer from a partition that has handed the key over. It
+//! names the cluster it was issued by, so a token from another cluster is rejected
+//! instead of being silently misread.
+//!
+//! On the wire it is `c2.<payload>.<tag>`: the base64url (no padding) of its postcard
+//! encoding, and a 128-bit keyed BLAKE3 tag over the payload with a [`TokenKey`] derived
+//! from the cluster secret. The tag matters: the token feeds into version histories, so a
+//! client that could raise a counter in it could make replicas drop acknowledged writes
+//! or wait forever; with the tag a client can only hand back tokens the cluster issued.
+//! The prefix is a format version; `c1` tokens (no epoch) are still accepted.
 //!
 //! # Caveats
 //!
 //! * Tokens grow with the number of (partition, replica) pairs ever seen; replicas that
-//!   were wiped leave entries behind. Pruning needs the view-change machinery.
-//! * Partition ids in tokens are those of the view the token was made in; view changes
-//!   must translate or conservatively keep them (see the view-change issue).
+//!   were wiped leave entries behind. Entries of partitions that no longer exist are
+//!   dropped ([`CausalToken::retain_partitions`]).
 
 use std::collections::BTreeMap;
 
@@ -40,8 +45,9 @@ use serde::{Deserialize, Serialize};
 /// Identity of a replica's data directory; see the module doc.
 pub type ReplicaId = u64;
 
-/// Index of a partition in a view.
-pub type PartitionId = u32;
+/// Stable identity of a partition: drawn when the partition is created, never reused
+/// (see `placement`). Not the index clients see.
+pub type PartitionUid = u32;
 
 /// One write's identity: the replica that accepted it and that replica's counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -118,7 +124,16 @@ impl FromIterator<(ReplicaId, u64)> for VersionVector {
 pub struct CausalToken {
     /// Identity of the cluster that issued the token.
     pub cluster: u64,
-    pub parts: BTreeMap<PartitionId, VersionVector>,
+    /// The newest view epoch the client has seen (0: none recorded).
+    pub epoch: u64,
+    pub parts: BTreeMap<PartitionUid, VersionVector>,
+}
+
+/// The first token layout (`c1.`): no epoch.
+#[derive(Deserialize)]
+struct TokenV1 {
+    cluster: u64,
+    parts: BTreeMap<PartitionUid, VersionVector>,
 }
 
 /// Why a client's token was refused.
@@ -135,7 +150,9 @@ pub enum TokenError {
 }
 
 /// Wire prefix; bump it when the encoding changes.
-const TOKEN_PREFIX: &str = "c1.";
+const TOKEN_PREFIX: &str = "c2.";
+/// Prefix of the first layout, still accepted.
+const TOKEN_PREFIX_V1: &str = "c1.";
 /// Bytes of the authentication tag kept on the wire.
 const TAG_LEN: usize = 16;
 
@@ -174,17 +191,29 @@ impl CausalToken {
     pub fn empty(cluster: u64) -> Self {
         Self {
             cluster,
+            epoch: 0,
             parts: BTreeMap::new(),
         }
     }
 
+    /// Records that the client has seen view `epoch`.
+    pub fn observe_epoch(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    /// Drops the entries of partitions `keep` rejects (partitions that no longer exist:
+    /// their keys moved to other partitions, whose replicas reflect them).
+    pub fn retain_partitions(&mut self, mut keep: impl FnMut(PartitionUid) -> bool) {
+        self.parts.retain(|&p, _| keep(p));
+    }
+
     /// The entry for `partition` (empty when the client saw nothing there).
-    pub fn part(&self, partition: PartitionId) -> VersionVector {
+    pub fn part(&self, partition: PartitionUid) -> VersionVector {
         self.parts.get(&partition).cloned().unwrap_or_default()
     }
 
     /// Adds what `vv` describes to the entry of `partition`.
-    pub fn observe(&mut self, partition: PartitionId, vv: &VersionVector) {
+    pub fn observe(&mut self, partition: PartitionUid, vv: &VersionVector) {
         if vv.is_empty() {
             return;
         }
@@ -196,6 +225,7 @@ impl CausalToken {
         for (&p, vv) in &other.parts {
             self.observe(p, vv);
         }
+        self.observe_epoch(other.epoch);
     }
 
     pub fn encode(&self, key: &TokenKey) -> String {
@@ -219,15 +249,30 @@ impl CausalToken {
         if text.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
-        let body = text
-            .strip_prefix(TOKEN_PREFIX)
-            .ok_or(TokenError::Malformed)?;
+        let (v1, body) = match text.strip_prefix(TOKEN_PREFIX) {
+            Some(body) => (false, body),
+            None => (
+                true,
+                text.strip_prefix(TOKEN_PREFIX_V1)
+                    .ok_or(TokenError::Malformed)?,
+            ),
+        };
         let (payload, tag) = body.split_once('.').ok_or(TokenError::Malformed)?;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let bytes = b64.decode(payload).map_err(|_| TokenError::Malformed)?;
         let tag = b64.decode(tag).map_err(|_| TokenError::Malformed)?;
-        let (token, rest): (CausalToken, _) =
-            postcard::take_from_bytes(&bytes).map_err(|_| TokenError::Malformed)?;
+        let (token, rest) = if v1 {
+            let (old, rest): (TokenV1, _) =
+                postcard::take_from_bytes(&bytes).map_err(|_| TokenError::Malformed)?;
+            let token = CausalToken {
+                cluster: old.cluster,
+                epoch: 0,
+                parts: old.parts,
+            };
+            (token, rest)
+        } else {
+            postcard::take_from_bytes::<CausalToken>(&bytes).map_err(|_| TokenError::Malformed)?
+        };
         if !rest.is_empty() {
             return Err(TokenError::Malformed);
         }
@@ -253,8 +298,13 @@ mod tests {
     }
 
     fn token() -> impl Strategy<Value = CausalToken> {
-        prop::collection::btree_map(0u32..4, vv(), 0..4)
-            .prop_map(|parts| CausalToken { cluster: 7, parts })
+        (prop::collection::btree_map(0u32..4, vv(), 0..4), 0u64..100).prop_map(|(parts, epoch)| {
+            CausalToken {
+                cluster: 7,
+                epoch,
+                parts,
+            }
+        })
     }
 
     proptest! {
@@ -339,18 +389,50 @@ mod tests {
     }
 
     #[test]
+    fn first_layout_tokens_are_still_accepted() {
+        #[derive(Serialize)]
+        struct V1 {
+            cluster: u64,
+            parts: BTreeMap<PartitionUid, VersionVector>,
+        }
+        let mut parts = BTreeMap::new();
+        parts.insert(1, [(5u64, 3u64)].into_iter().collect::<VersionVector>());
+        let bytes = postcard::to_stdvec(&V1 { cluster: 4, parts }).expect("encode");
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let text = format!(
+            "c1.{}.{}",
+            b64.encode(&bytes),
+            b64.encode(key().tag(&bytes))
+        );
+        let token = CausalToken::decode(&text, 4, &key()).expect("v1 token decodes");
+        assert_eq!(token.epoch, 0);
+        assert_eq!(token.part(1).get(5), 3);
+    }
+
+    #[test]
+    fn retain_partitions_drops_dissolved_ones() {
+        let mut t = CausalToken::empty(1);
+        t.observe(0, &[(1, 1)].into_iter().collect());
+        t.observe(3, &[(2, 1)].into_iter().collect());
+        t.retain_partitions(|p| p != 3);
+        assert_eq!(t.parts.keys().copied().collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
     fn foreign_and_garbage_tokens_are_refused() {
         let t = CausalToken::empty(1).encode(&key());
         assert_eq!(CausalToken::decode(&t, 2, &key()), Err(TokenError::Foreign));
         let other = TokenKey::derive("another secret");
         assert_eq!(CausalToken::decode(&t, 1, &other), Err(TokenError::BadTag));
-        for garbage in ["1.0.0.4", "c1.!!!", "c1.AAAA", "c1.AA.!!"] {
+        for garbage in [
+            "1.0.0.4", "c1.!!!", "c1.AAAA", "c1.AA.!!", "c2.AAAA", "c3.AA.AA",
+        ] {
             assert_eq!(
                 CausalToken::decode(garbage, 2, &key()),
                 Err(TokenError::Malformed)
             );
         }
-        let huge = "c1.".to_string() + &"A".repeat(MAX_TOKEN_LEN);
+        let huge = "c2.".to_string() + &"A".repeat(MAX_TOKEN_LEN);
         assert_eq!(
             CausalToken::decode(&huge, 2, &key()),
             Err(TokenError::TooLarge)

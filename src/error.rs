@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Timeout,
     /// The thing asked for does not exist.
     NotFound,
+    /// The request conflicts with the cluster's state (e.g. adding a node that is
+    /// already a member); retrying it unchanged will fail again.
+    Conflict,
     /// Nobody who can answer is reachable now; retrying later may work.
     Unavailable,
     /// A bug or a broken disk.
@@ -44,6 +47,12 @@ impl Error {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, message)
     }
 }
 

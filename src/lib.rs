@@ -8,7 +8,8 @@
 //! | [`placement`] | key → slot → partition → replicas; the view | pure |
 //! | [`clock`] | version vectors, dots, the client's causal token | pure |
 //! | [`replica`] | key versions and siblings, writes, causal reads, sync protocol | pure over a store |
-//! | [`cluster`] | the node's view, liveness of peers | pure |
+//! | [`cluster`] | liveness of peers | pure |
+//! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
 //! | [`api`] | client dialects (`/kv-store`) | thin |
 //! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
@@ -24,3 +25,4 @@ pub mod replica;
 pub mod rpc;
 pub mod server;
 pub mod storage;
+pub mod viewchange;

@@ -39,7 +39,8 @@ struct ServeArgs {
     /// This node's ip:port; it binds exactly this address.
     #[arg(long, env = "IPPORT")]
     ipport: Option<String>,
-    /// Comma-separated ip:port of every node, the same on all nodes.
+    /// Comma-separated ip:port of every node, the same on all nodes. Leave it out for a
+    /// node that will be added to a running cluster with update_view.
     #[arg(long, env = "VIEW")]
     view: Option<String>,
     /// Replicas per partition.
@@ -58,9 +59,6 @@ struct ServeArgs {
 
 /// Used when CLUSTER_SECRET is not set, so the seeds' `docker run` lines work unchanged.
 const DEFAULT_SECRET: &str = "kvs-default-cluster-secret";
-const META_REPLICA_ID: &str = "replica_id";
-const META_VIEW: &str = "view";
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -93,55 +91,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads (or creates) this data directory's replica id and view.
-fn identity(store: &dyn Store, env_view: Option<View>) -> Result<(u64, View), String> {
-    let read = store.read().map_err(|e| e.to_string())?;
-    let stored_id = read.meta(META_REPLICA_ID).map_err(|e| e.to_string())?;
-    let stored_view = read.meta(META_VIEW).map_err(|e| e.to_string())?;
-    drop(read);
-    let id = match stored_id {
-        Some(bytes) => {
-            postcard::from_bytes(&bytes).map_err(|e| format!("corrupt replica id: {e}"))?
-        }
-        None => rand::random::<u64>(),
-    };
-    let view = match (stored_view, env_view) {
-        (Some(bytes), env) => {
-            let stored: View =
-                postcard::from_bytes(&bytes).map_err(|e| format!("corrupt stored view: {e}"))?;
-            if env
-                .as_ref()
-                .is_some_and(|v| v.members != stored.members || v.k != stored.k)
-            {
-                tracing::warn!(
-                    "VIEW/K differ from the view stored in the data directory; using the stored view (epoch {})",
-                    stored.epoch
-                );
-            }
-            stored
-        }
-        (None, Some(view)) => view,
-        (None, None) => {
-            return Err("VIEW is not set and the data directory holds no view: \
-                 set VIEW (and K) or point DATA_DIR at an existing node's data"
-                .into())
-        }
-    };
-    let mut txn = store.write().map_err(|e| e.to_string())?;
-    txn.set_meta(
-        META_REPLICA_ID,
-        &postcard::to_stdvec(&id).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    txn.set_meta(
-        META_VIEW,
-        &postcard::to_stdvec(&view).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    txn.commit().map_err(|e| e.to_string())?;
-    Ok((id, view))
-}
-
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let addr = parse_addr(
         args.ipport
@@ -157,6 +106,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         }
         None => None,
     };
+    if args.k == Some(0) {
+        return Err("K must be at least 1".into());
+    }
     let store: Arc<dyn Store> = if args.memory {
         Arc::new(MemoryStore::new())
     } else {
@@ -168,7 +120,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             RedbStore::open(&dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?,
         )
     };
-    let (replica_id, view) = identity(&*store, env_view)?;
     let secret = args.cluster_secret.unwrap_or_else(|| {
         tracing::warn!("CLUSTER_SECRET is not set: using the built-in default secret");
         DEFAULT_SECRET.to_string()
@@ -180,21 +131,26 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let transport = Arc::new(HttpTransport::new(secret.clone(), local_ip));
     let cfg = NodeConfig {
         addr: addr.clone(),
-        view,
-        replica_id,
+        env_view,
+        k: args.k,
         secret,
     };
-    let (node, workers) = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
-    tracing::info!(
-        %addr,
-        role = ?node.role(),
-        partitions = node.view().partition_count(),
-        epoch = node.view().epoch,
-        replica_id = format!("{replica_id:016x}"),
-        "kvs node serving"
-    );
-    let served = kvs::server::serve(listener, node, kvs::server::shutdown_signal()).await;
+    let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
+    match node.view() {
+        Some(view) => tracing::info!(
+            %addr,
+            role = ?node.role(),
+            partitions = view.partition_count(),
+            epoch = view.epoch,
+            "kvs node serving"
+        ),
+        None => tracing::info!(
+            %addr,
+            "kvs node serving, in no cluster yet: add it with PUT /kv-store/update_view?type=add&ip_port={addr} on a member"
+        ),
+    }
+    let served = kvs::server::serve(listener, node.clone(), kvs::server::shutdown_signal()).await;
     tracing::info!("shutting down");
-    workers.stop().await;
+    node.shutdown().await;
     served.map_err(|e| format!("server error: {e}"))
 }

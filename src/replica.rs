@@ -39,6 +39,24 @@
 //! across pages: each page's claim stands on its own. Log entries are trimmed once every
 //! peer's `applied` has passed them.
 //!
+//! **Handoffs.** When a view change moves slots from partition A to partition B, each
+//! replica of B merges the moved keys' states into its store (no log entries: B's peers
+//! receive the same keys themselves) and, once the change is done, raises `absorbed`, a
+//! second vector, by a claim: the join of everything A's replicas had applied when they
+//! stopped accepting writes to those slots. A replica *reflects* `applied ∨ absorbed`
+//! ([`Replica::served`]) and reads are checked against that. The two are kept apart
+//! because only `applied` is served from the log: a peer asking for an origin of
+//! `absorbed` would find no log entries and take it for a gap. `absorbed` is not folded
+//! into new writes' histories (only the moved versions' own histories are), so tokens
+//! never name a foreign dot beyond the claim every replica of B made. A replica whose
+//! `absorbed` lacks an origin a peer has missed a handoff (its disk was wiped) and copies
+//! the peer's state ([`SnapshotPage`] carries both vectors).
+//!
+//! **Incarnations.** A replica's id is drawn when a node becomes a replica of a
+//! partition, and dropped when it stops being one: a node that leaves a partition and
+//! later joins another is a new replica there, so its dots never collide with the ones
+//! it made before. [`Replica::load`] returns the persisted incarnation.
+//!
 //! # Caveats
 //!
 //! * A write supersedes the coordinator's local siblings even if the client never saw
@@ -62,7 +80,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{CausalToken, Dot, PartitionId, ReplicaId, VersionVector};
+use crate::clock::{CausalToken, Dot, PartitionUid, ReplicaId, VersionVector};
+use crate::placement::SlotSet;
 use crate::storage::{LogEntry, ReadTxn, Result, WriteTxn};
 
 /// One write of a key's value.
@@ -72,7 +91,7 @@ pub struct Version {
     /// Causal history inside the partition; contains `dot`.
     pub vv: VersionVector,
     /// The writer's observations of other partitions.
-    pub deps: BTreeMap<PartitionId, VersionVector>,
+    pub deps: BTreeMap<PartitionUid, VersionVector>,
     /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
     pub timestamp_ms: u64,
     pub value: Vec<u8>,
@@ -154,7 +173,7 @@ impl KeyState {
     }
 
     /// Adds what a reader of this state has observed to `token`.
-    pub fn observe_into(&self, partition: PartitionId, token: &mut CausalToken) {
+    pub fn observe_into(&self, partition: PartitionUid, token: &mut CausalToken) {
         for v in &self.versions {
             token.observe(partition, &v.vv);
             for (&p, vv) in &v.deps {
@@ -194,7 +213,7 @@ pub struct ReadOutcome {
 /// Peer `have` asks for what it lacks. Bounds keep every answer small.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRequest {
-    pub partition: PartitionId,
+    pub partition: PartitionUid,
     pub have: VersionVector,
     pub max_entries: u32,
     pub max_bytes: u32,
@@ -213,42 +232,64 @@ pub struct SyncResponse {
     /// origin (trimmed, or claimed through a snapshot); `covered` leaves those origins
     /// alone. Another peer may have them; otherwise a snapshot is needed.
     pub gap: bool,
+    /// The answering replica's `absorbed` vector, for the asker to compare with its own
+    /// (informational: nothing here lets the asker claim it).
+    pub absorbed: VersionVector,
 }
 
-/// Ask for a page of a peer's whole state: used when the peer has trimmed log entries we
-/// need (a `gap`), typically because our data directory was wiped.
+/// Ask for a page of a replica's keys in a set of slots: its whole state (a peer that
+/// fell behind the trimmed log, or a member joining the partition), or the slots a view
+/// change moves to another partition.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRequest {
-    pub partition: PartitionId,
+    pub partition: PartitionUid,
+    /// Serve only if the server's view has this epoch. A handoff reads the old owner in
+    /// the old view: an owner that already switched no longer holds the moved slots and
+    /// would answer with empty pages.
+    pub epoch: Option<u64>,
+    /// Only these slots (always intersected with the slots the replica owns); `None`
+    /// for all it owns.
+    pub slots: Option<SlotSet>,
     /// Resume after this `(slot, key)`; `None` starts the transfer.
     pub after: Option<(u32, String)>,
     pub max_entries: u32,
     pub max_bytes: u32,
 }
 
-/// One page of a full-state transfer.
+/// One page of a state transfer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotPage {
     pub states: Vec<(u32, String, KeyState)>,
     /// Where the next page starts; `None` when this was the last page.
     pub next: Option<(u32, String)>,
-    /// The serving replica's applied vector in the snapshot this page was read from. The
-    /// vector of the *first* page is what the whole transfer may claim (see
+    /// The serving replica's vectors in the snapshot this page was read from. Those of
+    /// the *first* page are what a whole transfer may claim (see
     /// [`Replica::serve_snapshot`]).
     pub applied: VersionVector,
+    pub absorbed: VersionVector,
 }
 
-/// Meta-table name of the replica's vectors.
-pub const META_REPLICA: &str = "replica";
+/// What a completed state transfer lets the receiver claim.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub applied: VersionVector,
+    pub absorbed: VersionVector,
+}
 
-/// The state machine of one replica of one partition. It holds only the applied vector
-/// in memory; keys live in the store. Methods take the transaction to work in, so the
+/// Meta-table name of the replica's identity and vectors.
+pub const META_REPLICA: &str = "replica.v2";
+
+/// The state machine of one replica of one partition. It holds only its vectors in
+/// memory; keys live in the store. Methods take the transaction to work in, so the
 /// caller (the writer task) decides batching and durability.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replica {
     id: ReplicaId,
-    partition: PartitionId,
+    partition: PartitionUid,
     applied: VersionVector,
+    /// Claims from handoffs: writes of other partitions' replicas to slots this
+    /// partition took over, all reflected here. See the module doc.
+    absorbed: VersionVector,
     /// Join of the histories of every write this replica accepted. Folded into each new
     /// write so histories stay downward closed: a vector naming our write `n` must also
     /// name everything write `n` depended on, including dots that came from a client's
@@ -256,60 +297,91 @@ pub struct Replica {
     known: VersionVector,
 }
 
-/// What a replica persists besides its keys.
-#[derive(Serialize, Deserialize)]
-struct ReplicaMeta {
-    applied: VersionVector,
-    known: VersionVector,
-}
-
 impl Replica {
-    /// Loads the applied vector persisted by earlier runs.
-    pub fn load(txn: &dyn ReadTxn, id: ReplicaId, partition: PartitionId) -> Result<Self> {
-        let meta = match txn.meta(META_REPLICA)? {
-            Some(bytes) => {
-                postcard::from_bytes(&bytes).map_err(|e| crate::storage::StorageError::Corrupt {
-                    table: "meta",
-                    detail: format!("replica vectors: {e}"),
-                })?
-            }
-            None => ReplicaMeta {
-                applied: VersionVector::new(),
-                known: VersionVector::new(),
-            },
-        };
-        Ok(Self {
+    /// A new incarnation: nothing applied yet.
+    pub fn fresh(id: ReplicaId, partition: PartitionUid) -> Self {
+        Self {
             id,
             partition,
-            applied: meta.applied,
-            known: meta.known,
-        })
+            applied: VersionVector::new(),
+            absorbed: VersionVector::new(),
+            known: VersionVector::new(),
+        }
+    }
+
+    /// An incarnation rebuilt from the first on-disk layout (no `absorbed` yet).
+    pub fn from_parts(
+        id: ReplicaId,
+        partition: PartitionUid,
+        applied: VersionVector,
+        known: VersionVector,
+    ) -> Self {
+        Self {
+            applied,
+            known,
+            ..Self::fresh(id, partition)
+        }
+    }
+
+    /// A new incarnation that starts from a completed state transfer.
+    pub fn from_claim(id: ReplicaId, partition: PartitionUid, claim: &Claim) -> Self {
+        let mut r = Self::fresh(id, partition);
+        r.claim(claim);
+        r
+    }
+
+    /// The incarnation persisted in this store, if any.
+    pub fn load(txn: &dyn ReadTxn) -> Result<Option<Self>> {
+        txn.meta(META_REPLICA)?
+            .map(|bytes| {
+                postcard::from_bytes(&bytes).map_err(|e| crate::storage::StorageError::Corrupt {
+                    table: "meta",
+                    detail: format!("replica state: {e}"),
+                })
+            })
+            .transpose()
     }
 
     pub fn id(&self) -> ReplicaId {
         self.id
     }
 
+    pub fn partition(&self) -> PartitionUid {
+        self.partition
+    }
+
     pub fn applied(&self) -> &VersionVector {
         &self.applied
     }
 
-    /// Whether a read carrying `token` may be answered from this replica's state.
-    pub fn can_serve(applied: &VersionVector, partition: PartitionId, token: &CausalToken) -> bool {
+    pub fn absorbed(&self) -> &VersionVector {
+        &self.absorbed
+    }
+
+    /// Everything this replica reflects: `applied ∨ absorbed`.
+    pub fn served(&self) -> VersionVector {
+        let mut vv = self.applied.clone();
+        vv.merge(&self.absorbed);
+        vv
+    }
+
+    /// Whether a read carrying `token` may be answered from a replica that reflects
+    /// `served` (see [`Self::served`]).
+    pub fn can_serve(served: &VersionVector, partition: PartitionUid, token: &CausalToken) -> bool {
         token
             .parts
             .get(&partition)
-            .is_none_or(|need| applied.dominates(need))
+            .is_none_or(|need| served.dominates(need))
     }
 
     /// Whether a read of one key carrying `token` may be answered although the replica as a
-    /// whole is behind the token: yes when every write the token names beyond `applied`
+    /// whole is behind the token: yes when every write the token names beyond `served`
     /// is covered by the key's state. Then every write to this key the client depends on
     /// is reflected (typically: the client's own newer write of this key, accepted here
     /// while the replica could not reach the peer holding the older writes).
     pub fn can_serve_key(
-        applied: &VersionVector,
-        partition: PartitionId,
+        served: &VersionVector,
+        partition: PartitionUid,
         token: &CausalToken,
         state: &KeyState,
     ) -> bool {
@@ -317,18 +389,15 @@ impl Replica {
             return true;
         };
         need.iter().all(|(origin, counter)| {
-            applied.get(origin) >= counter
+            served.get(origin) >= counter
                 || state.versions.iter().any(|v| v.vv.get(origin) >= counter)
         })
     }
 
-    /// Persists the replica's vectors into `txn`; call once per batch before committing.
+    /// Persists the replica's identity and vectors into `txn`; call once per batch
+    /// before committing.
     pub fn persist(&self, txn: &mut dyn WriteTxn) -> Result<()> {
-        let meta = ReplicaMeta {
-            applied: self.applied.clone(),
-            known: self.known.clone(),
-        };
-        let bytes = postcard::to_stdvec(&meta).expect("vector serialization is infallible");
+        let bytes = postcard::to_stdvec(self).expect("vector serialization is infallible");
         txn.set_meta(META_REPLICA, &bytes)
     }
 
@@ -390,7 +459,7 @@ impl Replica {
     /// Reads a key for a client whose token this replica can serve (see [`Self::can_serve`]).
     pub fn read(
         txn: &dyn ReadTxn,
-        partition: PartitionId,
+        partition: PartitionUid,
         slot: u32,
         key: &str,
         token: CausalToken,
@@ -404,17 +473,22 @@ impl Replica {
         })
     }
 
-    /// Answers a peer's [`SyncRequest`] from a snapshot whose applied vector is `applied`.
+    /// Answers a peer's [`SyncRequest`] from a snapshot in which this replica was
+    /// `state`. States of keys outside `owned` (slots handed over to another partition)
+    /// are not shipped: the log entry is still covered, the key is no longer ours.
     pub fn serve_sync(
         txn: &dyn ReadTxn,
-        applied: &VersionVector,
+        state: &Replica,
+        owned: &SlotSet,
         req: &SyncRequest,
     ) -> Result<SyncResponse> {
+        let applied = &state.applied;
         let max_entries = req.max_entries.max(1) as usize;
         let max_bytes = req.max_bytes as usize;
         let mut resp = SyncResponse {
             covered: req.have.clone(),
             complete: true,
+            absorbed: state.absorbed.clone(),
             ..SyncResponse::default()
         };
         let mut sent_keys: BTreeSet<(u32, String)> = BTreeSet::new();
@@ -438,7 +512,9 @@ impl Replica {
                     if entry.dot.counter > upto {
                         continue 'origins;
                     }
-                    if sent_keys.insert((entry.slot, entry.key.clone())) {
+                    if owned.contains(entry.slot)
+                        && sent_keys.insert((entry.slot, entry.key.clone()))
+                    {
                         if let Some(state) = txn.get(entry.slot, &entry.key)? {
                             bytes += entry.key.len() + state.approx_size();
                             resp.states.push((entry.slot, entry.key.clone(), state));
@@ -460,59 +536,74 @@ impl Replica {
         Ok(resp)
     }
 
-    /// Answers a page of a full-state transfer from a snapshot whose applied vector is
-    /// `applied`.
+    /// Answers a page of a state transfer of the keys in `slots`, from a snapshot in
+    /// which this replica was `state`.
     ///
-    /// Why the first page's vector may be claimed once the last page is merged: a write
-    /// `w` in that vector was reflected in the server's state of `w`'s key when the first
-    /// page was read; states only ever grow to cover more (merge keeps a write or its
-    /// superseder), and keys are never removed; so whichever later snapshot the page
-    /// holding that key came from still covered `w`.
+    /// Why the first page's vectors may be claimed once the last page is merged (for a
+    /// transfer of everything the partition owns): a write `w` in those vectors was
+    /// reflected in the server's state of `w`'s key when the first page was read; states
+    /// only ever grow to cover more (merge keeps a write or its superseder), and keys of
+    /// owned slots are never removed; so whichever later snapshot the page holding that
+    /// key came from still covered `w`. A slot handed over mid-transfer drops out of
+    /// `slots` and out of the claim's meaning alike: its keys are no longer ours.
     pub fn serve_snapshot(
         txn: &dyn ReadTxn,
-        applied: &VersionVector,
+        state: &Replica,
+        slots: &SlotSet,
         req: &SnapshotRequest,
     ) -> Result<SnapshotPage> {
         let max_entries = req.max_entries.max(1) as usize;
         let max_bytes = req.max_bytes as usize;
         let mut page = SnapshotPage {
-            applied: applied.clone(),
+            applied: state.applied.clone(),
+            absorbed: state.absorbed.clone(),
             ..SnapshotPage::default()
         };
         let mut bytes = 0usize;
-        let mut after = req.after.clone();
-        // Read in small chunks so the byte bound is honoured without loading max_entries.
-        'outer: while page.states.len() < max_entries {
-            let chunk = txn.scan(after.as_ref(), 64.min(max_entries - page.states.len()))?;
-            if chunk.is_empty() {
-                return Ok(page);
+        let (mut slot, mut after) = match &req.after {
+            Some((slot, key)) => (*slot, Some(key.clone())),
+            None => (0, None),
+        };
+        loop {
+            if !slots.contains(slot) {
+                match slots.next_from(slot) {
+                    Some(s) => (slot, after) = (s, None),
+                    None => return Ok(page),
+                }
             }
-            for (slot, key, state) in chunk {
+            // Read in small chunks so the byte bound is honoured without loading
+            // max_entries.
+            let chunk = txn.scan_slot(
+                slot,
+                after.as_deref(),
+                64.min(max_entries - page.states.len()),
+            )?;
+            if chunk.is_empty() {
+                match slot.checked_add(1).and_then(|s| slots.next_from(s)) {
+                    Some(s) => (slot, after) = (s, None),
+                    None => return Ok(page),
+                }
+                continue;
+            }
+            for (key, st) in chunk {
                 bytes += key.len()
-                    + state
-                        .versions
+                    + st.versions
                         .iter()
                         .map(|v| v.value.len() + 64)
                         .sum::<usize>();
-                after = Some((slot, key.clone()));
-                page.states.push((slot, key, state));
+                after = Some(key.clone());
+                page.states.push((slot, key, st));
                 if bytes >= max_bytes || page.states.len() >= max_entries {
-                    break 'outer;
+                    page.next = after.map(|k| (slot, k));
+                    return Ok(page);
                 }
             }
         }
-        page.next = after;
-        Ok(page)
     }
 
     /// Applies a page from a peer. Not durable until the caller commits.
     pub fn apply_sync(&mut self, txn: &mut dyn WriteTxn, resp: &SyncResponse) -> Result<()> {
-        for (slot, key, state) in &resp.states {
-            let mut current = txn.get(*slot, key)?.unwrap_or_default();
-            if current.merge(state) {
-                txn.put(*slot, key, &current)?;
-            }
-        }
+        Self::merge_states(txn, &resp.states)?;
         for entry in &resp.log {
             // Entries we already cover are in our log already (or trimmed from it).
             if !self.applied.contains(entry.dot) {
@@ -521,6 +612,34 @@ impl Replica {
         }
         self.applied.merge(&resp.covered);
         Ok(())
+    }
+
+    /// Merges transferred key states into the store, without log entries or claims (a
+    /// transfer claims once, at its end). Returns how many keys changed.
+    pub fn merge_states(
+        txn: &mut dyn WriteTxn,
+        states: &[(u32, String, KeyState)],
+    ) -> Result<usize> {
+        let mut changed = 0;
+        for (slot, key, state) in states {
+            let mut current = txn.get(*slot, key)?.unwrap_or_default();
+            if current.merge(state) {
+                txn.put(*slot, key, &current)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Raises the vectors by what a completed transfer lets this replica claim.
+    pub fn claim(&mut self, claim: &Claim) {
+        self.applied.merge(&claim.applied);
+        self.absorbed.merge(&claim.absorbed);
+    }
+
+    /// Raises `absorbed` by a handoff's claim (see the module doc).
+    pub fn absorb_claim(&mut self, claim: &VersionVector) {
+        self.absorbed.merge(claim);
     }
 
     /// Log entries every replica of the partition has: for each origin, the minimum of
@@ -699,11 +818,26 @@ mod tests {
         replica: Replica,
     }
 
+    /// Keys starting with `m` live in slot 1 (the slot the handoff test moves), the
+    /// others in slot 0.
+    fn test_slot(key: &str) -> u32 {
+        u32::from(key.starts_with('m'))
+    }
+
+    fn all_slots() -> SlotSet {
+        (0..crate::placement::SLOTS).collect()
+    }
+
     impl Node {
         fn new(id: u64) -> Self {
-            let store = MemoryStore::new();
-            let replica = Replica::load(&*store.read().expect("read"), id, 0).expect("load");
-            Self { store, replica }
+            Self::in_partition(id, 0)
+        }
+
+        fn in_partition(id: u64, partition: PartitionUid) -> Self {
+            Self {
+                store: MemoryStore::new(),
+                replica: Replica::fresh(id, partition),
+            }
         }
 
         fn write(&mut self, key: &str, value: &str, token: CausalToken, now: u64) -> WriteOutcome {
@@ -713,7 +847,7 @@ mod tests {
                 .write(
                     &mut *txn,
                     WriteRequest {
-                        slot: 0,
+                        slot: test_slot(key),
                         key: key.into(),
                         value: value.as_bytes().to_vec(),
                         token,
@@ -728,14 +862,23 @@ mod tests {
 
         fn read(&self, key: &str, token: &CausalToken) -> Option<(KeyState, ReadOutcome)> {
             let txn = self.store.read().expect("read");
-            let state = txn.get(0, key).expect("get").unwrap_or_default();
-            if !Replica::can_serve(self.replica.applied(), 0, token)
-                && !Replica::can_serve_key(self.replica.applied(), 0, token, &state)
+            let (p, slot) = (self.replica.partition(), test_slot(key));
+            let state = txn.get(slot, key).expect("get").unwrap_or_default();
+            let served = self.replica.served();
+            if !Replica::can_serve(&served, p, token)
+                && !Replica::can_serve_key(&served, p, token, &state)
             {
                 return None;
             }
-            let out = Replica::read(&*txn, 0, 0, key, token.clone()).expect("read");
+            let out = Replica::read(&*txn, p, slot, key, token.clone()).expect("read");
             Some((state, out))
+        }
+
+        fn state(&self, key: &str) -> KeyState {
+            let txn = self.store.read().expect("read");
+            txn.get(test_slot(key), key)
+                .expect("get")
+                .unwrap_or_default()
         }
 
         /// Pulls from `from` until complete; small pages exercise paging.
@@ -757,22 +900,25 @@ mod tests {
         /// What this node answers to a peer that has `have`.
         fn serve(&self, have: VersionVector, max_entries: u32) -> SyncResponse {
             let req = SyncRequest {
-                partition: 0,
+                partition: self.replica.partition(),
                 have,
                 max_entries,
                 max_bytes: 1 << 20,
             };
             Replica::serve_sync(
                 &*self.store.read().expect("read"),
-                self.replica.applied(),
+                &self.replica,
+                &all_slots(),
                 &req,
             )
             .expect("serve")
         }
 
         fn restart(&mut self) {
-            let id = self.replica.id();
-            self.replica = Replica::load(&*self.store.read().expect("read"), id, 0).expect("load");
+            let (id, p) = (self.replica.id(), self.replica.partition());
+            self.replica = Replica::load(&*self.store.read().expect("read"))
+                .expect("load")
+                .unwrap_or_else(|| Replica::fresh(id, p));
         }
     }
 
@@ -958,13 +1104,16 @@ mod tests {
         loop {
             let req = SnapshotRequest {
                 partition: 0,
+                epoch: None,
+                slots: None,
                 after,
                 max_entries: page,
                 max_bytes: 1 << 20,
             };
             let p = Replica::serve_snapshot(
                 &*from.store.read().expect("read"),
-                from.replica.applied(),
+                &from.replica,
+                &all_slots(),
                 &req,
             )
             .expect("serve");
@@ -1046,6 +1195,110 @@ mod tests {
                 !resp.gap,
                 "seed {seed}: the writes made during the transfer are still in the log"
             );
+        }
+    }
+
+    /// Moves slot 1 from partition 0 (replicas 1 and 2) to partition 1 (replicas 3 and
+    /// 4) the way a view change does: freeze, catch one source up to the join of both
+    /// sources' vectors, copy the slot into each destination, claim that join. Tokens
+    /// issued before the move keep working: no stale read, no spurious refusal.
+    #[test]
+    fn handed_over_keys_keep_their_history_and_old_tokens_stay_usable() {
+        for seed in 1..=100u64 {
+            let mut rng = Rng(seed);
+            let mut a = [Node::in_partition(1, 0), Node::in_partition(2, 0)];
+            let mut sessions = vec![CausalToken::empty(0); 3];
+            let keys = ["a", "b", "m1", "m2", "m3"];
+            for step in 0..60 {
+                let (n, s) = (rng.next(2) as usize, rng.next(3) as usize);
+                let key = keys[rng.next(5) as usize];
+                match rng.next(5) {
+                    0..=2 => {
+                        let out =
+                            a[n].write(key, &format!("{seed}-{step}"), sessions[s].clone(), step);
+                        sessions[s] = out.token;
+                    }
+                    3 => {
+                        if let Some((_, out)) = a[n].read(key, &sessions[s]) {
+                            sessions[s] = out.token;
+                        }
+                    }
+                    _ => {
+                        let (x, y) = a.split_at_mut(1);
+                        if n == 0 {
+                            x[0].pull(&y[0], 3);
+                        } else {
+                            y[0].pull(&x[0], 3);
+                        }
+                    }
+                }
+            }
+            // Freeze slot 1 (no more writes to it); the join of the sources' vectors.
+            let mut va = a[0].replica.served();
+            va.merge(&a[1].replica.served());
+            // Source 0 catches up with source 1.
+            let (x, y) = a.split_at_mut(1);
+            x[0].pull(&y[0], 100);
+            assert!(a[0].replica.served().dominates(&va));
+            let moved: SlotSet = [1].into_iter().collect();
+            let mut b = [Node::in_partition(3, 1), Node::in_partition(4, 1)];
+            for d in &mut b {
+                let mut after = None;
+                loop {
+                    let req = SnapshotRequest {
+                        partition: 0,
+                        epoch: None,
+                        slots: Some(moved.clone()),
+                        after,
+                        max_entries: 1 + rng.next(3) as u32,
+                        max_bytes: 1 << 20,
+                    };
+                    let page = Replica::serve_snapshot(
+                        &*a[0].store.read().expect("read"),
+                        &a[0].replica,
+                        &moved,
+                        &req,
+                    )
+                    .expect("serve");
+                    assert!(page.states.iter().all(|(slot, _, _)| *slot == 1));
+                    let mut txn = d.store.write().expect("txn");
+                    Replica::merge_states(&mut *txn, &page.states).expect("merge");
+                    txn.commit().expect("commit");
+                    match page.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                d.replica.absorb_claim(&va);
+            }
+            for (s, token) in sessions.iter_mut().enumerate() {
+                for key in ["m1", "m2", "m3"] {
+                    let source = a[0].state(key);
+                    for (i, d) in b.iter().enumerate() {
+                        let (state, out) = d.read(key, token).unwrap_or_else(|| {
+                            panic!("seed {seed}: session {s} refused at b{i} for {key}")
+                        });
+                        assert_eq!(state, source, "seed {seed}: {key} differs after the move");
+                        *token = out.token;
+                    }
+                }
+            }
+            // Writes after the move at one destination, read at the other after a pull.
+            for (s, token) in sessions.iter_mut().enumerate() {
+                let value = format!("after {s}");
+                let out = b[0].write("m1", &value, token.clone(), 1_000 + s as u64);
+                *token = out.token;
+                let (x, y) = b.split_at_mut(1);
+                y[0].pull(&x[0], 10);
+                let (state, _) = b[1]
+                    .read("m1", token)
+                    .unwrap_or_else(|| panic!("seed {seed}: own write refused at b1"));
+                assert_eq!(
+                    state.winner().map(|v| v.value.clone()),
+                    Some(value.into_bytes()),
+                    "seed {seed}: stale read of m1 after the move"
+                );
+            }
         }
     }
 }

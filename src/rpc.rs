@@ -32,9 +32,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{CausalToken, PartitionId};
+use crate::clock::{CausalToken, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
-use crate::replica::{SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::placement::View;
+use crate::replica::{Claim, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::viewchange::{AcceptReply, Ballot, PrepareReply, Proposal, PullKey, PullProgress};
 
 /// Path of the internal endpoint.
 pub const RPC_PATH: &str = "/_internal/v1/rpc";
@@ -43,7 +45,7 @@ pub const SECRET_HEADER: &str = "x-kvs-secret";
 /// Header carrying [`PROTOCOL_VERSION`].
 pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// Bump on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: &str = "1";
+pub const PROTOCOL_VERSION: &str = "2";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -70,7 +72,7 @@ pub enum Request {
     Snapshot(SnapshotRequest),
     /// "I accepted new writes in this partition": the receiver should pull from the
     /// sender soon. Answered with [`Response::Ok`].
-    Poke { partition: PartitionId },
+    Poke { partition: PartitionUid },
     /// A client read forwarded to a replica of the key's partition.
     Get { key: String, token: CausalToken },
     /// A client write forwarded to a replica of the key's partition.
@@ -79,6 +81,39 @@ pub enum Request {
         value: Vec<u8>,
         token: CausalToken,
     },
+    /// The receiver's view, transition and configuration: answered with
+    /// [`Response::Status`]. Used before a view change and to learn a newer view.
+    Status,
+    /// Paxos phase 1 for the view of `epoch`: answered with [`Response::Paxos`].
+    Prepare { epoch: u64, ballot: Ballot },
+    /// Paxos phase 2: answered with [`Response::Paxos`].
+    Accept {
+        epoch: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+    },
+    /// "This proposal was chosen": record the transition, freeze what it moves away.
+    /// Answered with [`Response::Learned`].
+    Learn(Proposal),
+    /// Catch up (pull from peers) until this replica of `partition` reflects `target`,
+    /// while still in the view of `epoch`. Answered with [`Response::Ok`].
+    Drain {
+        epoch: u64,
+        partition: PartitionUid,
+        target: VersionVector,
+    },
+    /// Copy one page for the pull `key` of the transition to view `epoch`, from `source`;
+    /// answered with [`Response::Pulled`] (the pull's progress so far).
+    Pull {
+        epoch: u64,
+        key: PullKey,
+        source: String,
+        /// For a move: what the receiver may claim once the switch happens.
+        claim: Option<Claim>,
+    },
+    /// "Install this view" (the last step of a change, and how a node behind catches
+    /// up). Answered with [`Response::Ok`].
+    Install(View),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,14 +123,55 @@ pub enum Response {
     Snapshot(SnapshotPage),
     Get(ReadReply),
     Put(WriteReply),
+    Status(Box<NodeStatus>),
+    Paxos(PaxosReply),
+    Learned(LearnReply),
+    Pulled(PullProgress),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
+}
+
+/// What a node reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub addr: String,
+    /// `None` while the node is in no cluster (started without VIEW, or removed).
+    pub view: Option<View>,
+    /// A chosen next view this node is moving to.
+    pub transition: Option<Proposal>,
+    /// The K the node was started with, if any.
+    pub k: Option<usize>,
+    /// Keys in the node's store.
+    pub keys: u64,
+}
+
+/// Answer to [`Request::Learn`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LearnReply {
+    /// Recorded; carries the learner's replica vector (`served`) after freezing, if it
+    /// is a replica of the old view.
+    Learned(Option<VersionVector>),
+    /// The learner already installed the proposal's view (or a later one).
+    Installed,
+}
+
+/// Answers of Paxos acceptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaxosReply {
+    Prepare(PrepareReply),
+    Accept(AcceptReply),
+    /// The acceptor already knows the chosen proposal for this epoch.
+    Chosen(Box<Proposal>),
+    /// The acceptor is in another epoch (or in no cluster: 0).
+    Epoch(u64),
 }
 
 /// Answer to a read, wherever it was served.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadReply {
-    pub partition: PartitionId,
+    /// The partition's uid and the index clients see, in the serving node's view.
+    pub partition: PartitionUid,
+    pub index: u32,
     /// The winning value and its timestamp (ms), `None` when the key does not exist.
     pub value: Option<(Vec<u8>, u64)>,
     pub token: CausalToken,
@@ -104,7 +180,8 @@ pub struct ReadReply {
 /// Answer to a write, wherever it was accepted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteReply {
-    pub partition: PartitionId,
+    pub partition: PartitionUid,
+    pub index: u32,
     pub created: bool,
     pub timestamp_ms: u64,
     pub token: CausalToken,

@@ -10,7 +10,11 @@
 //!   incorporated, whichever replica accepted it. It is the replication stream: a peer
 //!   that has seen origin `o` up to counter `c` is sent the current state of every key
 //!   named by `log[(o, c+1..)]`. Entries are trimmed once every peer has them.
-//! * `meta`: small named blobs (replica id, applied version vector, view).
+//! * `meta`: small named blobs (replica state, view, view-change state).
+//!
+//! Keys of one slot are contiguous, so a view change reads a moving slot with
+//! [`ReadTxn::scan_slot`] and drops a handed-over one with [`WriteTxn::delete_slot`], a
+//! bounded number of keys per transaction.
 //!
 //! A [`WriteTxn`] is atomic; its `commit` returns only once the data is on disk (redb's
 //! `Durability::Immediate`, an fsync). Callers batch many writes into one transaction
@@ -71,6 +75,18 @@ pub trait ReadTxn {
         after: Option<&(u32, String)>,
         limit: usize,
     ) -> Result<Vec<(u32, String, KeyState)>>;
+    /// Keys of `slot` strictly after `after` (from the slot's start if `None`), in key
+    /// order, at most `limit`.
+    fn scan_slot(
+        &self,
+        slot: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KeyState)>>;
+    /// Whether any key lives in `slot`.
+    fn slot_is_empty(&self, slot: u32) -> Result<bool> {
+        Ok(self.scan_slot(slot, None, 1)?.is_empty())
+    }
 }
 
 /// An atomic, durable batch of changes.
@@ -80,6 +96,11 @@ pub trait WriteTxn: ReadTxn {
     /// Drops log entries of `origin` with counter <= `upto`.
     fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()>;
     fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()>;
+    fn delete_meta(&mut self, name: &str) -> Result<()>;
+    /// Deletes up to `limit` keys of `slot`; returns how many it deleted.
+    fn delete_slot(&mut self, slot: u32, limit: usize) -> Result<usize>;
+    /// Drops every log entry (the log belongs to one replica incarnation).
+    fn log_clear(&mut self) -> Result<()>;
     /// Makes the changes durable, or none of them.
     fn commit(self: Box<Self>) -> Result<()>;
 }
@@ -197,6 +218,34 @@ macro_rules! redb_reads {
             }
             Ok(out)
         }
+
+        fn scan_slot(
+            &self,
+            slot: u32,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<(String, KeyState)>> {
+            let table = self.0.open_table(KV).map_err(engine)?;
+            let lower = match after {
+                Some(key) => std::ops::Bound::Excluded((slot, key)),
+                None => std::ops::Bound::Included((slot, "")),
+            };
+            let upper = match slot.checked_add(1) {
+                Some(next) => std::ops::Bound::Excluded((next, "")),
+                None => std::ops::Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for item in table
+                .range::<(u32, &str)>((lower, upper))
+                .map_err(engine)?
+                .take(limit)
+            {
+                let (k, v) = item.map_err(engine)?;
+                let (_, key) = k.value();
+                out.push((key.to_string(), decode_state(v.value())?));
+            }
+            Ok(out)
+        }
     };
 }
 
@@ -239,6 +288,31 @@ impl WriteTxn for RedbWrite {
         Ok(())
     }
 
+    fn delete_meta(&mut self, name: &str) -> Result<()> {
+        let mut table = self.0.open_table(META).map_err(engine)?;
+        table.remove(name).map_err(engine)?;
+        Ok(())
+    }
+
+    fn delete_slot(&mut self, slot: u32, limit: usize) -> Result<usize> {
+        let keys: Vec<String> = self
+            .scan_slot(slot, None, limit)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut table = self.0.open_table(KV).map_err(engine)?;
+        for key in &keys {
+            table.remove((slot, key.as_str())).map_err(engine)?;
+        }
+        Ok(keys.len())
+    }
+
+    fn log_clear(&mut self) -> Result<()> {
+        let mut table = self.0.open_table(LOG).map_err(engine)?;
+        table.retain(|_, _| false).map_err(engine)?;
+        Ok(())
+    }
+
     fn commit(self: Box<Self>) -> Result<()> {
         self.0.commit().map_err(engine)
     }
@@ -275,6 +349,20 @@ impl Tables {
             .range((lower, Bound::Unbounded))
             .take(limit)
             .map(|((slot, key), state)| (*slot, key.clone(), state.clone()))
+            .collect()
+    }
+
+    fn scan_slot(&self, slot: u32, after: Option<&str>, limit: usize) -> Vec<(String, KeyState)> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded((slot, k.to_string())),
+            None => Bound::Included((slot, String::new())),
+        };
+        self.kv
+            .range((lower, Bound::Unbounded))
+            .take_while(|((s, _), _)| *s == slot)
+            .take(limit)
+            .map(|((_, key), state)| (key.clone(), state.clone()))
             .collect()
     }
 
@@ -339,6 +427,14 @@ impl ReadTxn for MemRead {
     ) -> Result<Vec<(u32, String, KeyState)>> {
         Ok(self.0.scan(after, limit))
     }
+    fn scan_slot(
+        &self,
+        slot: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KeyState)>> {
+        Ok(self.0.scan_slot(slot, after, limit))
+    }
 }
 
 impl ReadTxn for MemWrite<'_> {
@@ -361,6 +457,14 @@ impl ReadTxn for MemWrite<'_> {
     ) -> Result<Vec<(u32, String, KeyState)>> {
         Ok(self.staged.scan(after, limit))
     }
+    fn scan_slot(
+        &self,
+        slot: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KeyState)>> {
+        Ok(self.staged.scan_slot(slot, after, limit))
+    }
 }
 
 impl WriteTxn for MemWrite<'_> {
@@ -382,6 +486,26 @@ impl WriteTxn for MemWrite<'_> {
     }
     fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()> {
         self.staged.meta.insert(name.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn delete_meta(&mut self, name: &str) -> Result<()> {
+        self.staged.meta.remove(name);
+        Ok(())
+    }
+    fn delete_slot(&mut self, slot: u32, limit: usize) -> Result<usize> {
+        let keys: Vec<String> = self
+            .staged
+            .scan_slot(slot, None, limit)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for key in &keys {
+            self.staged.kv.remove(&(slot, key.clone()));
+        }
+        Ok(keys.len())
+    }
+    fn log_clear(&mut self) -> Result<()> {
+        self.staged.log.clear();
         Ok(())
     }
     fn commit(self: Box<Self>) -> Result<()> {
@@ -454,6 +578,64 @@ mod tests {
             .map(|e| e.dot.counter)
             .collect();
         assert_eq!(left, vec![4, 5]);
+    }
+
+    /// Slot scans and deletions stay inside their slot, including the last one.
+    fn exercise_slots(store: &dyn Store) {
+        let state = KeyState::default();
+        let mut w = store.write().expect("write");
+        for (slot, key) in [
+            (4, "a"),
+            (5, "a"),
+            (5, "b"),
+            (5, "c"),
+            (6, ""),
+            (u32::MAX, "z"),
+        ] {
+            w.put(slot, key, &state).expect("put");
+        }
+        w.set_meta("gone", b"x").expect("meta");
+        w.delete_meta("gone").expect("delete meta");
+        w.commit().expect("commit");
+        let r = store.read().expect("read");
+        let keys = |v: Vec<(String, KeyState)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            keys(r.scan_slot(5, None, 10).expect("scan")),
+            ["a", "b", "c"]
+        );
+        assert_eq!(keys(r.scan_slot(5, Some("a"), 1).expect("scan")), ["b"]);
+        assert_eq!(keys(r.scan_slot(6, None, 10).expect("scan")), [""]);
+        assert_eq!(keys(r.scan_slot(u32::MAX, None, 10).expect("scan")), ["z"]);
+        assert!(r.slot_is_empty(7).expect("empty"));
+        assert_eq!(r.meta("gone").expect("meta"), None);
+        drop(r);
+        let mut w = store.write().expect("write");
+        assert_eq!(w.delete_slot(5, 2).expect("delete"), 2);
+        assert_eq!(w.delete_slot(5, 2).expect("delete"), 1);
+        assert_eq!(w.delete_slot(5, 2).expect("delete"), 0);
+        w.log_append(&LogEntry {
+            dot: Dot {
+                replica: 1,
+                counter: 1,
+            },
+            slot: 4,
+            key: "a".into(),
+        })
+        .expect("log");
+        w.log_clear().expect("clear");
+        w.commit().expect("commit");
+        let r = store.read().expect("read");
+        assert!(r.slot_is_empty(5).expect("empty"));
+        assert!(!r.slot_is_empty(4).expect("not empty"));
+        assert!(r.log_after(1, 0, 10).expect("log").is_empty());
+        assert_eq!(r.key_count().expect("count"), 3);
+    }
+
+    #[test]
+    fn slot_operations_behave_on_both_engines() {
+        exercise_slots(&MemoryStore::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        exercise_slots(&RedbStore::open(dir.path()).expect("open"));
     }
 
     #[test]

@@ -773,7 +773,7 @@ async fn internal_api_refuses_impostors() {
                     .expect("client");
                 let mut req = client
                     .post(&url)
-                    .header("x-kvs-proto", "1")
+                    .header("x-kvs-proto", kvs::rpc::PROTOCOL_VERSION)
                     .body(encode(&Envelope {
                         from: claimed,
                         epoch: 1,

@@ -13,11 +13,15 @@
 //! | `GET /kv-store/get_partition_id` | `partition_id` (-1 on a proxy) |
 //! | `GET /kv-store/get_all_partition_ids` | `partition_id_list` |
 //! | `GET /kv-store/get_partition_members` (`partition_id`) | `partition_members` |
-//! | `PUT /kv-store/update_view` | 501 until view changes land (their own issue) |
+//! | `PUT /kv-store/update_view?type=add` (`ip_port`) | `partition_id` (-1 for a proxy), `number_of_partitions` |
+//! | `PUT /kv-store/update_view?type=remove` (`ip_port`) | `number_of_partitions` |
 //!
 //! Keys are 1–200 characters of `[A-Za-z0-9_]`. `timestamp` is the Unix time in seconds at
-//! which the replica that accepted the write accepted it. Status codes come from
-//! [`status_of`] alone.
+//! which the replica that accepted the write accepted it. `update_view` answers once the
+//! change is complete (see `server::reconfig`); `type` may also come as a form field.
+//! Status codes come from [`status_of`] alone: 409 for adding a member or a node of
+//! another configuration, 404 for removing a non-member, 503 for an unreachable node or
+//! a change that cannot complete now.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,7 +40,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
 use crate::error::{Error, ErrorKind};
-use crate::placement::Role;
+use crate::placement::{parse_addr, Change, Role};
 use crate::server::{Node, MAX_VALUE_BYTES};
 
 /// Largest request body accepted. Percent-encoding can triple a value's size, so this
@@ -84,6 +88,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -200,16 +205,18 @@ async fn get_endpoint(
         let fields = form(query, body).await?;
         match name.as_str() {
             "get_partition_id" => {
-                let id: i64 = match node.role() {
-                    Role::Replica(p) => i64::from(p),
-                    Role::Proxy => -1,
+                let view = view_of(&node)?;
+                let id: i64 = match view.role_of(node.addr()) {
+                    Some(Role::Replica(uid)) => view.index_of(uid).map_or(-1, i64::from),
+                    _ => -1,
                 };
                 Ok(success(StatusCode::OK, json!({"partition_id": id})))
             }
             "get_all_partition_ids" => {
-                let ids: Vec<u32> = node.view().partition_ids().collect();
+                let ids: Vec<u32> = view_of(&node)?.partition_ids().collect();
                 Ok(success(StatusCode::OK, json!({"partition_id_list": ids})))
             }
+            "update_view" => Ok(method_not_allowed().await),
             "get_partition_members" => {
                 let text = fields
                     .get("partition_id")
@@ -217,7 +224,8 @@ async fn get_endpoint(
                 let id: u32 = text.trim().parse().map_err(|_| {
                     Error::bad_request(format!("partition_id {text:?} is not a partition id"))
                 })?;
-                let members = node.view().replicas(id).ok_or_else(|| {
+                let view = view_of(&node)?;
+                let members = view.replicas_at(id).ok_or_else(|| {
                     Error::new(ErrorKind::NotFound, format!("there is no partition {id}"))
                 })?;
                 Ok(success(
@@ -236,7 +244,7 @@ async fn get_endpoint(
                     StatusCode::OK,
                     json!({
                         "value": String::from_utf8_lossy(&value),
-                        "partition_id": reply.partition,
+                        "partition_id": reply.index,
                         "causal_payload": node.encode_token(&reply.token),
                         "timestamp": seconds(ts),
                     }),
@@ -258,12 +266,7 @@ async fn put_endpoint(
         let name = path_name(path)?;
         let mut fields = form(query, body).await?;
         if name == "update_view" {
-            return Ok((
-                StatusCode::NOT_IMPLEMENTED,
-                Json(json!({"result": "error", "msg": "error",
-                    "error": "update_view is not supported by this version of kvs yet"})),
-            )
-                .into_response());
+            return update_view(&node, &fields).await;
         }
         check_key(&name)?;
         if RESERVED.contains(&name.as_str()) {
@@ -284,7 +287,7 @@ async fn put_endpoint(
         Ok(success(
             status,
             json!({
-                "partition_id": reply.partition,
+                "partition_id": reply.index,
                 "causal_payload": node.encode_token(&reply.token),
                 "timestamp": seconds(reply.timestamp_ms),
             }),
@@ -292,6 +295,51 @@ async fn put_endpoint(
     }
     .await;
     result.unwrap_or_else(error_response)
+}
+
+/// The node's view, or the retryable error of a node in no cluster.
+fn view_of(node: &Node) -> Result<std::sync::Arc<crate::placement::View>, Error> {
+    node.view().ok_or_else(|| {
+        Error::unavailable(
+            "this node is not part of a cluster yet: add it with PUT /kv-store/update_view?type=add on a member",
+        )
+    })
+}
+
+/// `PUT /kv-store/update_view?type=add|remove` with `ip_port`.
+async fn update_view(
+    node: &Arc<Node>,
+    fields: &HashMap<String, String>,
+) -> Result<Response, Error> {
+    let kind = fields
+        .get("type")
+        .ok_or_else(|| Error::bad_request("type is missing: use ?type=add or ?type=remove"))?;
+    let text = fields
+        .get("ip_port")
+        .ok_or_else(|| Error::bad_request("ip_port is missing"))?;
+    let addr = parse_addr(text).map_err(|e| Error::bad_request(format!("ip_port: {e}")))?;
+    let change = match kind.trim() {
+        "add" => Change::Add(addr),
+        "remove" => Change::Remove(addr),
+        other => {
+            return Err(Error::bad_request(format!(
+                "type {other:?} is not add or remove"
+            )))
+        }
+    };
+    tracing::info!(%change, "update_view requested");
+    let out = node.update_view(change.clone()).await?;
+    let partitions = out.view.partition_count();
+    Ok(match change {
+        Change::Add(_) => success(
+            StatusCode::OK,
+            json!({
+                "partition_id": out.partition_index.map_or(-1, i64::from),
+                "number_of_partitions": partitions,
+            }),
+        ),
+        Change::Remove(_) => success(StatusCode::OK, json!({"number_of_partitions": partitions})),
+    })
 }
 
 #[cfg(test)]
@@ -319,5 +367,6 @@ mod tests {
             status_of(ErrorKind::Unavailable),
             StatusCode::SERVICE_UNAVAILABLE
         );
+        assert_eq!(status_of(ErrorKind::Conflict), StatusCode::CONFLICT);
     }
 }

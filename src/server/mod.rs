@@ -1,0 +1,850 @@
+//! The I/O shell around the pure core: the writer thread, sync tasks, view changes,
+//! routing, HTTP.
+//!
+//! # Design
+//!
+//! A [`Node`] owns its store and, at any moment, a [`Current`] layout: its view (none
+//! while it is in no cluster), the transition of a view change in progress, and, when it
+//! is a replica, a handle on its replica. The layout is swapped whole when a view change
+//! is learned or installed; requests in flight keep the layout they started with and
+//! are re-routed once if the epoch moved under them.
+//!
+//! * **The writer** (`writer.rs`, one OS thread) is the only code that opens write
+//!   transactions: client writes, sync pages, view-change steps, all group-committed.
+//! * **Sync** (`sync.rs`): per peer of the partition a puller (asks for what this replica
+//!   lacks every [`SYNC_INTERVAL`], at once when poked, and when a read needs to catch
+//!   up) and a poker (tells the peer to pull after local writes); a log trimmer.
+//! * **View changes** (`reconfig.rs`): coordinating `update_view`, the Paxos acceptor,
+//!   learning, draining, pulling and installing views, and the background tasks that
+//!   re-drive a stalled change, collect handed-over slots and catch up with newer views.
+//!
+//! Requests for a key whose partition this node does not hold (or any key, on a proxy)
+//! are forwarded to that partition's replicas, trusted ones first (see `cluster`), under a
+//! global cap on forwards in flight ([`MAX_FORWARDS`]). During a view change requests are
+//! routed by the old view; writes to slots that are moving get a retryable
+//! "unavailable".
+//!
+//! A read whose causal token this replica cannot yet satisfy pokes its pullers and waits
+//! up to [`CATCHUP_WAIT`] for its vectors to catch up; then it asks a peer; only then does
+//! it fail with a retryable "unavailable". A token from a newer view than this node's
+//! makes the node learn that view first ([`VIEW_CATCHUP_WAIT`]).
+//!
+//! # Caveats
+//!
+//! * A forwarded write that times out is retried at the next replica; if the first did
+//!   apply it, the value is stored twice under two dots (same value, harmless siblings).
+
+mod http;
+mod reconfig;
+mod sync;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+pub use http::{router, serve};
+pub use reconfig::{ChangeOutcome, Progress};
+pub use writer::ReplicaStatus;
+
+use crate::clock::{CausalToken, PartitionUid, ReplicaId, TokenKey, VersionVector};
+use crate::cluster::Liveness;
+use crate::error::{Error, ErrorKind, Result};
+use crate::placement::{slot_of, Role, SlotSet, View};
+use crate::replica::{Replica, WriteRequest};
+use crate::rpc::{Envelope, NodeStatus, ReadReply, Request, Response, Transport, WriteReply};
+use crate::storage::Store;
+use crate::viewchange::{Acceptor, PullKey, PullProgress, Transition};
+use writer::{Durable, Publish, WriterCmd};
+
+/// How often a replica asks each peer for news when nothing pokes it. Bounds convergence
+/// time after a peer comes back even if every poke was lost.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+/// Timeout of one sync call; pages are small, so a slow answer means a sick peer.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Entries and bytes per sync or transfer page: small enough to keep memory flat and one
+/// commit short, large enough that catching up 100k writes takes a few hundred round
+/// trips.
+pub const SYNC_PAGE_ENTRIES: u32 = 1_000;
+pub const SYNC_PAGE_BYTES: u32 = 4 * 1024 * 1024;
+/// How long a read waits for its replica to catch up with the client's token.
+pub const CATCHUP_WAIT: Duration = Duration::from_millis(1_000);
+/// How long a request waits for this node to learn the newer view its token names.
+pub const VIEW_CATCHUP_WAIT: Duration = Duration::from_secs(2);
+/// Timeout of one forwarded client request: above [`CATCHUP_WAIT`], so a replica that is
+/// catching up answers before we give up on it.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// Forwarded requests in flight at once; beyond it clients get a retryable 503.
+pub const MAX_FORWARDS: usize = 1_024;
+/// Writer queue length: when full, request handlers wait (backpressure).
+pub const WRITER_QUEUE: usize = 4_096;
+
+/// Longest key the node accepts from any dialect or peer. Dialects have stricter rules
+/// (200 characters for `/kv-store`); this bounds what reaches storage whatever the path.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value the node accepts from any dialect or peer (seeds store 1.5 MB values).
+pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and service managers send).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+fn check_bounds(key: &str, value: Option<&[u8]>) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Error::bad_request(format!(
+            "key must be 1 to {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    if value.is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("value is larger than {MAX_VALUE_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The replica side of a node in its current view.
+struct ReplicaHandle {
+    partition: PartitionUid,
+    id: ReplicaId,
+    /// The other replicas of the partition, with the notify that wakes their puller.
+    peers: Vec<(String, Arc<Notify>)>,
+    /// Slots the partition owns in the current view.
+    owned: SlotSet,
+    /// What each peer last said it has (from its sync requests); decides log trimming.
+    peer_have: Mutex<BTreeMap<String, VersionVector>>,
+}
+
+/// What a node routes by: swapped whole on every view-change step it takes.
+pub struct Current {
+    view: Option<Arc<View>>,
+    transition: Option<Arc<Transition>>,
+    replica: Option<Arc<ReplicaHandle>>,
+}
+
+impl Current {
+    fn view(&self) -> Result<&Arc<View>> {
+        self.view.as_ref().ok_or_else(|| {
+            Error::unavailable(
+                "this node is not part of a cluster yet: add it with \
+                 PUT /kv-store/update_view?type=add on a member",
+            )
+        })
+    }
+
+    fn epoch(&self) -> u64 {
+        self.view.as_ref().map_or(0, |v| v.epoch)
+    }
+
+    fn local(&self, partition: PartitionUid) -> Option<&Arc<ReplicaHandle>> {
+        self.replica.as_ref().filter(|r| r.partition == partition)
+    }
+
+    /// Whether `addr` takes part in this node's cluster now: a member of its view or of
+    /// either side of its transition.
+    fn knows(&self, addr: &str) -> bool {
+        self.view.as_ref().is_some_and(|v| v.is_member(addr))
+            || self
+                .transition
+                .as_ref()
+                .is_some_and(|t| t.from().is_member(addr) || t.to().is_member(addr))
+    }
+}
+
+/// What the writer hands back after a step that changes the layout.
+#[derive(Clone)]
+struct Layout {
+    view: Option<Arc<View>>,
+    transition: Option<Arc<Transition>>,
+    replica: Option<(PartitionUid, ReplicaId)>,
+}
+
+/// Everything `Node::start` needs.
+pub struct NodeConfig {
+    pub addr: String,
+    /// The view from VIEW and K, used when the data directory holds none.
+    pub env_view: Option<View>,
+    /// The K the node was started with (checked when it is added to a cluster).
+    pub k: Option<usize>,
+    pub secret: String,
+}
+
+/// One kvs server. See the module doc.
+pub struct Node {
+    addr: String,
+    k: Option<usize>,
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    secret: String,
+    /// Signs and checks client tokens; derived from `secret`, the same on every node.
+    token_key: TokenKey,
+    writer: mpsc::Sender<WriterCmd>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    replica_status: watch::Receiver<Option<Arc<ReplicaStatus>>>,
+    local_writes: watch::Receiver<u64>,
+    /// Plain lock: held to clone or swap an `Arc`, never across an await.
+    current: RwLock<Arc<Current>>,
+    /// Plain mutex: held for a map lookup or update, never across an await.
+    liveness: Mutex<Liveness>,
+    forwards: Semaphore,
+    /// Rotates the first replica tried, spreading forwarded load.
+    next_peer: AtomicUsize,
+    /// Serializes learning and installing views on this node (async: held across the
+    /// writer's answer).
+    reconfig: tokio::sync::Mutex<()>,
+    /// One `update_view` coordinated by this node at a time.
+    coordinating: tokio::sync::Mutex<()>,
+    /// The Paxos acceptor state (`None` until first used), behind an async lock so each
+    /// answer is persisted before the next is computed.
+    acceptor: tokio::sync::Mutex<Option<Acceptor>>,
+    /// Serializes pull steps on this node.
+    pulling: tokio::sync::Mutex<()>,
+    /// Progress of this node's pulls since the transition was learned or loaded.
+    pull_progress: Mutex<BTreeMap<PullKey, PullProgress>>,
+    /// The view change this node coordinates (or last coordinated), for status.
+    progress: Mutex<Option<Progress>>,
+    /// When a view was last fetched from or pushed to each peer (debounce).
+    gossip: Mutex<BTreeMap<String, Instant>>,
+    /// When this node learned the transition it is in (for re-driving a stalled one).
+    learned_at: Mutex<Option<Instant>>,
+    /// Pullers, pokers and trimmer of the current replica; replaced on a view change.
+    replica_tasks: Mutex<JoinSet<()>>,
+    /// Background tasks for the node's life.
+    tasks: Mutex<JoinSet<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every value behind these mutexes is consistent between statements (advisory maps,
+    // task sets); a panic while one was held cannot leave it half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// Loads the node's state, starts its writer and workers.
+    pub fn start(
+        cfg: NodeConfig,
+        store: Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Node>> {
+        let durable = Durable::load(&*store, &cfg.addr, cfg.env_view)?;
+        let layout = durable.layout();
+        let acceptor = durable.acceptor.clone();
+        let (replica_tx, replica_rx) = watch::channel(durable.replica_status().map(Arc::new));
+        let (writes_tx, writes_rx) = watch::channel(0u64);
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer_store = store.clone();
+        let publish = Publish {
+            replica: replica_tx,
+            local_writes: writes_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("kvs-writer".into())
+            .spawn(move || writer::writer_loop(writer_store, durable, rx, publish))
+            .map_err(|e| Error::internal(format!("spawning the writer thread: {e}")))?;
+        let node = Arc::new(Node {
+            addr: cfg.addr,
+            k: cfg.k,
+            store,
+            transport,
+            token_key: TokenKey::derive(&cfg.secret),
+            secret: cfg.secret,
+            writer: tx,
+            writer_thread: Mutex::new(Some(handle)),
+            replica_status: replica_rx,
+            local_writes: writes_rx,
+            current: RwLock::new(Arc::new(Current {
+                view: None,
+                transition: None,
+                replica: None,
+            })),
+            liveness: Mutex::new(Liveness::default()),
+            forwards: Semaphore::new(MAX_FORWARDS),
+            next_peer: AtomicUsize::new(0),
+            reconfig: tokio::sync::Mutex::new(()),
+            coordinating: tokio::sync::Mutex::new(()),
+            acceptor: tokio::sync::Mutex::new(Some((*acceptor).clone())),
+            pulling: tokio::sync::Mutex::new(()),
+            pull_progress: Mutex::new(BTreeMap::new()),
+            progress: Mutex::new(None),
+            gossip: Mutex::new(BTreeMap::new()),
+            learned_at: Mutex::new(None),
+            replica_tasks: Mutex::new(JoinSet::new()),
+            tasks: Mutex::new(JoinSet::new()),
+        });
+        node.apply_layout(layout);
+        node.start_background();
+        Ok(node)
+    }
+
+    /// Stops background tasks and lets the writer finish its batch.
+    pub async fn shutdown(&self) {
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        let mut replica_tasks = std::mem::take(&mut *lock(&self.replica_tasks));
+        tasks.abort_all();
+        replica_tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        while replica_tasks.join_next().await.is_some() {}
+        let _ = self.writer.send(WriterCmd::Stop).await;
+        let handle = lock(&self.writer_thread).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The layout requests are routed by now.
+    pub fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The node's view, or `None` while it is in no cluster.
+    pub fn view(&self) -> Option<Arc<View>> {
+        self.current().view.clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.current().epoch()
+    }
+
+    /// This node's role in its view (`None` while it is in no cluster).
+    pub fn role(&self) -> Option<Role> {
+        let cur = self.current();
+        let view = cur.view.as_ref()?;
+        view.role_of(&self.addr)
+    }
+
+    /// Swaps in a new layout; restarts the replica's workers if the replica or its view
+    /// changed.
+    fn apply_layout(self: &Arc<Self>, layout: Layout) {
+        let old = self.current();
+        let same_replica = |h: &ReplicaHandle| {
+            layout.replica == Some((h.partition, h.id))
+                && old.epoch() == layout.view.as_ref().map_or(0, |v| v.epoch)
+        };
+        let replica = match (&layout.view, layout.replica) {
+            (Some(view), Some((partition, id))) => match &old.replica {
+                Some(h) if same_replica(h) => Some(h.clone()),
+                _ => Some(Arc::new(ReplicaHandle {
+                    partition,
+                    id,
+                    peers: view
+                        .replicas_of(partition)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|a| **a != self.addr)
+                        .map(|a| (a.clone(), Arc::new(Notify::new())))
+                        .collect(),
+                    owned: view.slots_of(partition),
+                    peer_have: Mutex::new(BTreeMap::new()),
+                })),
+            },
+            _ => None,
+        };
+        let restart = match (&old.replica, &replica) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, None) => false,
+            _ => true,
+        };
+        let cur = Arc::new(Current {
+            view: layout.view,
+            transition: layout.transition,
+            replica: replica.clone(),
+        });
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = cur;
+        if restart {
+            let mut tasks = JoinSet::new();
+            if let Some(r) = replica {
+                sync::spawn_replica_tasks(self, &r, &mut tasks);
+            }
+            // Dropping the old set aborts the old replica's workers.
+            *lock(&self.replica_tasks) = tasks;
+        }
+    }
+
+    /// Parses a client's causal token: it must be one this cluster issued, unaltered.
+    pub fn parse_token(&self, text: &str) -> Result<CausalToken> {
+        let cur = self.current();
+        let view = cur.view()?;
+        CausalToken::decode(text, view.cluster, &self.token_key)
+            .map_err(|e| Error::bad_request(e.to_string()))
+    }
+
+    /// Encodes a token for a client, stamped with this node's epoch and without entries
+    /// of partitions that no longer exist.
+    pub fn encode_token(&self, token: &CausalToken) -> String {
+        let cur = self.current();
+        let mut token = token.clone();
+        token.observe_epoch(cur.epoch());
+        // Only prune when this node is at least as new as everything the client saw: a
+        // uid missing here could otherwise be a partition of a view we do not know yet.
+        if token.epoch <= cur.epoch() {
+            if let Some(view) = &cur.view {
+                let next = cur.transition.as_ref().map(|t| t.to());
+                token.retain_partitions(|uid| {
+                    view.replicas_of(uid).is_some()
+                        || next.is_some_and(|n| n.replicas_of(uid).is_some())
+                });
+            }
+        }
+        token.encode(&self.token_key)
+    }
+
+    fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
+        lock(&self.liveness)
+    }
+
+    /// Reads `key` for a client. `may_forward` is false for requests that were already
+    /// forwarded to us, so a request never travels more than one hop.
+    pub async fn get(
+        self: &Arc<Self>,
+        key: &str,
+        token: CausalToken,
+        may_forward: bool,
+    ) -> Result<ReadReply> {
+        check_bounds(key, None)?;
+        if may_forward {
+            self.catch_up_view(token.epoch).await?;
+        }
+        let mut rerouted = false;
+        loop {
+            let cur = self.current();
+            let view = cur.view()?.clone();
+            let p = view.partition_of_key(key);
+            let result = match cur.local(p) {
+                Some(r) => match self.read_local(&view, r, key, &token).await {
+                    Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
+                        // We could not catch up; a peer may already have what the client saw.
+                        self.forward_get(&view, p, key, token.clone(), true).await
+                    }
+                    other => other,
+                },
+                None if may_forward => self.forward_get(&view, p, key, token.clone(), false).await,
+                // Forwarded to us, but we do not hold the partition: say so, the sender
+                // tries another replica.
+                None => Err(self.not_a_replica(p)),
+            };
+            match result {
+                // The view changed while we asked (the key may have moved): once more.
+                Err(e) if self.should_reroute(&e, &view, may_forward, &mut rerouted) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes `key` for a client; durable on this replica (or the one forwarded to)
+    /// before it returns.
+    pub async fn put(
+        self: &Arc<Self>,
+        key: &str,
+        value: Vec<u8>,
+        token: CausalToken,
+        may_forward: bool,
+    ) -> Result<WriteReply> {
+        check_bounds(key, Some(&value))?;
+        if may_forward {
+            self.catch_up_view(token.epoch).await?;
+        }
+        let mut rerouted = false;
+        loop {
+            let cur = self.current();
+            let view = cur.view()?.clone();
+            let slot = slot_of(key);
+            let p = view.owner_of_slot(slot);
+            if let Some(t) = &cur.transition {
+                let next = t.to().owner_of_slot(slot);
+                if next != p {
+                    return Err(Error::unavailable(format!(
+                        "key {key:?} is moving to partition {} (view change to epoch {} in progress); retry shortly",
+                        t.to().index_of(next).unwrap_or_default(),
+                        t.to().epoch
+                    )));
+                }
+            }
+            let result = match cur.local(p) {
+                Some(r) => {
+                    match self
+                        .write_local(&view, r, key, value.clone(), token.clone())
+                        .await
+                    {
+                        // This replica is leaving its partition, or was replaced: its
+                        // peers take the write.
+                        Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
+                            self.forward_put(&view, p, key, value.clone(), token.clone(), true)
+                                .await
+                        }
+                        other => other,
+                    }
+                }
+                None if may_forward => {
+                    self.forward_put(&view, p, key, value.clone(), token.clone(), false)
+                        .await
+                }
+                None => Err(self.not_a_replica(p)),
+            };
+            match result {
+                Err(e) if self.should_reroute(&e, &view, may_forward, &mut rerouted) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether a failed request should be routed again: once, when the view changed
+    /// while it was out.
+    fn should_reroute(
+        &self,
+        e: &Error,
+        asked: &View,
+        may_forward: bool,
+        rerouted: &mut bool,
+    ) -> bool {
+        if !may_forward || *rerouted || e.kind != ErrorKind::Unavailable {
+            return false;
+        }
+        *rerouted = true;
+        self.epoch() != asked.epoch
+    }
+
+    async fn write_local(
+        &self,
+        view: &View,
+        r: &ReplicaHandle,
+        key: &str,
+        value: Vec<u8>,
+        token: CausalToken,
+    ) -> Result<WriteReply> {
+        // Not needed for correctness (the token is folded into the new version's history,
+        // so the write supersedes what the client saw either way), but it makes `created`
+        // right: a client overwriting its own fresh key must not be told the key is new.
+        // If the peers cannot help in time the write is accepted anyway: availability.
+        self.catch_up(r, &token).await;
+        let (tx, rx) = oneshot::channel();
+        let req = WriteRequest {
+            slot: slot_of(key),
+            key: key.to_string(),
+            value,
+            token,
+            now_ms: now_ms(),
+        };
+        self.send_writer(WriterCmd::Write {
+            req,
+            partition: r.partition,
+            tx,
+        })
+        .await?;
+        let mut outcome = rx
+            .await
+            .map_err(|_| Error::unavailable("the node is shutting down"))??;
+        outcome.token.observe_epoch(view.epoch);
+        Ok(WriteReply {
+            partition: r.partition,
+            index: view.index_of(r.partition).unwrap_or_default(),
+            created: outcome.created,
+            timestamp_ms: outcome.timestamp_ms,
+            token: outcome.token,
+        })
+    }
+
+    async fn send_writer(&self, cmd: WriterCmd) -> Result<()> {
+        self.writer
+            .send(cmd)
+            .await
+            .map_err(|_| Error::unavailable("the node is shutting down"))
+    }
+
+    /// The published state of replica incarnation `r`, if it is still the current one.
+    fn status_of(&self, r: &ReplicaHandle) -> Option<Arc<ReplicaStatus>> {
+        self.replica_status
+            .borrow()
+            .clone()
+            .filter(|s| s.id == r.id && s.partition == r.partition)
+    }
+
+    /// Waits (up to [`CATCHUP_WAIT`]) until this replica reflects everything `token`
+    /// names in its partition, waking the pullers to fetch it. Returns whether it does.
+    async fn catch_up(&self, r: &ReplicaHandle, token: &CausalToken) -> bool {
+        let ready = |s: &Option<Arc<ReplicaStatus>>| {
+            s.as_ref()
+                .is_some_and(|s| s.id == r.id && Replica::can_serve(&s.served, r.partition, token))
+        };
+        if ready(&self.replica_status.borrow()) {
+            return true;
+        }
+        for (_, notify) in &r.peers {
+            notify.notify_one();
+        }
+        let mut status = self.replica_status.clone();
+        let caught_up = tokio::time::timeout(CATCHUP_WAIT, status.wait_for(ready)).await;
+        matches!(caught_up, Ok(Ok(_)))
+    }
+
+    async fn read_local(
+        &self,
+        view: &View,
+        r: &ReplicaHandle,
+        key: &str,
+        token: &CausalToken,
+    ) -> Result<ReadReply> {
+        let slot = slot_of(key);
+        for attempt in 0..2 {
+            // The vectors first, then the snapshot: they are published after each
+            // commit, so the snapshot holds at least what the vectors claim.
+            let status = self
+                .status_of(r)
+                .ok_or_else(|| self.not_a_replica(r.partition))?;
+            let txn = self.store.read()?;
+            let servable = Replica::can_serve(&status.served, r.partition, token) || {
+                let state = txn.get(slot, key)?.unwrap_or_default();
+                Replica::can_serve_key(&status.served, r.partition, token, &state)
+            };
+            if servable {
+                let mut out = Replica::read(&*txn, r.partition, slot, key, token.clone())?;
+                out.token.observe_epoch(view.epoch);
+                return Ok(ReadReply {
+                    partition: r.partition,
+                    index: view.index_of(r.partition).unwrap_or_default(),
+                    value: out.value,
+                    token: out.token,
+                });
+            }
+            drop(txn);
+            if attempt == 0 && !self.catch_up(r, token).await {
+                break;
+            }
+        }
+        Err(Error::unavailable(
+            "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
+        ))
+    }
+
+    async fn forward_get(
+        &self,
+        view: &View,
+        p: PartitionUid,
+        key: &str,
+        token: CausalToken,
+        skip_self: bool,
+    ) -> Result<ReadReply> {
+        let req = Request::Get {
+            key: key.to_string(),
+            token,
+        };
+        match self.forward(view, p, req, skip_self).await? {
+            Response::Get(reply) => Ok(reply),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn forward_put(
+        &self,
+        view: &View,
+        p: PartitionUid,
+        key: &str,
+        value: Vec<u8>,
+        token: CausalToken,
+        skip_self: bool,
+    ) -> Result<WriteReply> {
+        let req = Request::Put {
+            key: key.to_string(),
+            value,
+            token,
+        };
+        match self.forward(view, p, req, skip_self).await? {
+            Response::Put(reply) => Ok(reply),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a client request to the replicas of `p`, one after another, until one answers.
+    async fn forward(
+        &self,
+        view: &View,
+        p: PartitionUid,
+        req: Request,
+        skip_self: bool,
+    ) -> Result<Response> {
+        let _permit = self
+            .forwards
+            .try_acquire()
+            .map_err(|_| Error::unavailable("too many forwarded requests in flight; retry"))?;
+        let index = view.index_of(p).unwrap_or_default();
+        let replicas: Vec<String> = view
+            .replicas_of(p)
+            .ok_or_else(|| Error::internal(format!("partition uid {p} is not in the view")))?
+            .iter()
+            .filter(|a| !(skip_self && **a == self.addr))
+            .cloned()
+            .collect();
+        let start = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let order = self.liveness().order(&replicas, start, now_ms());
+        let env = self.envelope(req);
+        let mut last = format!("partition {index} has no other replica");
+        for peer in order {
+            match self.transport.call(&peer, &env, FORWARD_TIMEOUT).await {
+                // A replica that cannot serve now, or whose disk fails: try the next one.
+                Ok(Response::Error(e))
+                    if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
+                {
+                    self.liveness().record_ok(&peer);
+                    last = format!("{peer}: {e}");
+                }
+                Ok(Response::Error(e)) => return Err(e),
+                Ok(resp) => {
+                    self.liveness().record_ok(&peer);
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    self.liveness().record_failure(&peer, now_ms());
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(Error::unavailable(format!(
+            "no replica of partition {index} could serve the request (last: {last})"
+        )))
+    }
+
+    fn envelope(&self, body: Request) -> Envelope {
+        Envelope {
+            from: self.addr.clone(),
+            epoch: self.epoch(),
+            body,
+        }
+    }
+
+    /// Calls `to` (this node itself included, without a network hop).
+    async fn call(self: &Arc<Self>, to: &str, req: Request, timeout: Duration) -> Result<Response> {
+        let resp = if to == self.addr {
+            let env = self.envelope(req);
+            tokio::time::timeout(timeout, Box::pin(self.handle_rpc(env)))
+                .await
+                .map_err(|_| {
+                    Error::unavailable(format!("{to} did not answer within {timeout:?}"))
+                })?
+        } else {
+            self.transport
+                .call(to, &self.envelope(req), timeout)
+                .await?
+        };
+        match resp {
+            Response::Error(e) => Err(e),
+            other => Ok(other),
+        }
+    }
+
+    /// Handles one internal call from a peer (already authenticated).
+    async fn handle_rpc(self: &Arc<Self>, env: Envelope) -> Response {
+        self.note_peer_epoch(&env.from, env.epoch);
+        let cur = self.current();
+        // A node outside the sender's view must still be able to learn views: a removed
+        // node learns it was removed, a stale one catches up.
+        let open = matches!(env.body, Request::Status | Request::Install(_));
+        if !open && cur.view.is_some() && !cur.knows(&env.from) {
+            return Response::Error(Error::bad_request(format!(
+                "{} is not a member of this node's view",
+                env.from
+            )));
+        }
+        let result = match env.body {
+            Request::Ping => Ok(Response::Ok),
+            Request::Poke { partition } => {
+                if let Some(r) = cur.local(partition) {
+                    if let Some((_, n)) = r.peers.iter().find(|(a, _)| *a == env.from) {
+                        n.notify_one();
+                    }
+                }
+                Ok(Response::Ok)
+            }
+            Request::Sync(req) => self
+                .serve_sync(&cur, &env.from, req)
+                .await
+                .map(Response::Sync),
+            Request::Snapshot(req) => self.serve_snapshot(&cur, req).await.map(Response::Snapshot),
+            Request::Get { key, token } => self.get(&key, token, false).await.map(Response::Get),
+            Request::Put { key, value, token } => {
+                self.put(&key, value, token, false).await.map(Response::Put)
+            }
+            Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
+            Request::Prepare { epoch, ballot } => self.on_prepare(epoch, ballot).await,
+            Request::Accept {
+                epoch,
+                ballot,
+                proposal,
+            } => self.on_accept(epoch, ballot, proposal).await,
+            Request::Learn(proposal) => self.learn(proposal).await.map(Response::Learned),
+            Request::Drain {
+                epoch,
+                partition,
+                target,
+            } => self
+                .drain(epoch, partition, target)
+                .await
+                .map(|()| Response::Ok),
+            Request::Pull {
+                epoch,
+                key,
+                source,
+                claim,
+            } => self
+                .pull_step(epoch, key, source, claim)
+                .await
+                .map(Response::Pulled),
+            Request::Install(view) => self.install_view(view).await.map(|_| Response::Ok),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    /// What this node reports about itself.
+    pub fn status(&self) -> Result<NodeStatus> {
+        let cur = self.current();
+        Ok(NodeStatus {
+            addr: self.addr.clone(),
+            view: cur.view.as_deref().cloned(),
+            transition: cur.transition.as_ref().map(|t| t.proposal.clone()),
+            k: self.k,
+            keys: self.store.read()?.key_count()?,
+        })
+    }
+
+    /// Retryable: the caller should ask another replica of `partition`.
+    fn not_a_replica(&self, partition: PartitionUid) -> Error {
+        Error::unavailable(format!(
+            "{} is not a replica of partition uid {partition} in its view",
+            self.addr
+        ))
+    }
+}
+
+fn unexpected(resp: &Response) -> Error {
+    Error::internal(format!("unexpected answer from a peer: {resp:?}"))
+}

@@ -1,0 +1,345 @@
+//! Replication inside a partition: pullers, pokers, the log trimmer, and the serving
+//! side of sync and snapshot requests. See `replica` for the protocol.
+//!
+//! Each task holds the [`ReplicaHandle`] of the incarnation it was started for and is
+//! aborted when a view change replaces it; the writer also refuses pages addressed to an
+//! incarnation that is gone, so a page in flight across a switch cannot land in the
+//! wrong replica.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use super::{
+    lock, now_ms, unexpected, Current, Node, ReplicaHandle, WriterCmd, SYNC_INTERVAL,
+    SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES, SYNC_TIMEOUT,
+};
+use crate::error::{Error, Result};
+use crate::replica::{Claim, Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::rpc::{Request, Response};
+use crate::storage::ReadTxn;
+
+/// Pages pulled back to back before yielding to the next interval.
+const MAX_PAGES_PER_ROUND: usize = 64;
+/// Sync rounds a puller waits for another peer to fill a gap in its log before it copies
+/// this peer's whole state (about 3 x [`SYNC_INTERVAL`]).
+const GAP_PATIENCE_ROUNDS: u32 = 3;
+/// How often the log is trimmed of entries every peer has.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+/// Timeout of a poke; it is only a hint.
+const POKE_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub(super) fn spawn_replica_tasks(
+    node: &Arc<Node>,
+    r: &Arc<ReplicaHandle>,
+    tasks: &mut JoinSet<()>,
+) {
+    for (peer, notify) in &r.peers {
+        tasks.spawn(puller(
+            node.clone(),
+            r.clone(),
+            peer.clone(),
+            notify.clone(),
+        ));
+        tasks.spawn(poker(node.clone(), r.clone(), peer.clone()));
+    }
+    tasks.spawn(trimmer(node.clone(), r.clone()));
+}
+
+/// Keeps this replica up to date with `peer`. See the module doc of `server`.
+async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<Notify>) {
+    // The first round runs at once: a restarted replica catches up before anything else.
+    let mut first = true;
+    // Only transitions are logged, so a long outage is two lines, not one per round.
+    let mut reachable = true;
+    let mut gap_rounds = 0u32;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            }
+        }
+        first = false;
+        for _ in 0..MAX_PAGES_PER_ROUND {
+            let Some(status) = node.status_of(&r) else {
+                return;
+            };
+            let req = Request::Sync(SyncRequest {
+                partition: r.partition,
+                have: status.applied.clone(),
+                max_entries: SYNC_PAGE_ENTRIES,
+                max_bytes: SYNC_PAGE_BYTES,
+            });
+            let resp = match node
+                .transport
+                .call(&peer, &node.envelope(req), SYNC_TIMEOUT)
+                .await
+            {
+                Ok(Response::Sync(resp)) => {
+                    node.liveness().record_ok(&peer);
+                    if !reachable {
+                        tracing::info!(%peer, "peer replica reachable again");
+                        reachable = true;
+                    }
+                    resp
+                }
+                Ok(other) => {
+                    tracing::debug!(%peer, "sync refused: {other:?}");
+                    break;
+                }
+                Err(e) => {
+                    node.liveness().record_failure(&peer, now_ms());
+                    if reachable {
+                        tracing::warn!(%peer, "peer replica unreachable, will keep trying: {e}");
+                        reachable = false;
+                    }
+                    break;
+                }
+            };
+            // The peer reflects a handoff this replica never received (its data
+            // directory was wiped, or it was down when the handoff happened): no log
+            // holds those keys, only a copy of the peer's state does.
+            let missed_handoff = resp
+                .absorbed
+                .iter()
+                .any(|(origin, _)| status.absorbed.get(origin) == 0);
+            let (complete, gap) = (resp.complete, resp.gap);
+            if !resp.log.is_empty() || !resp.states.is_empty() {
+                if let Err(e) = node.apply_page(&r, resp).await {
+                    tracing::warn!(%peer, "applying a sync page failed: {e}");
+                    break;
+                }
+            }
+            if gap || missed_handoff {
+                // This peer lacks log entries we need. Another peer may still have them,
+                // so wait a few rounds before copying this peer's whole state; with a
+                // single peer there is nobody else to wait for. During a view change
+                // the switch may be what closes the difference: wait for it.
+                gap_rounds += 1;
+                let patient = r.peers.len() > 1 && gap_rounds < GAP_PATIENCE_ROUNDS;
+                if !patient && node.current().transition.is_none() {
+                    gap_rounds = 0;
+                    tracing::warn!(
+                        %peer,
+                        missed_handoff,
+                        "this replica lacks writes no peer's log holds any more; copying the peer's whole state"
+                    );
+                    match node.transfer_snapshot(&r, &peer).await {
+                        Ok(keys) => tracing::info!(%peer, keys, "full-state transfer done"),
+                        Err(e) => {
+                            tracing::warn!(%peer, "full-state transfer failed, will retry: {e}")
+                        }
+                    }
+                }
+                break;
+            }
+            gap_rounds = 0;
+            if complete {
+                break;
+            }
+        }
+    }
+}
+
+/// Tells `peer` to pull after local writes. Pokes coalesce: while one is in flight,
+/// further writes mark the watch changed once.
+async fn poker(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String) {
+    let mut writes = node.local_writes.clone();
+    writes.borrow_and_update();
+    loop {
+        if writes.changed().await.is_err() {
+            return;
+        }
+        let env = node.envelope(Request::Poke {
+            partition: r.partition,
+        });
+        if let Err(e) = node.transport.call(&peer, &env, POKE_TIMEOUT).await {
+            tracing::trace!(%peer, "poke failed: {e}");
+        }
+    }
+}
+
+/// Periodically trims log entries every peer of the partition has.
+async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
+    loop {
+        tokio::time::sleep(TRIM_INTERVAL).await;
+        // During a view change a member joining the partition will resume the log from
+        // the vector its copy claimed: keep the log whole until the switch.
+        if node.current().transition.is_some() {
+            continue;
+        }
+        let Some(status) = node.status_of(&r) else {
+            return;
+        };
+        let floor = {
+            let have = lock(&r.peer_have);
+            // Only trim when every peer has told us how far it is.
+            if have.len() < r.peers.len() {
+                continue;
+            }
+            Replica::trim_floor(&status.applied, have.values())
+        };
+        if floor.is_empty() {
+            continue;
+        }
+        let cmd = WriterCmd::Trim {
+            floor,
+            replica: r.id,
+        };
+        if node.writer.send(cmd).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Node {
+    pub(super) async fn serve_sync(
+        self: &Arc<Self>,
+        cur: &Current,
+        from: &str,
+        req: SyncRequest,
+    ) -> Result<SyncResponse> {
+        let r = self.serving_replica(cur, req.partition)?;
+        // Remember how far this peer is: it decides how much of the log may be trimmed.
+        if r.peers.iter().any(|(a, _)| a == from) {
+            lock(&r.peer_have).insert(from.to_string(), req.have.clone());
+        }
+        let req = SyncRequest {
+            max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
+            max_bytes: req.max_bytes.min(SYNC_PAGE_BYTES),
+            ..req
+        };
+        let owned = r.owned.clone();
+        self.serve_from_snapshot(&r, move |txn, state| {
+            Replica::serve_sync(txn, state, &owned, &req)
+        })
+        .await
+    }
+
+    pub(super) async fn serve_snapshot(
+        self: &Arc<Self>,
+        cur: &Current,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotPage> {
+        if let Some(epoch) = req.epoch {
+            if cur.epoch() != epoch {
+                return Err(Error::unavailable(format!(
+                    "{} is in view epoch {}, not {epoch}",
+                    self.addr,
+                    cur.epoch()
+                )));
+            }
+        }
+        let r = self.serving_replica(cur, req.partition)?;
+        let mut slots = r.owned.clone();
+        if let Some(wanted) = &req.slots {
+            slots.intersect(wanted);
+        }
+        let req = SnapshotRequest {
+            max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
+            max_bytes: req.max_bytes.min(SYNC_PAGE_BYTES),
+            ..req
+        };
+        self.serve_from_snapshot(&r, move |txn, state| {
+            Replica::serve_snapshot(txn, state, &slots, &req)
+        })
+        .await
+    }
+
+    /// This node's replica of `partition`, for answering a peer.
+    fn serving_replica(&self, cur: &Current, partition: u32) -> Result<Arc<ReplicaHandle>> {
+        cur.local(partition)
+            .cloned()
+            .ok_or_else(|| self.not_a_replica(partition))
+    }
+
+    /// Runs `serve` on a blocking thread over one store snapshot and the replica state of
+    /// that same snapshot, so what it claims matches what it reads.
+    async fn serve_from_snapshot<T: Send + 'static>(
+        self: &Arc<Self>,
+        r: &ReplicaHandle,
+        serve: impl FnOnce(&dyn ReadTxn, &Replica) -> crate::storage::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (id, partition) = (r.id, r.partition);
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = node.store.read()?;
+            let state = Replica::load(&*txn)?
+                .filter(|s| s.id() == id)
+                .ok_or_else(|| node.not_a_replica(partition))?;
+            Ok(serve(&*txn, &state)?)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("serving task failed: {e}")))?
+    }
+
+    /// Hands a page to the writer and waits until it is committed.
+    async fn apply_page(&self, r: &ReplicaHandle, page: SyncResponse) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_writer(WriterCmd::Sync {
+            page,
+            replica: r.id,
+            tx,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::unavailable("the node is shutting down"))?
+    }
+
+    /// Rebuilds this replica from `peer`'s whole state, page by page; see
+    /// `Replica::serve_snapshot` for why the first page's vectors may be claimed at the
+    /// end.
+    async fn transfer_snapshot(&self, r: &ReplicaHandle, peer: &str) -> Result<usize> {
+        let mut after = None;
+        let mut claim: Option<Claim> = None;
+        let mut keys = 0;
+        loop {
+            let req = Request::Snapshot(SnapshotRequest {
+                partition: r.partition,
+                epoch: None,
+                slots: None,
+                after,
+                max_entries: SYNC_PAGE_ENTRIES,
+                max_bytes: SYNC_PAGE_BYTES,
+            });
+            let page = match self
+                .transport
+                .call(peer, &self.envelope(req), SYNC_TIMEOUT)
+                .await?
+            {
+                Response::Snapshot(page) => page,
+                Response::Error(e) => return Err(e),
+                other => return Err(unexpected(&other)),
+            };
+            claim.get_or_insert_with(|| Claim {
+                applied: page.applied.clone(),
+                absorbed: page.absorbed.clone(),
+            });
+            keys += page.states.len();
+            let next = page.next;
+            let resp = SyncResponse {
+                states: page.states,
+                complete: true,
+                ..SyncResponse::default()
+            };
+            self.apply_page(r, resp).await?;
+            let Some(next) = next else {
+                break;
+            };
+            after = Some(next);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_writer(WriterCmd::Claim {
+            claim: claim.unwrap_or_default(),
+            replica: r.id,
+            tx,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::unavailable("the node is shutting down"))??;
+        Ok(keys)
+    }
+}

@@ -1,0 +1,723 @@
+//! The writer thread: the only code that opens write transactions.
+//!
+//! It owns the node's durable state ([`Durable`]): the view, the replica state machine,
+//! the transition of a view change in progress and the Paxos acceptor. Commands arrive
+//! on a bounded queue; the writer applies as many as are waiting (up to [`MAX_BATCH`])
+//! in one transaction and commits once (group commit: one fsync serves the whole batch),
+//! and only then answers each command. A command that is refused (a write to a slot that
+//! is moving, say) fails alone; a commit that fails fails the whole batch and the
+//! in-memory state is rolled back with it.
+//!
+//! Because view-change steps go through the same queue as client writes, ordering comes
+//! for free: when a `Learn` freezes slots, every write queued before it is already in the
+//! vector the learn reports, and none queued after it can touch a frozen slot.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::clock::{PartitionUid, ReplicaId, VersionVector};
+use crate::error::{Error, Result};
+use crate::placement::{Role, SlotSet, View};
+use crate::replica::{Claim, KeyState, Replica, SyncResponse, WriteOutcome, WriteRequest};
+use crate::storage::{ReadTxn, Store, WriteTxn};
+use crate::viewchange::{duties, Acceptor, PullKey, PullProgress, Transition};
+
+use super::Layout;
+
+/// Commands per transaction.
+pub const MAX_BATCH: usize = 512;
+
+/// Meta-table names of the node's durable state.
+pub const META_VIEW: &str = "view.v2";
+pub const META_TRANSITION: &str = "transition";
+pub const META_ACCEPTOR: &str = "paxos";
+/// `(cluster, epoch)` of the view that removed this node.
+pub const META_REMOVED: &str = "removed";
+/// Names written by the first version of kvs, migrated on start.
+const LEGACY_VIEW: &str = "view";
+const LEGACY_REPLICA: &str = "replica";
+const LEGACY_REPLICA_ID: &str = "replica_id";
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
+
+pub(super) enum WriterCmd {
+    /// A client write for partition `partition`, as routed by the caller.
+    Write {
+        req: WriteRequest,
+        partition: PartitionUid,
+        tx: Reply<WriteOutcome>,
+    },
+    /// A sync page for the replica incarnation `replica`.
+    Sync {
+        page: SyncResponse,
+        replica: ReplicaId,
+        tx: Reply<()>,
+    },
+    /// The end of a state transfer into incarnation `replica`.
+    Claim {
+        claim: Claim,
+        replica: ReplicaId,
+        tx: Reply<()>,
+    },
+    Trim {
+        floor: VersionVector,
+        replica: ReplicaId,
+    },
+    /// Record a chosen proposal; answers with the replica's `served` vector after it.
+    Learn {
+        transition: Transition,
+        tx: Reply<(Option<VersionVector>, Layout)>,
+    },
+    /// A page of a pull of the transition to view `epoch`.
+    Pulled {
+        epoch: u64,
+        key: PullKey,
+        states: Vec<(u32, String, KeyState)>,
+        progress: PullProgress,
+        tx: Reply<PullProgress>,
+    },
+    /// Switch to `view`.
+    Install {
+        view: View,
+        tx: Reply<(Installed, Layout)>,
+    },
+    Acceptor {
+        acceptor: Acceptor,
+        tx: Reply<()>,
+    },
+    /// Delete up to `limit` keys of `slot` if this node no longer owns it.
+    Gc {
+        slot: u32,
+        limit: usize,
+        tx: Reply<usize>,
+    },
+    Stop,
+}
+
+/// What an install did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Installed {
+    /// The view was not newer than the node's.
+    Unchanged,
+    Switched,
+}
+
+/// What readers need of the replica, published after every commit that changes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub id: ReplicaId,
+    pub partition: PartitionUid,
+    pub applied: VersionVector,
+    pub absorbed: VersionVector,
+    /// `applied ∨ absorbed`: what reads are checked against.
+    pub served: VersionVector,
+}
+
+impl ReplicaStatus {
+    fn of(r: &Replica) -> Self {
+        Self {
+            id: r.id(),
+            partition: r.partition(),
+            applied: r.applied().clone(),
+            absorbed: r.absorbed().clone(),
+            served: r.served(),
+        }
+    }
+}
+
+/// The node's durable state; see the module doc.
+#[derive(Clone, Debug)]
+pub(super) struct Durable {
+    pub addr: String,
+    pub view: Option<Arc<View>>,
+    pub replica: Option<Replica>,
+    pub transition: Option<Arc<Transition>>,
+    pub acceptor: Arc<Acceptor>,
+    pub removed: Option<(u64, u64)>,
+    /// Derived from `transition`: slots this replica no longer accepts writes to.
+    frozen: SlotSet,
+    /// Derived from `transition`: this replica accepts no writes at all.
+    leaving: bool,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("corrupt {what} in the data directory: {e}"))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("state serialization is infallible")
+}
+
+impl Durable {
+    /// Loads the node's state from `store`, migrating the first version's layout, and
+    /// bootstraps from `env_view` (VIEW and K) when the store holds no view. Persists
+    /// what it decided before returning.
+    pub fn load(store: &dyn Store, addr: &str, env_view: Option<View>) -> Result<Self> {
+        let txn = store.read()?;
+        let stored_view = match txn.meta(META_VIEW)? {
+            Some(b) => Some(postcard::from_bytes::<View>(&b).map_err(|e| corrupt("view", e))?),
+            None => match txn.meta(LEGACY_VIEW)? {
+                Some(b) => Some(View::from_legacy_bytes(&b).map_err(|e| corrupt("view", e))?),
+                None => None,
+            },
+        };
+        if let Some(v) = &stored_view {
+            v.check().map_err(|e| corrupt("view", e))?;
+        }
+        let mut replica = Replica::load(&*txn)?;
+        if replica.is_none() {
+            replica = legacy_replica(&*txn, stored_view.as_ref(), addr)?;
+        }
+        let transition: Option<Transition> = txn
+            .meta(META_TRANSITION)?
+            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("transition", e)))
+            .transpose()?;
+        let acceptor: Option<Acceptor> = txn
+            .meta(META_ACCEPTOR)?
+            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("acceptor state", e)))
+            .transpose()?;
+        let removed: Option<(u64, u64)> = txn
+            .meta(META_REMOVED)?
+            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("removal record", e)))
+            .transpose()?;
+        drop(txn);
+
+        let view = match (stored_view, env_view) {
+            (Some(stored), env) => {
+                if env
+                    .as_ref()
+                    .is_some_and(|v| v.members != stored.members || v.k != stored.k)
+                {
+                    tracing::info!(
+                        epoch = stored.epoch,
+                        "VIEW/K differ from the view stored in the data directory; the stored view wins"
+                    );
+                }
+                Some(stored)
+            }
+            (None, Some(env)) if removed.is_some() => {
+                tracing::warn!(
+                    "this node was removed from its cluster; ignoring VIEW and waiting to be added again"
+                );
+                drop(env);
+                None
+            }
+            (None, Some(env)) => {
+                if !env.is_member(addr) {
+                    return Err(Error::bad_request(format!(
+                        "IPPORT {addr} is not in VIEW ({})",
+                        env.members.join(",")
+                    )));
+                }
+                Some(env)
+            }
+            (None, None) => None,
+        };
+        let epoch = view.as_ref().map_or(0, |v| v.epoch);
+        let mut d = Durable {
+            addr: addr.to_string(),
+            view: view.map(Arc::new),
+            replica,
+            transition: transition
+                .filter(|t| t.proposal.epoch() == epoch + 1)
+                .map(Arc::new),
+            acceptor: Arc::new(
+                acceptor
+                    .filter(|a| a.epoch == epoch + 1)
+                    .unwrap_or_else(|| Acceptor::new(epoch + 1)),
+            ),
+            removed,
+            frozen: SlotSet::new(),
+            leaving: false,
+        };
+        // The replica incarnation must match the role: a first start (or a start after
+        // the role changed while the node was down) makes a fresh one.
+        let mut txn = store.write()?;
+        let role = d.view.as_ref().and_then(|v| v.role_of(addr));
+        match role {
+            Some(Role::Replica(uid))
+                if d.replica.as_ref().is_some_and(|r| r.partition() == uid) => {}
+            Some(Role::Replica(uid)) => {
+                if d.replica.is_some() {
+                    txn.log_clear()?;
+                }
+                d.replica = Some(Replica::fresh(rand::random(), uid));
+            }
+            _ => {
+                if d.replica.take().is_some() {
+                    txn.log_clear()?;
+                }
+            }
+        }
+        d.derive();
+        d.persist_all(&mut *txn)?;
+        txn.commit()?;
+        Ok(d)
+    }
+
+    fn derive(&mut self) {
+        match &self.transition {
+            Some(t) => {
+                let d = duties(&t.proposal, &self.addr);
+                self.frozen = d.frozen;
+                self.leaving = d.leaving;
+            }
+            None => {
+                self.frozen = SlotSet::new();
+                self.leaving = false;
+            }
+        }
+    }
+
+    fn persist_all(&self, txn: &mut dyn WriteTxn) -> Result<()> {
+        match &self.view {
+            Some(v) => txn.set_meta(META_VIEW, &encode(&**v))?,
+            None => txn.delete_meta(META_VIEW)?,
+        }
+        txn.delete_meta(LEGACY_VIEW)?;
+        txn.delete_meta(LEGACY_REPLICA)?;
+        txn.delete_meta(LEGACY_REPLICA_ID)?;
+        match &self.replica {
+            Some(r) => r.persist(txn)?,
+            None => txn.delete_meta(crate::replica::META_REPLICA)?,
+        }
+        match &self.transition {
+            Some(t) => txn.set_meta(META_TRANSITION, &encode(&**t))?,
+            None => txn.delete_meta(META_TRANSITION)?,
+        }
+        txn.set_meta(META_ACCEPTOR, &encode(&*self.acceptor))?;
+        match &self.removed {
+            Some(r) => txn.set_meta(META_REMOVED, &encode(r))?,
+            None => txn.delete_meta(META_REMOVED)?,
+        }
+        Ok(())
+    }
+
+    pub fn layout(&self) -> Layout {
+        Layout {
+            view: self.view.clone(),
+            transition: self.transition.clone(),
+            replica: self.replica.as_ref().map(|r| (r.partition(), r.id())),
+        }
+    }
+
+    pub fn replica_status(&self) -> Option<ReplicaStatus> {
+        self.replica.as_ref().map(ReplicaStatus::of)
+    }
+
+    /// Slots whose keys this node keeps: those of its partition in its view and, during
+    /// a transition, in the next view.
+    pub fn keeps(&self, slot: u32) -> bool {
+        let mine = |v: &View| match v.role_of(&self.addr) {
+            Some(Role::Replica(uid)) => v.owner_of_slot(slot) == uid,
+            _ => false,
+        };
+        self.view.as_deref().is_some_and(mine)
+            || self.transition.as_deref().is_some_and(|t| mine(t.to()))
+    }
+}
+
+/// The replica of a data directory written by the first version of kvs.
+fn legacy_replica(txn: &dyn ReadTxn, view: Option<&View>, addr: &str) -> Result<Option<Replica>> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        applied: VersionVector,
+        known: VersionVector,
+    }
+    let (Some(meta), Some(id), Some(Role::Replica(uid))) = (
+        txn.meta(LEGACY_REPLICA)?,
+        txn.meta(LEGACY_REPLICA_ID)?,
+        view.and_then(|v| v.role_of(addr)),
+    ) else {
+        return Ok(None);
+    };
+    let meta: Meta = postcard::from_bytes(&meta).map_err(|e| corrupt("replica vectors", e))?;
+    let id: ReplicaId = postcard::from_bytes(&id).map_err(|e| corrupt("replica id", e))?;
+    Ok(Some(Replica::from_parts(id, uid, meta.applied, meta.known)))
+}
+
+/// Channels the writer publishes on.
+pub(super) struct Publish {
+    pub replica: watch::Sender<Option<Arc<ReplicaStatus>>>,
+    /// Bumped after every commit with local writes: what wakes the pokers.
+    pub local_writes: watch::Sender<u64>,
+}
+
+/// The writer thread. See the module doc.
+pub(super) fn writer_loop(
+    store: Arc<dyn Store>,
+    mut durable: Durable,
+    mut rx: mpsc::Receiver<WriterCmd>,
+    publish: Publish,
+) {
+    let mut trimmed = VersionVector::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let stop = batch.iter().any(|c| matches!(c, WriterCmd::Stop));
+        let before = durable.clone();
+        let trimmed_before = trimmed.clone();
+        match run_batch(&*store, &mut durable, &mut trimmed, &batch) {
+            Ok(outcomes) => {
+                // Committed: only now may anyone learn of the writes. The vector goes
+                // out first, so a client that reads right after its ack finds this
+                // replica caught up instead of waking the pullers for nothing.
+                let status = durable.replica_status();
+                publish.replica.send_if_modified(|cur| {
+                    let changed = cur.as_deref() != status.as_ref();
+                    if changed {
+                        *cur = status.map(Arc::new);
+                    }
+                    changed
+                });
+                let mut local_writes = false;
+                for (cmd, outcome) in batch.drain(..).zip(outcomes) {
+                    local_writes |= matches!(outcome, Outcome::Write(_));
+                    answer(cmd, outcome);
+                }
+                if local_writes {
+                    publish.local_writes.send_modify(|n| *n += 1);
+                }
+            }
+            Err(e) => {
+                tracing::error!("commit failed, {} requests fail with it: {e}", batch.len());
+                // Nothing was committed: forget the in-memory effects too.
+                durable = before;
+                trimmed = trimmed_before;
+                for cmd in batch.drain(..) {
+                    answer(cmd, Outcome::Failed(e.clone()));
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+/// The result of one command of a batch, sent to its requester after the commit.
+enum Outcome {
+    Write(WriteOutcome),
+    Done,
+    Learned(Option<VersionVector>, Layout),
+    Pulled(PullProgress),
+    Installed(Installed, Layout),
+    Deleted(usize),
+    Failed(Error),
+}
+
+fn answer(cmd: WriterCmd, outcome: Outcome) {
+    fn send<T>(tx: Reply<T>, r: Result<T>) {
+        let _ = tx.send(r);
+    }
+    match (cmd, outcome) {
+        (WriterCmd::Write { tx, .. }, Outcome::Write(out)) => send(tx, Ok(out)),
+        (WriterCmd::Write { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Sync { tx, .. } | WriterCmd::Claim { tx, .. }, Outcome::Done) => {
+            send(tx, Ok(()))
+        }
+        (WriterCmd::Sync { tx, .. } | WriterCmd::Claim { tx, .. }, Outcome::Failed(e)) => {
+            send(tx, Err(e))
+        }
+        (WriterCmd::Learn { tx, .. }, Outcome::Learned(v, l)) => send(tx, Ok((v, l))),
+        (WriterCmd::Learn { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Pulled { tx, .. }, Outcome::Pulled(p)) => send(tx, Ok(p)),
+        (WriterCmd::Pulled { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Install { tx, .. }, Outcome::Installed(i, l)) => send(tx, Ok((i, l))),
+        (WriterCmd::Install { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Acceptor { tx, .. }, Outcome::Done) => send(tx, Ok(())),
+        (WriterCmd::Acceptor { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Gc { tx, .. }, Outcome::Deleted(n)) => send(tx, Ok(n)),
+        (WriterCmd::Gc { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Trim { .. } | WriterCmd::Stop, _) => {}
+        (_, _) => debug_assert!(false, "a writer command got an outcome of another kind"),
+    }
+}
+
+/// What changed in a batch and must be persisted before the commit.
+#[derive(Default)]
+struct Dirty {
+    any: bool,
+    replica: bool,
+    rest: bool,
+}
+
+/// Applies a batch in one transaction and commits it (if anything changed).
+fn run_batch(
+    store: &dyn Store,
+    d: &mut Durable,
+    trimmed: &mut VersionVector,
+    batch: &[WriterCmd],
+) -> Result<Vec<Outcome>> {
+    let mut txn = store.write()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut dirty = Dirty::default();
+    let mut new_trims = Vec::new();
+    for cmd in batch {
+        let outcome = match cmd {
+            WriterCmd::Write { req, partition, .. } => match writable(d, *partition, req.slot) {
+                Ok(()) => {
+                    dirty.any = true;
+                    dirty.replica = true;
+                    let r = d.replica.as_mut().expect("writable checked the replica");
+                    Outcome::Write(r.write(&mut *txn, req.clone())?)
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Sync { page, replica, .. } => match incarnation(d, *replica) {
+                Ok(r) => {
+                    dirty.any = true;
+                    dirty.replica = true;
+                    r.apply_sync(&mut *txn, page)?;
+                    Outcome::Done
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Claim { claim, replica, .. } => match incarnation(d, *replica) {
+                Ok(r) => {
+                    dirty.any = true;
+                    dirty.replica = true;
+                    r.claim(claim);
+                    Outcome::Done
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Trim { floor, replica } => {
+                if incarnation(d, *replica).is_ok() {
+                    for (origin, upto) in floor.iter() {
+                        if upto > trimmed.get(origin) {
+                            txn.log_trim(origin, upto)?;
+                            new_trims.push((origin, upto));
+                            dirty.any = true;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
+            WriterCmd::Learn { transition, .. } => match learn(d, transition) {
+                Ok(changed) => {
+                    if changed {
+                        dirty.any = true;
+                        dirty.rest = true;
+                    }
+                    Outcome::Learned(d.replica.as_ref().map(|r| r.served()), d.layout())
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Pulled {
+                epoch,
+                key,
+                states,
+                progress,
+                ..
+            } => match pulled(d, &mut *txn, *epoch, *key, states, progress)? {
+                Ok(p) => {
+                    dirty.any = true;
+                    dirty.rest = true;
+                    Outcome::Pulled(p)
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Install { view, .. } => match install(d, &mut *txn, view)? {
+                Ok(Installed::Unchanged) => Outcome::Installed(Installed::Unchanged, d.layout()),
+                Ok(Installed::Switched) => {
+                    dirty.any = true;
+                    dirty.replica = true;
+                    dirty.rest = true;
+                    Outcome::Installed(Installed::Switched, d.layout())
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+            WriterCmd::Acceptor { acceptor, .. } => {
+                if Some(acceptor.epoch) == d.view.as_ref().map(|v| v.epoch + 1) {
+                    d.acceptor = Arc::new(acceptor.clone());
+                    dirty.any = true;
+                    dirty.rest = true;
+                    Outcome::Done
+                } else {
+                    Outcome::Failed(Error::unavailable(
+                        "the view changed while a Paxos answer was being recorded",
+                    ))
+                }
+            }
+            WriterCmd::Gc { slot, limit, .. } => {
+                if d.keeps(*slot) {
+                    Outcome::Deleted(0)
+                } else {
+                    let n = txn.delete_slot(*slot, *limit)?;
+                    dirty.any |= n > 0;
+                    Outcome::Deleted(n)
+                }
+            }
+            WriterCmd::Stop => Outcome::Done,
+        };
+        outcomes.push(outcome);
+    }
+    if dirty.any {
+        if dirty.rest {
+            d.persist_all(&mut *txn)?;
+        } else if dirty.replica {
+            if let Some(r) = &d.replica {
+                r.persist(&mut *txn)?;
+            }
+        }
+        txn.commit()?;
+    }
+    for (origin, upto) in new_trims {
+        trimmed.raise(origin, upto);
+    }
+    Ok(outcomes)
+}
+
+/// Whether a client write to `slot`, routed to this node's replica of `partition`, may be
+/// accepted now.
+fn writable(d: &Durable, partition: PartitionUid, slot: u32) -> Result<()> {
+    match &d.replica {
+        Some(r) if r.partition() == partition => {}
+        _ => {
+            return Err(Error::unavailable(format!(
+                "{} is no longer a replica of partition uid {partition}",
+                d.addr
+            )))
+        }
+    }
+    if d.leaving {
+        return Err(Error::unavailable(
+            "this replica is leaving its partition (view change in progress); its peers take the write",
+        ));
+    }
+    if d.frozen.contains(slot) {
+        return Err(Error::unavailable(format!(
+            "slot {slot} is moving to another partition (view change in progress); retry shortly"
+        )));
+    }
+    Ok(())
+}
+
+fn incarnation(d: &mut Durable, id: ReplicaId) -> Result<&mut Replica> {
+    match &mut d.replica {
+        Some(r) if r.id() == id => Ok(r),
+        _ => Err(Error::unavailable(
+            "the replica was replaced by a view change",
+        )),
+    }
+}
+
+/// Records a chosen proposal. Returns whether anything changed.
+fn learn(d: &mut Durable, t: &Transition) -> Result<bool> {
+    let epoch = d.view.as_ref().map_or(0, |v| v.epoch);
+    if let Some(cur) = &d.transition {
+        if cur.proposal == t.proposal {
+            return Ok(false);
+        }
+        return Err(Error::conflict(format!(
+            "this node is already moving to another view of epoch {}",
+            cur.proposal.epoch()
+        )));
+    }
+    let fits = match d.view.as_deref() {
+        Some(v) => *v == t.proposal.from,
+        // A node outside any cluster only learns a change that makes it a member.
+        None => t.proposal.to.is_member(&d.addr),
+    };
+    if !fits || (d.view.is_some() && t.proposal.epoch() != epoch + 1) {
+        return Err(Error::unavailable(format!(
+            "proposal for epoch {} does not follow this node's view (epoch {epoch})",
+            t.proposal.epoch()
+        )));
+    }
+    d.transition = Some(Arc::new(t.clone()));
+    d.derive();
+    Ok(true)
+}
+
+/// Merges one pulled page and records the pull's progress.
+fn pulled(
+    d: &mut Durable,
+    txn: &mut dyn WriteTxn,
+    epoch: u64,
+    key: PullKey,
+    states: &[(u32, String, KeyState)],
+    progress: &PullProgress,
+) -> Result<Result<PullProgress>> {
+    let Some(t) = d
+        .transition
+        .as_mut()
+        .filter(|t| t.proposal.epoch() == epoch)
+    else {
+        return Ok(Err(Error::unavailable(format!(
+            "no transition to epoch {epoch} here"
+        ))));
+    };
+    let t = Arc::make_mut(t);
+    let current = t.pulls.entry(key).or_default();
+    if current.done {
+        return Ok(Ok(current.clone()));
+    }
+    Replica::merge_states(txn, states)?;
+    *current = progress.clone();
+    Ok(Ok(current.clone()))
+}
+
+/// Switches to `view`. See `viewchange` for the claims this makes.
+fn install(d: &mut Durable, txn: &mut dyn WriteTxn, view: &View) -> Result<Result<Installed>> {
+    if let Err(e) = view.check() {
+        return Ok(Err(Error::bad_request(format!(
+            "refusing an invalid view: {e}"
+        ))));
+    }
+    if let Some(cur) = &d.view {
+        if view.epoch <= cur.epoch {
+            return Ok(Ok(Installed::Unchanged));
+        }
+        if view.cluster != cur.cluster {
+            return Ok(Err(Error::conflict("refusing a view of another cluster")));
+        }
+    } else if !view.is_member(&d.addr) {
+        return Ok(Ok(Installed::Unchanged));
+    }
+    // The transition's claims hold only if it leads to exactly this view; after a jump
+    // over a missed change the replica claims nothing and copies from a peer instead.
+    let transition = d.transition.take();
+    let matching = transition.as_deref().filter(|t| t.to() == view);
+    let absorbed = matching.map(Transition::absorbed_claim).unwrap_or_default();
+    match view.role_of(&d.addr) {
+        Some(Role::Replica(uid)) => match &mut d.replica {
+            Some(r) if r.partition() == uid => r.absorb_claim(&absorbed),
+            _ => {
+                if d.replica.is_some() {
+                    txn.log_clear()?;
+                }
+                let id = rand::random();
+                let mut r = match matching.and_then(|t| t.copy_claim(uid)) {
+                    Some(claim) => Replica::from_claim(id, uid, claim),
+                    None => Replica::fresh(id, uid),
+                };
+                r.absorb_claim(&absorbed);
+                d.replica = Some(r);
+            }
+        },
+        _ => {
+            if d.replica.take().is_some() {
+                txn.log_clear()?;
+            }
+        }
+    }
+    if view.is_member(&d.addr) {
+        d.view = Some(Arc::new(view.clone()));
+        d.removed = None;
+    } else {
+        d.view = None;
+        d.removed = Some((view.cluster, view.epoch));
+    }
+    d.acceptor = Arc::new(Acceptor::new(view.epoch + 1));
+    d.derive();
+    Ok(Ok(Installed::Switched))
+}
