@@ -230,7 +230,8 @@ pub struct Node {
     progress: Mutex<Option<Progress>>,
     /// When a view was last fetched from or pushed to each peer (debounce).
     gossip: Mutex<BTreeMap<String, Instant>>,
-    /// When this node learned the transition it is in (for re-driving a stalled one).
+    /// When the transition this node is in last showed activity here (learned, drained,
+    /// pulled, read from): a transition idle for long is re-driven.
     learned_at: Mutex<Option<Instant>>,
     /// Pullers, pokers and trimmer of the current replica; replaced on a view change.
     replica_tasks: Mutex<JoinSet<()>>,
@@ -790,8 +791,14 @@ impl Node {
                 .await
                 .map(Response::Sync),
             Request::Snapshot(req) => self.serve_snapshot(&cur, req).await.map(Response::Snapshot),
-            Request::Get { key, token } => self.get(&key, token, false).await.map(Response::Get),
+            Request::Get { key, token } => {
+                // The sender routed by a newer view: learn it before deciding whether the
+                // key is ours (else the sender's request fails at the switch).
+                let _ = self.catch_up_view(env.epoch).await;
+                self.get(&key, token, false).await.map(Response::Get)
+            }
             Request::Put { key, value, token } => {
+                let _ = self.catch_up_view(env.epoch).await;
                 self.put(&key, value, token, false).await.map(Response::Put)
             }
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),

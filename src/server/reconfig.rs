@@ -705,8 +705,8 @@ impl Node {
             .map_err(|_| Error::unavailable("the node is shutting down"))??;
         if fresh {
             tracing::info!(change = %p.change, epoch = p.epoch(), "learned a view change");
-            *lock(&self.learned_at) = Some(Instant::now());
         }
+        *lock(&self.learned_at) = Some(Instant::now());
         self.apply_layout(layout);
         Ok(LearnReply::Learned(served))
     }
@@ -730,6 +730,7 @@ impl Node {
             .local(partition)
             .cloned()
             .ok_or_else(|| self.not_a_replica(partition))?;
+        self.transition_active();
         let reached = |s: &Option<Arc<super::ReplicaStatus>>| {
             s.as_ref()
                 .is_some_and(|s| s.id == r.id && s.served.dominates(&target))
@@ -843,6 +844,7 @@ impl Node {
             .await
             .map_err(|_| Error::unavailable("the node is shutting down"))??;
         lock(&self.pull_progress).insert(key, progress.clone());
+        self.transition_active();
         Ok(progress)
     }
 
@@ -956,28 +958,41 @@ impl Node {
     /// Makes sure this node knows view `epoch` (a client's token came from it), asking
     /// its peers for up to [`VIEW_CATCHUP_WAIT`].
     pub(super) async fn catch_up_view(self: &Arc<Self>, epoch: u64) -> Result<()> {
-        let deadline = Instant::now() + VIEW_CATCHUP_WAIT;
-        while self.epoch() < epoch {
-            let cur = self.current();
-            let mut peers: Vec<String> = cur.view()?.members.clone();
-            if let Some(t) = &cur.transition {
-                peers.extend(t.to().members.iter().cloned());
-            }
-            peers.retain(|p| *p != self.addr);
-            peers.dedup();
-            for peer in peers {
-                if self.learn_from(&peer).await && self.epoch() >= epoch {
-                    return Ok(());
+        if self.epoch() >= epoch {
+            return Ok(());
+        }
+        let ask = async {
+            while self.epoch() < epoch {
+                let cur = self.current();
+                let mut peers: Vec<String> = cur.view()?.members.clone();
+                if let Some(t) = &cur.transition {
+                    peers.extend(t.to().members.iter().cloned());
+                }
+                peers.retain(|p| *p != self.addr);
+                peers.sort();
+                peers.dedup();
+                // All at once: one dead member must not hold up the others.
+                join_all(peers.iter().map(|p| self.learn_from(p))).await;
+                if self.epoch() < epoch {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-            if Instant::now() > deadline {
-                return Err(Error::unavailable(format!(
-                    "this node has not yet learned view epoch {epoch}, which the causal_payload comes from; retry"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<(), Error>(())
+        };
+        match tokio::time::timeout(VIEW_CATCHUP_WAIT, ask).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable(format!(
+                "this node has not yet learned view epoch {epoch}, which the request comes from; retry"
+            ))),
         }
-        Ok(())
+    }
+
+    /// Notes activity of the transition this node is in (see `redrive_loop`).
+    pub(super) fn transition_active(&self) {
+        let mut at = lock(&self.learned_at);
+        if at.is_some() {
+            *at = Some(Instant::now());
+        }
     }
 
     /// Starts the tasks that run for the node's life.
@@ -1170,7 +1185,9 @@ fn outcome(view: &View, change: &Change) -> ChangeOutcome {
 }
 
 /// Drives a transition that stalled (its coordinator crashed, or a node it needed was
-/// down), staggered by rank so that usually one node does it.
+/// down). Only nodes with a part in the change do it (an idle bystander learns nothing
+/// from its own inactivity), once it has seen no activity for [`REDRIVE_AFTER`],
+/// staggered by rank so that usually one node does it.
 async fn redrive_loop(node: Arc<Node>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1180,6 +1197,10 @@ async fn redrive_loop(node: Arc<Node>) {
         let Some(since) = *lock(&node.learned_at) else {
             continue;
         };
+        let mine = duties(&t.proposal, &node.addr);
+        if mine.frozen.is_empty() && mine.pulls.is_empty() && !mine.leaving {
+            continue;
+        }
         let rank = t
             .proposal
             .participants()

@@ -232,6 +232,8 @@ impl Node {
                     cur.epoch()
                 )));
             }
+            // A handoff is reading from us: the change is alive.
+            self.transition_active();
         }
         let r = self.serving_replica(cur, req.partition)?;
         let mut slots = r.owned.clone();

@@ -215,12 +215,21 @@ impl Durable {
             (None, None) => None,
         };
         let epoch = view.as_ref().map_or(0, |v| v.epoch);
+        let has_view = view.is_some();
         let mut d = Durable {
             addr: addr.to_string(),
             view: view.map(Arc::new),
             replica,
+            // A transition is kept if it leads from this node's view, or (for a node
+            // in no cluster) if it makes this node a member.
             transition: transition
-                .filter(|t| t.proposal.epoch() == epoch + 1)
+                .filter(|t| {
+                    if has_view {
+                        t.proposal.epoch() == epoch + 1
+                    } else {
+                        t.proposal.to.is_member(addr)
+                    }
+                })
                 .map(Arc::new),
             acceptor: Arc::new(
                 acceptor
@@ -720,4 +729,164 @@ fn install(d: &mut Durable, txn: &mut dyn WriteTxn, view: &View) -> Result<Resul
     d.acceptor = Arc::new(Acceptor::new(view.epoch + 1));
     d.derive();
     Ok(Ok(Installed::Switched))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::Change;
+    use crate::storage::MemoryStore;
+    use crate::viewchange::Proposal;
+
+    fn addr(i: usize) -> String {
+        format!("10.1.0.{i}:8080")
+    }
+
+    fn view(n: usize, k: usize) -> View {
+        View::bootstrap((1..=n).map(addr).collect(), k).expect("valid")
+    }
+
+    fn install_in(store: &MemoryStore, d: &mut Durable, v: &View) -> Installed {
+        let mut txn = store.write().expect("txn");
+        let out = install(d, &mut *txn, v)
+            .expect("storage")
+            .expect("installs");
+        d.persist_all(&mut *txn).expect("persist");
+        txn.commit().expect("commit");
+        out
+    }
+
+    #[test]
+    fn a_first_version_data_directory_is_migrated() {
+        #[derive(serde::Serialize)]
+        struct OldView {
+            cluster: u64,
+            epoch: u64,
+            k: usize,
+            members: Vec<String>,
+            partitions: Vec<Vec<String>>,
+            slots: Vec<u32>,
+        }
+        let v = view(4, 2);
+        let applied: VersionVector = [(77, 5)].into_iter().collect();
+        let store = MemoryStore::new();
+        let mut txn = store.write().expect("txn");
+        let old = OldView {
+            cluster: v.cluster,
+            epoch: 1,
+            k: 2,
+            members: v.members.clone(),
+            partitions: v.partitions.iter().map(|p| p.replicas.clone()).collect(),
+            slots: v.slots.clone(),
+        };
+        txn.set_meta(LEGACY_VIEW, &encode(&old)).expect("meta");
+        txn.set_meta(LEGACY_REPLICA, &encode(&(applied.clone(), applied.clone())))
+            .expect("meta");
+        txn.set_meta(LEGACY_REPLICA_ID, &encode(&77u64))
+            .expect("meta");
+        txn.commit().expect("commit");
+
+        let d = Durable::load(&store, &addr(3), None).expect("loads");
+        assert_eq!(d.view.as_deref(), Some(&v));
+        let r = d.replica.as_ref().expect("a replica");
+        assert_eq!((r.id(), r.partition()), (77, 1));
+        assert_eq!(r.applied(), &applied);
+        let read = store.read().expect("read");
+        assert!(read.meta(LEGACY_VIEW).expect("meta").is_none());
+        assert!(read.meta(META_VIEW).expect("meta").is_some());
+        drop(read);
+        // And it loads again from the new layout.
+        let again = Durable::load(&store, &addr(3), None).expect("loads");
+        assert_eq!(again.replica, d.replica);
+    }
+
+    #[test]
+    fn a_removed_node_ignores_view_and_stays_out() {
+        let store = MemoryStore::new();
+        let v = view(3, 1);
+        let mut d = Durable::load(&store, &addr(3), Some(v.clone())).expect("loads");
+        assert!(d.replica.is_some());
+        let next = v.apply(&Change::Remove(addr(3))).expect("valid");
+        assert_eq!(install_in(&store, &mut d, &next), Installed::Switched);
+        assert!(d.view.is_none() && d.replica.is_none());
+        // Restarted with its original VIEW (e.g. the same docker run line): still out.
+        let d = Durable::load(&store, &addr(3), Some(v)).expect("loads");
+        assert!(d.view.is_none() && d.replica.is_none());
+        assert_eq!(d.removed, Some((next.cluster, next.epoch)));
+    }
+
+    #[test]
+    fn a_new_node_keeps_its_transition_across_restarts() {
+        let store = MemoryStore::new();
+        let mut d = Durable::load(&store, &addr(6), None).expect("loads");
+        assert!(d.view.is_none());
+        let p = Proposal::new(Change::Add(addr(6)), &view(5, 2)).expect("valid");
+        assert!(learn(&mut d, &Transition::new(p.clone())).expect("learns"));
+        let mut txn = store.write().expect("txn");
+        d.persist_all(&mut *txn).expect("persist");
+        txn.commit().expect("commit");
+        let d = Durable::load(&store, &addr(6), None).expect("loads");
+        assert_eq!(d.transition.as_ref().map(|t| &t.proposal), Some(&p));
+        // A proposal that does not make it a member is refused.
+        let mut other = Durable::load(&MemoryStore::new(), &addr(9), None).expect("loads");
+        assert!(learn(&mut other, &Transition::new(p)).is_err());
+    }
+
+    #[test]
+    fn install_claims_completed_handoffs_and_starts_fresh_incarnations() {
+        // N=5, K=2; adding node 6 forms partition uid 2 from proxy 5 and node 6.
+        let v = view(5, 2);
+        let p = Proposal::new(Change::Add(addr(6)), &v).expect("valid");
+        let claim: VersionVector = [(9, 4)].into_iter().collect();
+        let store = MemoryStore::new();
+        let mut d = Durable::load(&store, &addr(5), Some(v.clone())).expect("loads");
+        assert!(d.replica.is_none(), "a proxy has no replica");
+        let mut t = Transition::new(p.clone());
+        for (key, _) in duties(&p, &addr(5)).pulls {
+            t.pulls.insert(
+                key,
+                PullProgress {
+                    done: true,
+                    claim: Some(Claim {
+                        applied: VersionVector::new(),
+                        absorbed: claim.clone(),
+                    }),
+                    ..PullProgress::default()
+                },
+            );
+        }
+        d.transition = Some(Arc::new(t));
+        install_in(&store, &mut d, &p.to);
+        let r = d.replica.as_ref().expect("promoted");
+        assert_eq!(r.partition(), 2);
+        assert_eq!(r.absorbed(), &claim);
+        assert!(r.applied().is_empty());
+        assert!(d.transition.is_none());
+
+        // A source keeps its incarnation and claims nothing.
+        let mut s = Durable::load(&MemoryStore::new(), &addr(1), Some(v.clone())).expect("loads");
+        let before = s.replica.clone();
+        s.transition = Some(Arc::new(Transition::new(p.clone())));
+        install_in(&store, &mut s, &p.to);
+        assert_eq!(s.replica, before);
+
+        // Installing a view the transition does not lead to claims nothing either.
+        let mut j = Durable::load(&MemoryStore::new(), &addr(5), Some(v.clone())).expect("loads");
+        j.transition = d.transition.clone();
+        let later = p.to.apply(&Change::Add(addr(7))).expect("valid");
+        install_in(&store, &mut j, &later);
+        assert!(j.replica.as_ref().is_some_and(|r| r.absorbed().is_empty()));
+    }
+
+    #[test]
+    fn frozen_and_leaving_replicas_refuse_writes() {
+        let v = view(4, 2);
+        let p = Proposal::new(Change::Remove(addr(1)), &v).expect("valid");
+        let mut d = Durable::load(&MemoryStore::new(), &addr(2), Some(v.clone())).expect("loads");
+        assert!(writable(&d, 0, 0).is_ok());
+        learn(&mut d, &Transition::new(p)).expect("learns");
+        // Partition uid 0 dissolves: node 2 leaves it and freezes all of its slots.
+        assert!(writable(&d, 0, 0).is_err());
+        assert!(writable(&d, 1, 1).is_err(), "not its partition");
+    }
 }
