@@ -629,7 +629,7 @@ impl View {
 
 /// The view layout written by kvs before view changes existed (partition index = uid).
 /// Data directories of that version are migrated on start.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct LegacyView {
     cluster: u64,
     epoch: u64,
@@ -663,6 +663,21 @@ impl View {
         };
         view.check()?;
         Ok(view)
+    }
+
+    /// This view in the first version's layout (for migration tests). Only views whose
+    /// uids are their indices can be written that way.
+    #[cfg(test)]
+    pub(crate) fn legacy_bytes(&self) -> Vec<u8> {
+        let old = LegacyView {
+            cluster: self.cluster,
+            epoch: self.epoch,
+            k: self.k,
+            members: self.members.clone(),
+            partitions: self.partitions.iter().map(|p| p.replicas.clone()).collect(),
+            slots: self.slots.clone(),
+        };
+        postcard::to_stdvec(&old).expect("view serialization is infallible")
     }
 }
 
@@ -802,26 +817,8 @@ mod tests {
 
     #[test]
     fn legacy_views_are_migrated() {
-        #[derive(Serialize)]
-        struct Old {
-            cluster: u64,
-            epoch: u64,
-            k: usize,
-            members: Vec<String>,
-            partitions: Vec<Vec<String>>,
-            slots: Vec<u32>,
-        }
         let v = View::bootstrap(addrs(5), 2).expect("valid");
-        let old = Old {
-            cluster: v.cluster,
-            epoch: v.epoch,
-            k: v.k,
-            members: v.members.clone(),
-            partitions: v.partitions.iter().map(|p| p.replicas.clone()).collect(),
-            slots: v.slots.clone(),
-        };
-        let bytes = postcard::to_stdvec(&old).expect("encode");
-        assert_eq!(View::from_legacy_bytes(&bytes), Ok(v));
+        assert_eq!(View::from_legacy_bytes(&v.legacy_bytes()), Ok(v));
     }
 
     /// Keys of the shape clients use, from a fixed generator so the figure is stable.

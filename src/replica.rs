@@ -661,6 +661,7 @@ impl Replica {
 mod tests {
     use super::*;
     use crate::storage::{MemoryStore, Store};
+    use crate::testing::Rng;
     use proptest::prelude::*;
 
     fn version(replica: u64, counter: u64, history: &[(u64, u64)], ts: u64) -> Version {
@@ -919,17 +920,6 @@ mod tests {
             self.replica = Replica::load(&*self.store.read().expect("read"))
                 .expect("load")
                 .unwrap_or_else(|| Replica::fresh(id, p));
-        }
-    }
-
-    /// A tiny deterministic PRNG so a failing seed replays exactly.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
         }
     }
 

@@ -299,6 +299,7 @@ pub fn duties(proposal: &Proposal, addr: &str) -> Duties {
 mod tests {
     use super::*;
     use crate::placement::Role;
+    use crate::testing::Rng;
 
     fn addr(i: usize) -> String {
         format!("10.0.0.{i}:8080")
@@ -380,17 +381,6 @@ mod tests {
         }
         assert!(t.pulls_done(&addr(6)));
         assert!(t.pulls_done(&addr(1)), "a source owes no pull");
-    }
-
-    /// Deterministic PRNG so a failing seed replays exactly.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
     }
 
     /// Three proposers with different changes race over five acceptors through a

@@ -614,13 +614,8 @@ impl Node {
     ) -> Result<Response> {
         let mut acceptor = self.acceptor.lock().await;
         let cur = self.current();
-        if cur.view.is_none() || epoch != cur.epoch() + 1 {
-            return Ok(Response::Paxos(PaxosReply::Epoch(cur.epoch())));
-        }
-        if let Some(t) = &cur.transition {
-            return Ok(Response::Paxos(PaxosReply::Chosen(Box::new(
-                t.proposal.clone(),
-            ))));
+        if let Some(early) = paxos_precheck(&cur, epoch) {
+            return Ok(early);
         }
         let mut next = self.acceptor_for(&acceptor, epoch);
         let reply = next.on_prepare(&ballot);
@@ -638,13 +633,8 @@ impl Node {
     ) -> Result<Response> {
         let mut acceptor = self.acceptor.lock().await;
         let cur = self.current();
-        if cur.view.is_none() || epoch != cur.epoch() + 1 {
-            return Ok(Response::Paxos(PaxosReply::Epoch(cur.epoch())));
-        }
-        if let Some(t) = &cur.transition {
-            return Ok(Response::Paxos(PaxosReply::Chosen(Box::new(
-                t.proposal.clone(),
-            ))));
+        if let Some(early) = paxos_precheck(&cur, epoch) {
+            return Ok(early);
         }
         proposal.check().map_err(Error::bad_request)?;
         if proposal.epoch() != epoch || cur.view.as_deref() != Some(&proposal.from) {
@@ -1132,6 +1122,17 @@ impl Node {
             });
         }
     }
+}
+
+/// What an acceptor answers before looking at a ballot: its epoch when the message is not
+/// for its next one, or the chosen proposal when it already knows it.
+fn paxos_precheck(cur: &super::Current, epoch: u64) -> Option<Response> {
+    if cur.view.is_none() || epoch != cur.epoch() + 1 {
+        return Some(Response::Paxos(PaxosReply::Epoch(cur.epoch())));
+    }
+    cur.transition
+        .as_ref()
+        .map(|t| Response::Paxos(PaxosReply::Chosen(Box::new(t.proposal.clone()))))
 }
 
 /// The test delay of [`PULL_DELAY_ENV`], if set.

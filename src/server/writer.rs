@@ -758,28 +758,11 @@ mod tests {
 
     #[test]
     fn a_first_version_data_directory_is_migrated() {
-        #[derive(serde::Serialize)]
-        struct OldView {
-            cluster: u64,
-            epoch: u64,
-            k: usize,
-            members: Vec<String>,
-            partitions: Vec<Vec<String>>,
-            slots: Vec<u32>,
-        }
         let v = view(4, 2);
         let applied: VersionVector = [(77, 5)].into_iter().collect();
         let store = MemoryStore::new();
         let mut txn = store.write().expect("txn");
-        let old = OldView {
-            cluster: v.cluster,
-            epoch: 1,
-            k: 2,
-            members: v.members.clone(),
-            partitions: v.partitions.iter().map(|p| p.replicas.clone()).collect(),
-            slots: v.slots.clone(),
-        };
-        txn.set_meta(LEGACY_VIEW, &encode(&old)).expect("meta");
+        txn.set_meta(LEGACY_VIEW, &v.legacy_bytes()).expect("meta");
         txn.set_meta(LEGACY_REPLICA, &encode(&(applied.clone(), applied.clone())))
             .expect("meta");
         txn.set_meta(LEGACY_REPLICA_ID, &encode(&77u64))
