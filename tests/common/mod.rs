@@ -41,6 +41,9 @@ pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// Per-request timeout. Above the server's bounded catch-up wait (~2 s) and any
 /// unavailability detection, so a slow-but-correct answer is never mistaken for a hang.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Timeout of one `update_view` request: it returns once every key has moved (debug
+/// builds, thousands of keys, a 2-core machine shared with other tests).
+pub const VIEW_CHANGE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Time a node gets to exit after SIGTERM before it is killed with SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Interval between polls in every wait loop.
@@ -55,6 +58,9 @@ pub const DEFAULT_SECRET: &str = "kvs-integration-test-secret";
 /// One `kvs` process slot: its fixed address, env and files, and the running child, if any.
 struct Node {
     addr: String,
+    /// Whether the process gets `VIEW` (the initial members). Spare nodes start
+    /// without one, to be added by a view change.
+    initial: bool,
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
@@ -66,6 +72,8 @@ pub struct Cluster {
     pub k: usize,
     pub view: Vec<String>,
     secret: String,
+    /// Extra environment for every process started from now on (see [`Cluster::set_env`]).
+    env: Mutex<Vec<(String, String)>>,
     nodes: Vec<Node>,
     tmp: Option<TempDir>,
     http: reqwest::Client,
@@ -109,24 +117,52 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with a given `CLUSTER_SECRET`.
     pub async fn start_with_secret(test_id: u8, n: usize, k: usize, secret: &str) -> Cluster {
+        Cluster::start_full(test_id, n, 0, k, secret, &[]).await
+    }
+
+    /// Starts `n` nodes like [`Cluster::start`] and prepares `spares` more slots
+    /// (indices `n..n + spares`, addresses following the initial ones) that are not
+    /// running and are not in `VIEW`: [`Cluster::start_spare`] starts one as a node in no
+    /// cluster, ready to be added with `update_view`. Every process gets `env` on top of
+    /// the usual variables (see [`Cluster::set_env`]).
+    pub async fn start_with_spares(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        k: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::start_full(test_id, n, spares, k, DEFAULT_SECRET, env).await
+    }
+
+    async fn start_full(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        k: usize,
+        secret: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         assert!(
-            (1..=250).contains(&n),
+            (1..=250).contains(&(n + spares)),
             "a test range holds at most 250 nodes"
         );
         let net: u8 = env_or("KVS_TEST_NET", DEFAULT_NET);
         let port: u16 = env_or("KVS_TEST_PORT", DEFAULT_PORT);
-        let view: Vec<String> = (0..n)
+        let addrs: Vec<String> = (0..n + spares)
             .map(|i| format!("127.{net}.{test_id}.{}:{port}", i + 1))
             .collect();
+        let view = addrs[..n].to_vec();
         let tmp = tempfile::Builder::new()
             .prefix(&format!("kvs-test-{test_id}-"))
             .tempdir()
             .expect("create temporary directory for the cluster");
-        let nodes = view
+        let nodes = addrs
             .iter()
             .enumerate()
             .map(|(i, addr)| Node {
                 addr: addr.clone(),
+                initial: i < n,
                 data_dir: tmp.path().join(format!("node{i}")),
                 log_path: tmp.path().join(format!("node{i}.log")),
                 child: Mutex::new(None),
@@ -146,6 +182,11 @@ impl Cluster {
             k,
             view,
             secret: secret.to_owned(),
+            env: Mutex::new(
+                env.iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            ),
             nodes,
             tmp: Some(tmp),
             http,
@@ -160,8 +201,33 @@ impl Cluster {
         cluster
     }
 
+    /// Number of node slots, spares included.
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Sets `name=value` in the environment of every process started after this call
+    /// (restarts included), e.g. a fault-injection knob.
+    pub fn set_env(&self, name: &str, value: &str) {
+        let mut env = lock(&self.env);
+        env.retain(|(n, _)| n != name);
+        env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// Removes `name` from the extra environment (see [`Cluster::set_env`]).
+    pub fn unset_env(&self, name: &str) {
+        lock(&self.env).retain(|(n, _)| n != name);
+    }
+
+    /// Starts spare node `i` (see [`Cluster::start_with_spares`]) and waits until it answers.
+    pub async fn start_spare(&self, i: usize) {
+        assert!(!self.nodes[i].initial, "node {i} is not a spare");
+        self.restart(i).await;
+    }
+
+    /// Whether node `i`'s process is running (as far as the harness knows).
+    pub fn is_running(&self, i: usize) -> bool {
+        lock(&self.nodes[i].child).is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,9 +238,9 @@ impl Cluster {
         &self.nodes[i].addr
     }
 
-    /// Number of partitions: floor(N/K).
+    /// Number of partitions of the initial view: floor(N/K).
     pub fn partitions(&self) -> usize {
-        self.len() / self.k
+        self.view.len() / self.k
     }
 
     /// The partition node `i` belongs to per the layout rule, or -1 for a proxy.
@@ -223,9 +289,15 @@ impl Cluster {
         )
         .expect("write log header");
         let stderr = log.try_clone().expect("clone log file handle");
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        if node.initial {
+            cmd.env("VIEW", self.view.join(","));
+        } else {
+            cmd.env_remove("VIEW");
+        }
+        cmd.envs(lock(&self.env).iter().map(|(n, v)| (n, v)));
+        let child = cmd
             .env("K", self.k.to_string())
-            .env("VIEW", self.view.join(","))
             .env("IPPORT", &node.addr)
             .env("DATA_DIR", &node.data_dir)
             .env("CLUSTER_SECRET", &self.secret)
@@ -246,7 +318,8 @@ impl Cluster {
         *guard = Some(child);
     }
 
-    /// Polls node `i` until `GET /kv-store/get_partition_id` answers 200.
+    /// Polls node `i` until `GET /api/v1/status` answers 200 (the server answers once it
+    /// has loaded its state; a node in no cluster answers too).
     pub async fn wait_ready(&self, i: usize) {
         self.wait_ready_until(i, Instant::now() + STARTUP_DEADLINE)
             .await
@@ -254,7 +327,7 @@ impl Cluster {
 
     async fn wait_ready_until(&self, i: usize, deadline: Instant) {
         let node = &self.nodes[i];
-        let url = format!("http://{}/kv-store/get_partition_id", node.addr);
+        let url = format!("http://{}/api/v1/status", node.addr);
         loop {
             {
                 let mut guard = lock(&node.child);
@@ -514,6 +587,73 @@ impl Cluster {
         );
     }
 
+    /// `PUT /kv-store/update_view?type=<kind>` with form `ip_port=<target>` on node `i`.
+    /// A view change waits for every key to reach its new replicas, so the request gets
+    /// [`VIEW_CHANGE_TIMEOUT`]. Transport failures are `Err`.
+    pub async fn try_update_view(
+        &self,
+        i: usize,
+        kind: &str,
+        target: &str,
+    ) -> Result<(u16, Value), String> {
+        self.node(i)
+            .try_request_within(
+                Method::PUT,
+                &format!("/kv-store/update_view?type={kind}"),
+                form(&[("ip_port", target)]),
+                VIEW_CHANGE_TIMEOUT,
+            )
+            .await
+    }
+
+    /// Like [`Cluster::try_update_view`], asserting a success reply, which it returns.
+    pub async fn update_view(&self, i: usize, kind: &str, target: &str) -> Value {
+        let (status, body) = self
+            .try_update_view(i, kind, target)
+            .await
+            .unwrap_or_else(|e| panic!("update_view {kind} {target}: {e}"));
+        assert_eq!(
+            status, 200,
+            "update_view {kind} {target} via node {i}: {body}"
+        );
+        assert_success(&body);
+        body
+    }
+
+    /// `GET /api/v1/status` on node `i`.
+    pub async fn status(&self, i: usize) -> Value {
+        let (status, body) = self
+            .request(i, Method::GET, "/api/v1/status", String::new())
+            .await;
+        assert_eq!(status, 200, "status of node {i}: {body}");
+        body
+    }
+
+    /// Node `i`'s view epoch and members (sorted), per its status; `None` when it is in
+    /// no cluster.
+    pub async fn view_of(&self, i: usize) -> Option<(u64, Vec<String>)> {
+        let body = self.status(i).await;
+        let view = body.get("view").filter(|v| !v.is_null())?;
+        let epoch = view["epoch"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status of node {i}: no epoch: {body}"));
+        let mut members: Vec<String> = view["members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("status of node {i}: no members: {body}"))
+            .iter()
+            .map(|m| m.as_str().unwrap_or_default().to_owned())
+            .collect();
+        members.sort();
+        Some((epoch, members))
+    }
+
+    /// Node indices whose address is in `members`.
+    pub fn indices_of(&self, members: &[String]) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&i| members.iter().any(|m| m == self.addr(i)))
+            .collect()
+    }
+
     /// A client session that carries its causal payload from reply to request.
     pub fn session(&self, name: &str) -> Session<'_> {
         Session {
@@ -556,6 +696,11 @@ pub struct NodeClient {
 }
 
 impl NodeClient {
+    /// The node's `ip:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// Sends `method path` with a form body. Transport failures are `Err`; a response
     /// that is not JSON is a contract violation and panics.
     pub async fn try_request(
@@ -564,10 +709,23 @@ impl NodeClient {
         path: &str,
         body: String,
     ) -> Result<(u16, Value), String> {
+        self.try_request_within(method, path, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// Like [`NodeClient::try_request`] with a given timeout for the whole exchange.
+    pub async fn try_request_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+        timeout: Duration,
+    ) -> Result<(u16, Value), String> {
         let (i, addr) = (self.index, &self.addr);
         let resp = self
             .http
             .request(method.clone(), format!("http://{addr}{path}"))
+            .timeout(timeout)
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
