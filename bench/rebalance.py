@@ -349,6 +349,32 @@ def show_counts(cluster, n, good, waited, counts, per_part):
 # View changes
 
 
+def reset_peak_rss(cluster):
+    """Resets the peak resident set size of every running node (Linux: clear_refs 5)."""
+    for p in cluster.procs.values():
+        if p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
+
+def peak_rss(cluster):
+    """The largest peak resident set size (VmHWM, bytes) of the running nodes since the
+    last reset_peak_rss, or None where /proc does not tell."""
+    peaks = []
+    for p in cluster.procs.values():
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+    return max(peaks) if peaks else None
+
+
 def change(cluster, kind, target, n, size, expected_min, label):
     coord = cluster.members[0]
     change_name = f"{kind} {target}"
@@ -382,6 +408,7 @@ def change(cluster, kind, target, n, size, expected_min, label):
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     conn = http.client.HTTPConnection(coord.split(":")[0], PORT, timeout=min(CHANGE_TIMEOUT, remaining()))
+    reset_peak_rss(cluster)
     t0 = time.perf_counter()
     try:
         st, reply = call(conn, "PUT", f"/kv-store/update_view?type={kind}", {"ip_port": target}, ok=None)
@@ -390,6 +417,7 @@ def change(cluster, kind, target, n, size, expected_min, label):
         done.set()
         conn.close()
         poller.join(timeout=10)
+    rss = peak_rss(cluster)
     if st != 200:
         raise BenchError(f"update_view {change_name}: {st} {reply} after {wall:.1f} s")
     after = status(coord)
@@ -428,12 +456,13 @@ def change(cluster, kind, target, n, size, expected_min, label):
         "moved_minus_min": round(km - expected_min, 1),
         "new_partition_keys": new_part, "pulls": vc.get("pulls_total"),
         "settled": good, "settle_s": round(waited, 2), "keys_per_partition": per_part,
-        "keys_per_node": counts,
+        "keys_per_node": counts, "peak_rss_bytes": rss,
     }
     ratio_s = f"{ratio:.4f}" if ratio is not None else ("at the minimum" if km == 0 else f"{km} over")
     log(f"  {label}: moved {km} keys ({bm / MB:.1f} MB, payload {km * size / MB:.1f} MB), "
         f"copies {kc} ({bc / MB:.1f} MB); {bm / MB / wall:.1f} MB/s moved, {bc / MB / wall:.1f} MB/s copied; "
-        f"minimum {expected_min:.0f} keys, moved/min = {ratio_s}")
+        f"minimum {expected_min:.0f} keys, moved/min = {ratio_s}; "
+        f"largest node peak RSS during the change {rss / MB if rss else float('nan'):.0f} MB")
     return res
 
 
@@ -477,7 +506,7 @@ def table(results):
     cols = [("change", "{}", 30), ("P", "{}", 5), ("wall s", "{:.2f}", 7), ("moved", "{}", 7),
             ("minimum", "{:.0f}", 8), ("ratio", "{}", 7), ("MB moved", "{:.1f}", 8), ("copies", "{}", 7),
             ("MB copied", "{:.1f}", 9), ("MB/s mv", "{:.1f}", 7), ("MB/s cp", "{:.1f}", 7),
-            ("keys/s", "{:.0f}", 7), ("verify", "{}", 11)]
+            ("keys/s", "{:.0f}", 7), ("RSS MB", "{}", 6), ("verify", "{}", 11)]
     head = " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, _, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     for r in results:
@@ -486,7 +515,8 @@ def table(results):
                 r["min_keys"], (f"{r['moved_vs_min']:.3f}" if r["moved_vs_min"] is not None
                                 else "=min" if r["keys_moved"] == 0 else "over"),
                 r["bytes_moved"] / MB, r["keys_copied"], r["bytes_copied"] / MB, r["mb_per_s_moved"],
-                r["mb_per_s_copied"], r["keys_per_s_moved"], f"{v['ok']}/{v['sampled']}"]
+                r["mb_per_s_copied"], r["keys_per_s_moved"],
+                f"{r['peak_rss_bytes'] / MB:.0f}" if r["peak_rss_bytes"] else "?", f"{v['ok']}/{v['sampled']}"]
         cells = []
         for i, ((_, fmt, w), x) in enumerate(zip(cols, vals)):
             s = fmt.format(x)
@@ -564,7 +594,7 @@ def main():
     if out["results"]:
         log(f"\n{args.keys} keys x {args.value_bytes} B; MB = 10^6 bytes; 'moved' = unique keys that changed "
             f"partition, 'copies' = copies written (MB include per-key metadata); ratio = moved / minimum; "
-            f"verify = sampled reads correct")
+            f"verify = sampled reads correct; RSS MB = largest peak resident memory of a node during the change")
         log(table(out["results"]))
         for name, l in out["loads"].items():
             log(f"load {name}: {l['keys']} keys in {l['seconds']:.1f} s ({l['puts_per_s']:.0f} PUT/s)")

@@ -52,6 +52,9 @@ struct ServeArgs {
     /// Keep data in memory only: nothing survives a restart.
     #[arg(long)]
     memory: bool,
+    /// Size of the storage engine's page cache, in MiB.
+    #[arg(long, env = "KVS_CACHE_MB", default_value_t = 256)]
+    cache_mb: usize,
     /// Shared secret that authenticates node-to-node traffic.
     #[arg(long, env = "CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
@@ -117,7 +120,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .clone()
             .unwrap_or_else(|| PathBuf::from("kvs-data").join(addr.replace([':', '[', ']'], "_")));
         Arc::new(
-            RedbStore::open(&dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?,
+            RedbStore::open_with_cache(&dir, args.cache_mb.saturating_mul(1024 * 1024))
+                .map_err(|e| format!("data directory {}: {e}", dir.display()))?,
         )
     };
     let secret = args.cluster_secret.unwrap_or_else(|| {

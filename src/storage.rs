@@ -133,11 +133,25 @@ pub struct RedbStore {
     db: redb::Database,
 }
 
+/// Default size of redb's page cache. redb's own default is 1 GiB, which lets a node's
+/// memory grow with its data set up to that much; the B-tree's interior pages of a
+/// multi-gigabyte store fit in far less.
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
 impl RedbStore {
+    /// Opens (or creates) the store in `dir` with the default page cache.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir` with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Engine(format!("creating {}: {e}", dir.display())))?;
-        let db = redb::Database::create(dir.join("kvs.redb")).map_err(engine)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("kvs.redb"))
+            .map_err(engine)?;
         // Create the tables up front so read transactions can always open them.
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(KV).map_err(engine)?;

@@ -222,8 +222,10 @@ pub struct Node {
     /// The Paxos acceptor state (`None` until first used), behind an async lock so each
     /// answer is persisted before the next is computed.
     acceptor: tokio::sync::Mutex<Option<Acceptor>>,
-    /// Serializes pull steps on this node.
-    pulling: tokio::sync::Mutex<()>,
+    /// Serializes the steps of each pull (its progress is read, advanced and persisted
+    /// by one step at a time); different pulls run in parallel, so a node holds at most
+    /// one page per pull in memory. Cleared when a view is installed.
+    pulling: Mutex<BTreeMap<PullKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Progress of this node's pulls since the transition was learned or loaded.
     pull_progress: Mutex<BTreeMap<PullKey, PullProgress>>,
     /// The view change this node coordinates (or last coordinated), for status.
@@ -289,7 +291,7 @@ impl Node {
             reconfig: tokio::sync::Mutex::new(()),
             coordinating: tokio::sync::Mutex::new(()),
             acceptor: tokio::sync::Mutex::new(Some((*acceptor).clone())),
-            pulling: tokio::sync::Mutex::new(()),
+            pulling: Mutex::new(BTreeMap::new()),
             pull_progress: Mutex::new(BTreeMap::new()),
             progress: Mutex::new(None),
             gossip: Mutex::new(BTreeMap::new()),

@@ -754,7 +754,8 @@ impl Node {
         source: String,
         claim: Option<Claim>,
     ) -> Result<PullProgress> {
-        let _one = self.pulling.lock().await;
+        let step = lock(&self.pulling).entry(key).or_default().clone();
+        let _one = step.lock().await;
         if let Some(delay) = pull_delay() {
             tokio::time::sleep(delay).await;
         }
@@ -861,6 +862,7 @@ impl Node {
         }
         self.apply_layout(layout);
         lock(&self.pull_progress).clear();
+        lock(&self.pulling).clear();
         *lock(&self.learned_at) = None;
         let role = match view.role_of(&self.addr) {
             Some(Role::Replica(uid)) => {
