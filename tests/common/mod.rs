@@ -225,11 +225,6 @@ impl Cluster {
         self.restart(i).await;
     }
 
-    /// Whether node `i`'s process is running (as far as the harness knows).
-    pub fn is_running(&self, i: usize) -> bool {
-        lock(&self.nodes[i].child).is_some()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
