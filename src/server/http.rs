@@ -42,8 +42,9 @@ pub async fn serve(
         .await
 }
 
-/// `GET /api/v1/status`: this node's view, role, transition and the progress of the
-/// view change it coordinates. What `kvs local` polls to show a rebalance.
+/// `GET /api/v1/status`: this node's view, role, transition, the progress of the view
+/// change it coordinates, and what its failure detector believes about each peer. What
+/// `kvs local` polls to show a rebalance.
 async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
     let cur = node.current();
     let keys = node
@@ -88,6 +89,7 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
             "to_epoch": t.to().epoch,
         })),
         "view_change": node.progress(),
+        "peers": node.peer_health(),
     });
     (StatusCode::OK, Json(body)).into_response()
 }

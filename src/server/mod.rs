@@ -14,6 +14,8 @@
 //! * **Sync** (`sync.rs`): per peer of the partition a puller (asks for what this replica
 //!   lacks every [`SYNC_INTERVAL`], at once when poked, and when a read needs to catch
 //!   up) and a poker (tells the peer to pull after local writes); a log trimmer.
+//! * **Heartbeats** (`heartbeat.rs`): pings to every other member feed the failure
+//!   detector (`cluster.rs`) that orders the replicas a request is forwarded to.
 //! * **View changes** (`reconfig.rs`): coordinating `update_view`, the Paxos acceptor,
 //!   learning, draining, pulling and installing views, and the background tasks that
 //!   re-drive a stalled change, collect handed-over slots and catch up with newer views.
@@ -34,6 +36,7 @@
 //! * A forwarded write that times out is retried at the next replica; if the first did
 //!   apply it, the value is stored twice under two dots (same value, harmless siblings).
 
+mod heartbeat;
 mod http;
 mod reconfig;
 mod sync;
@@ -56,7 +59,9 @@ use crate::cluster::Liveness;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, Role, SlotSet, View};
 use crate::replica::{Replica, WriteRequest};
-use crate::rpc::{Envelope, NodeStatus, ReadReply, Request, Response, Transport, WriteReply};
+use crate::rpc::{
+    CallError, Envelope, NodeStatus, ReadReply, Request, Response, Transport, WriteReply,
+};
 use crate::storage::Store;
 use crate::viewchange::{Acceptor, PullKey, PullProgress, Transition};
 use writer::{Durable, Publish, WriterCmd};
@@ -118,6 +123,13 @@ fn check_bounds(key: &str, value: Option<&[u8]>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Milliseconds on a monotonic clock (since the process first asked): what the failure
+/// detector measures silences with, immune to wall-clock steps.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
@@ -427,6 +439,20 @@ impl Node {
         lock(&self.liveness)
     }
 
+    /// Sends `env` to `peer` over the transport and tells the failure detector how it
+    /// went: any answer (a refusal too) is a sign of life, no answer a failure.
+    async fn send(&self, peer: &str, env: &Envelope, timeout: Duration) -> Result<Response> {
+        let out = self.transport.call(peer, env, timeout).await;
+        let now = monotonic_ms();
+        match &out {
+            Ok(_) | Err(CallError::Refused(..)) => self.liveness().record_ok(peer, now),
+            Err(CallError::Unreachable(..) | CallError::Timeout(..)) => {
+                self.liveness().record_failure(peer, now)
+            }
+        }
+        Ok(out?)
+    }
+
     /// Reads `key` for a client. `may_forward` is false for requests that were already
     /// forwarded to us, so a request never travels more than one hop.
     pub async fn get(
@@ -709,27 +735,20 @@ impl Node {
             .cloned()
             .collect();
         let start = self.next_peer.fetch_add(1, Ordering::Relaxed);
-        let order = self.liveness().order(&replicas, start, now_ms());
+        let order = self.liveness().order(&replicas, start, monotonic_ms());
         let env = self.envelope(req);
         let mut last = format!("partition {index} has no other replica");
         for peer in order {
-            match self.transport.call(&peer, &env, FORWARD_TIMEOUT).await {
+            match self.send(&peer, &env, FORWARD_TIMEOUT).await {
                 // A replica that cannot serve now, or whose disk fails: try the next one.
                 Ok(Response::Error(e))
                     if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
                 {
-                    self.liveness().record_ok(&peer);
                     last = format!("{peer}: {e}");
                 }
                 Ok(Response::Error(e)) => return Err(e),
-                Ok(resp) => {
-                    self.liveness().record_ok(&peer);
-                    return Ok(resp);
-                }
-                Err(e) => {
-                    self.liveness().record_failure(&peer, now_ms());
-                    last = e.to_string();
-                }
+                Ok(resp) => return Ok(resp),
+                Err(e) => last = e.to_string(),
             }
         }
         Err(Error::unavailable(format!(
@@ -755,9 +774,7 @@ impl Node {
                     Error::unavailable(format!("{to} did not answer within {timeout:?}"))
                 })?
         } else {
-            self.transport
-                .call(to, &self.envelope(req), timeout)
-                .await?
+            self.send(to, &self.envelope(req), timeout).await?
         };
         match resp {
             Response::Error(e) => Err(e),

@@ -994,6 +994,7 @@ impl Node {
         }
         let mut tasks = lock(&self.tasks);
         tasks.spawn(redrive_loop(self.clone()));
+        tasks.spawn(super::heartbeat::heartbeat_loop(self.clone()));
         // A node that was down may have missed view changes: ask the members once.
         let node = self.clone();
         tasks.spawn(async move {

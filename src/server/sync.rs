@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use super::{
-    lock, now_ms, unexpected, Current, Node, ReplicaHandle, WriterCmd, SYNC_INTERVAL,
-    SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES, SYNC_TIMEOUT,
+    lock, unexpected, Current, Node, ReplicaHandle, WriterCmd, SYNC_INTERVAL, SYNC_PAGE_BYTES,
+    SYNC_PAGE_ENTRIES, SYNC_TIMEOUT,
 };
 use crate::error::{Error, Result};
 use crate::replica::{Claim, Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
@@ -73,13 +73,8 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
                 max_entries: SYNC_PAGE_ENTRIES,
                 max_bytes: SYNC_PAGE_BYTES,
             });
-            let resp = match node
-                .transport
-                .call(&peer, &node.envelope(req), SYNC_TIMEOUT)
-                .await
-            {
+            let resp = match node.send(&peer, &node.envelope(req), SYNC_TIMEOUT).await {
                 Ok(Response::Sync(resp)) => {
-                    node.liveness().record_ok(&peer);
                     if !reachable {
                         tracing::info!(%peer, "peer replica reachable again");
                         reachable = true;
@@ -91,7 +86,6 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
                     break;
                 }
                 Err(e) => {
-                    node.liveness().record_failure(&peer, now_ms());
                     if reachable {
                         tracing::warn!(%peer, "peer replica unreachable, will keep trying: {e}");
                         reachable = false;
@@ -156,7 +150,7 @@ async fn poker(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String) {
         let env = node.envelope(Request::Poke {
             partition: r.partition,
         });
-        if let Err(e) = node.transport.call(&peer, &env, POKE_TIMEOUT).await {
+        if let Err(e) = node.send(&peer, &env, POKE_TIMEOUT).await {
             tracing::trace!(%peer, "poke failed: {e}");
         }
     }
@@ -307,11 +301,7 @@ impl Node {
                 max_entries: SYNC_PAGE_ENTRIES,
                 max_bytes: SYNC_PAGE_BYTES,
             });
-            let page = match self
-                .transport
-                .call(peer, &self.envelope(req), SYNC_TIMEOUT)
-                .await?
-            {
+            let page = match self.send(peer, &self.envelope(req), SYNC_TIMEOUT).await? {
                 Response::Snapshot(page) => page,
                 Response::Error(e) => return Err(e),
                 other => return Err(unexpected(&other)),
