@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_error, assert_success, form, value_of, Cluster, NodeClient, POLL_INTERVAL};
+use common::{
+    assert_error, assert_success, form, keys, load, value_of, verify, Cluster, NodeClient,
+    POLL_INTERVAL,
+};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -28,73 +31,6 @@ const SCENARIO: Duration = Duration::from_secs(420);
 /// Time the nodes get to agree on one view after a change or a restart (a stalled
 /// change is re-driven after 5 s of inactivity).
 const CONVERGE: Duration = Duration::from_secs(90);
-/// Concurrent clients used to load and verify keys.
-const CLIENTS: usize = 8;
-
-/// PUTs `keys` (key → value) through `via` (round-robin) with [`CLIENTS`] concurrent
-/// clients, each PUT without a causal payload, and asserts every one is acknowledged.
-async fn load(c: &Cluster, via: &[usize], keys: &BTreeMap<String, String>) {
-    let items: Vec<(String, String)> = keys.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let mut tasks = Vec::new();
-    for t in 0..CLIENTS {
-        let nodes: Vec<NodeClient> = via.iter().map(|&i| c.node(i)).collect();
-        let mine: Vec<(String, String)> = items.iter().skip(t).step_by(CLIENTS).cloned().collect();
-        tasks.push(tokio::spawn(async move {
-            for (n, (key, val)) in mine.iter().enumerate() {
-                let node = &nodes[n % nodes.len()];
-                let (status, body) = node.put(key, val, "").await;
-                assert!(
-                    status == 200 || status == 201,
-                    "PUT {key} during loading answered {status}: {body}"
-                );
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("loader task");
-    }
-}
-
-/// `n` keys `<prefix>_<i>` with values that name the key and a version.
-fn keys(prefix: &str, n: usize) -> BTreeMap<String, String> {
-    (0..n)
-        .map(|i| (format!("{prefix}_{i}"), format!("{prefix}_{i}=v1")))
-        .collect()
-}
-
-/// Reads every key of `expected` through the nodes `via` (key `j` through
-/// `via[j % len]`), and a sample of `sample` keys through every node of `via`, all with
-/// an empty causal payload, asserting 200 and the expected value.
-async fn verify(c: &Cluster, via: &[usize], expected: &BTreeMap<String, String>, sample: usize) {
-    let items: Vec<(usize, String, String)> = expected
-        .iter()
-        .enumerate()
-        .flat_map(|(j, (k, v))| {
-            let mut reads = vec![(via[j % via.len()], k.clone(), v.clone())];
-            if j < sample {
-                reads.extend(via.iter().map(|&i| (i, k.clone(), v.clone())));
-            }
-            reads
-        })
-        .collect();
-    let mut tasks = Vec::new();
-    for t in 0..CLIENTS {
-        let clients: BTreeMap<usize, NodeClient> = via.iter().map(|&i| (i, c.node(i))).collect();
-        let mine: Vec<(usize, String, String)> =
-            items.iter().skip(t).step_by(CLIENTS).cloned().collect();
-        tasks.push(tokio::spawn(async move {
-            for (i, key, val) in mine {
-                let (status, body) = clients[&i].get(&key, "").await;
-                assert_eq!(status, 200, "GET {key} via node {i}: {body}");
-                assert_eq!(value_of(&body), val, "GET {key} via node {i}: {body}");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("verifier task");
-    }
-}
-
 /// Waits until every node of `nodes` reports the same epoch, the same members and no
 /// transition; returns that epoch and the sorted members.
 async fn converge(c: &Cluster, nodes: &[usize]) -> (u64, Vec<String>) {

@@ -402,6 +402,41 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` (e.g. `-STOP`, `-CONT`) to node `i`'s process.
+    fn signal(&self, i: usize, signal: &str) {
+        let guard = lock(&self.nodes[i].child);
+        let child = guard
+            .as_ref()
+            .unwrap_or_else(|| panic!("signal {signal}: node {i} is not running"));
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill {signal} node {i}: {e}"));
+        assert!(status.success(), "kill {signal} node {i}: {status}");
+    }
+
+    /// Freezes node `i` (SIGSTOP): its sockets stay open but it answers nothing.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Lets a paused node `i` run again (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    /// Deletes the data directory of node `i`, which must not be running.
+    pub fn wipe(&self, i: usize) {
+        assert!(
+            lock(&self.nodes[i].child).is_none(),
+            "wipe: node {i} is still running"
+        );
+        let dir = &self.nodes[i].data_dir;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("wipe {}: {e}", dir.display()));
+        }
+    }
+
     /// Starts node `i` again with the same env and DATA_DIR and waits until it is ready.
     pub async fn restart(&self, i: usize) {
         self.spawn(i);
@@ -804,6 +839,78 @@ impl NodeClient {
             form(&[("val", val), ("causal_payload", causal_payload)]),
         )
         .await
+    }
+}
+
+/// Concurrent clients used to load and verify keys.
+pub const CLIENTS: usize = 8;
+
+/// PUTs `keys` (key → value) through `via` (round-robin) with [`CLIENTS`] concurrent
+/// clients, each PUT without a causal payload, and asserts every one is acknowledged.
+pub async fn load(c: &Cluster, via: &[usize], keys: &BTreeMap<String, String>) {
+    let items: Vec<(String, String)> = keys.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let nodes: Vec<NodeClient> = via.iter().map(|&i| c.node(i)).collect();
+        let mine: Vec<(String, String)> = items.iter().skip(t).step_by(CLIENTS).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            for (n, (key, val)) in mine.iter().enumerate() {
+                let node = &nodes[n % nodes.len()];
+                let (status, body) = node.put(key, val, "").await;
+                assert!(
+                    status == 200 || status == 201,
+                    "PUT {key} during loading answered {status}: {body}"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("loader task");
+    }
+}
+
+/// `n` keys `<prefix>_<i>` with values that name the key and a version.
+pub fn keys(prefix: &str, n: usize) -> BTreeMap<String, String> {
+    (0..n)
+        .map(|i| (format!("{prefix}_{i}"), format!("{prefix}_{i}=v1")))
+        .collect()
+}
+
+/// Reads every key of `expected` through the nodes `via` (key `j` through
+/// `via[j % len]`), and a sample of `sample` keys through every node of `via`, all with
+/// an empty causal payload, asserting 200 and the expected value.
+pub async fn verify(
+    c: &Cluster,
+    via: &[usize],
+    expected: &BTreeMap<String, String>,
+    sample: usize,
+) {
+    let items: Vec<(usize, String, String)> = expected
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (k, v))| {
+            let mut reads = vec![(via[j % via.len()], k.clone(), v.clone())];
+            if j < sample {
+                reads.extend(via.iter().map(|&i| (i, k.clone(), v.clone())));
+            }
+            reads
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let clients: BTreeMap<usize, NodeClient> = via.iter().map(|&i| (i, c.node(i))).collect();
+        let mine: Vec<(usize, String, String)> =
+            items.iter().skip(t).step_by(CLIENTS).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            for (i, key, val) in mine {
+                let (status, body) = clients[&i].get(&key, "").await;
+                assert_eq!(status, 200, "GET {key} via node {i}: {body}");
+                assert_eq!(value_of(&body), val, "GET {key} via node {i}: {body}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("verifier task");
     }
 }
 
