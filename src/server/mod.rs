@@ -55,7 +55,7 @@ pub use reconfig::{ChangeOutcome, Progress};
 pub use writer::ReplicaStatus;
 
 use crate::clock::{CausalToken, PartitionUid, ReplicaId, TokenKey, VersionVector};
-use crate::cluster::Liveness;
+use crate::cluster::{Health, Liveness};
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, Role, SlotSet, View};
 use crate::replica::{Replica, WriteRequest};
@@ -83,6 +83,8 @@ pub const VIEW_CATCHUP_WAIT: Duration = Duration::from_secs(2);
 /// Timeout of one forwarded client request: above [`CATCHUP_WAIT`], so a replica that is
 /// catching up answers before we give up on it.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// Timeout of a forwarded request to a replica the failure detector believes dead.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_millis(300);
 /// Forwarded requests in flight at once; beyond it clients get a retryable 503.
 pub const MAX_FORWARDS: usize = 1_024;
 /// Writer queue length: when full, request handlers wait (backpressure).
@@ -629,6 +631,17 @@ impl Node {
         if ready(&self.replica_status.borrow()) {
             return true;
         }
+        // Writes this replica lacks can only come from its peers: when the failure
+        // detector believes all of them dead, waiting is pointless, and failing now lets
+        // the forwarder try a replica on the other side of the fault.
+        let now = monotonic_ms();
+        if !r.peers.is_empty()
+            && r.peers
+                .iter()
+                .all(|(peer, _)| self.liveness().health(peer, now) == Health::Dead)
+        {
+            return false;
+        }
         for (_, notify) in &r.peers {
             notify.notify_one();
         }
@@ -739,7 +752,14 @@ impl Node {
         let env = self.envelope(req);
         let mut last = format!("partition {index} has no other replica");
         for peer in order {
-            match self.send(&peer, &env, FORWARD_TIMEOUT).await {
+            // A peer believed dead has missed heartbeats for over a second: it gets one
+            // short chance (in case it just came back), not the full timeout.
+            let timeout = if self.liveness().health(&peer, monotonic_ms()) == Health::Dead {
+                DEAD_PEER_TIMEOUT
+            } else {
+                FORWARD_TIMEOUT
+            };
+            match self.send(&peer, &env, timeout).await {
                 // A replica that cannot serve now, or whose disk fails: try the next one.
                 Ok(Response::Error(e))
                     if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
