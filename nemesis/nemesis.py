@@ -113,7 +113,7 @@ class Net:
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
 
     def teardown(self, quiet=False):
-        for i in range(1, self.n + 2):
+        for i in range(1, self.n + 1):
             sh("ip", "link", "del", f"kvsnem{i}h", check=False)
             sh("ip", "netns", "del", self.ns(i), check=False)
         sh("ip", "link", "del", BRIDGE, check=False)
@@ -152,9 +152,13 @@ class Nodes:
         return f"{Net.ip(i)}:{PORT}"
 
     def start(self, i):
-        env = dict(os.environ, K=str(self.k), VIEW=",".join(self.view), IPPORT=self.addr(i),
+        """Starts node i: with VIEW if it is one of the initial nodes, else as a spare to add."""
+        env = dict(os.environ, K=str(self.k), IPPORT=self.addr(i),
                    DATA_DIR=os.path.join(self.tmp, f"node{i}"), CLUSTER_SECRET=SECRET,
                    RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        env.pop("VIEW", None)
+        if i <= self.n:
+            env["VIEW"] = ",".join(self.view)
         out = open(os.path.join(self.tmp, f"node{i}.log"), "ab")
         self.procs[i] = subprocess.Popen(["ip", "netns", "exec", Net.ns(i), self.binary], env=env,
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -437,7 +441,10 @@ def final_reads(history, parts, keys):
         final[key] = {}
         for r in replicas:
             try:
+                t = time.time()
                 st, body = request(f"{Net.ip(r)}:{PORT}", "GET", f"/kv-store/{key}", {"causal_payload": ""})
+                if os.environ.get("NEMESIS_DEBUG") and time.time() - t > 0.3:
+                    log(f"  slow final read of {key} at node {r}: {time.time() - t:.2f} s: {st} {body}")
                 final[key][r] = int(body["value"].split(":")[1]) if st == 200 else None
             except (OSError, http.client.HTTPException, ValueError, KeyError):
                 final[key][r] = None
@@ -474,7 +481,8 @@ def main():
 
     deadline = time.time() + args.time_limit
     tmp = tempfile.mkdtemp(prefix="kvs-nemesis-")
-    net = Net(args.nodes)
+    spares = [args.nodes + 1, args.nodes + 2]
+    net = Net(args.nodes + len(spares))
     nodes = Nodes(args.nodes, args.k, args.binary, tmp)
     stop = threading.Event()
     history = History()
@@ -488,26 +496,63 @@ def main():
     failed = True
     try:
         net.setup()
-        for i in range(1, args.nodes + 1):
+        for i in list(range(1, args.nodes + 1)) + spares:
             nodes.start(i)
-        for i in range(1, args.nodes + 1):
+        for i in list(range(1, args.nodes + 1)) + spares:
             nodes.wait_ready(i)
         parts = members_of(nodes.addr(1))
         log(f"partitions: {parts}")
         p0 = sorted(parts)[0]
         a, b = parts[p0][0], parts[p0][1 % len(parts[p0])]
         other = next(i for i in range(1, args.nodes + 1) if i not in parts[p0])
+        everyone = range(1, net.n + 1)
+
+        def isolate(x):
+            for j in everyone:
+                if j != x:
+                    net.cut(x, j)
+
+        adds = {}
+
+        def add_in_background(target, via):
+            def run():
+                t = time.time()
+                try:
+                    adds[target] = request(nodes.addr(via), "PUT", "/kv-store/update_view?type=add",
+                                           {"ip_port": nodes.addr(target)}, timeout=120) + (time.time() - t,)
+                except (OSError, http.client.HTTPException) as e:
+                    adds[target] = (None, {"transport": str(e)}, time.time() - t)
+            th = threading.Thread(target=run, daemon=True)
+            th.start()
+            return th
+
+        def finish_add(target, via, thread):
+            thread.join(timeout=130)
+            st, body, took = adds.get(target, (None, {"error": "no answer"}, 0))
+            log(f"  add {target}: {st} {body} after {took:.1f} s")
+            if st != 200:
+                st, body = request(nodes.addr(via), "PUT", "/kv-store/update_view?type=add",
+                                   {"ip_port": nodes.addr(target)}, timeout=120)
+                log(f"  re-issued add {target}: {st} {body}")
 
         faults = [
-            (f"isolate {a}", lambda: [net.cut(a, j) for j in range(1, args.nodes + 1) if j != a], net.heal),
+            (f"isolate {a}", lambda: isolate(a), net.heal),
             (f"split partition {p0} ({a}|{b})", lambda: net.cut(a, b), net.heal),
             (f"one-way {other}>{a}", lambda: net.drop(other, a, inbound=False), net.heal),
             (f"kill -9 {b}", lambda: nodes.kill(b), lambda: (nodes.start(b), nodes.wait_ready(b))),
             (f"pause {a}", lambda: nodes.signal(a, signal.SIGSTOP), lambda: nodes.signal(a, signal.SIGCONT)),
-            (f"isolate {other}", lambda: [net.cut(other, j) for j in range(1, args.nodes + 1) if j != other],
-             net.heal),
+            (f"isolate {other}", lambda: isolate(other), net.heal),
         ]
         rng.shuffle(faults)
+        # Then view changes under load: one while a member is cut off (it completes once
+        # the member is back, or is re-issued), one that moves a third of the keys.
+        pending = {}
+        faults.append((f"add {spares[0]} while isolate {other}",
+                       lambda: (isolate(other), pending.update(t=add_in_background(spares[0], a))),
+                       lambda: (net.heal(), finish_add(spares[0], a, pending["t"]))))
+        faults.append((f"add {spares[1]} (keys move)",
+                       lambda: pending.update(t=add_in_background(spares[1], b)),
+                       lambda: finish_add(spares[1], b, pending["t"])))
 
         clients = [Client(c, args.nodes, args.keys_per_client, args.clients, history,
                           random.Random(rng.randrange(1 << 30)), stop) for c in range(args.clients)]
@@ -520,7 +565,7 @@ def main():
             if time.time() + args.fault_seconds + args.heal_seconds + 30 > deadline:
                 log("time limit: skipping the remaining faults")
                 break
-            isolated = int(name.split()[-1]) if name.startswith("isolate") else None
+            isolated = int(name.split()[-1]) if "isolate" in name else None
             history.phase = name
             t_fault = time.time()
             log(f"fault: {name}")
@@ -528,6 +573,10 @@ def main():
             time.sleep(args.fault_seconds)
             heal()
             history.phase = f"healed after {name}"
+            new_parts = members_of(nodes.addr(1))
+            if new_parts != parts:
+                log(f"  partitions now: {new_parts}")
+            parts = new_parts
             conv = converge_after_heal(history, parts, t_fault, limit=30)
             log(f"  healed; replicas converged in {conv:.3f} s" if conv is not None
                 else "  healed; replicas did NOT converge within 30 s")
@@ -545,6 +594,8 @@ def main():
             anomalies, siblings, lost, divergent, final_siblings = check(history, final)
             if not divergent or time.time() - t_final > 10:
                 break
+            if os.environ.get("NEMESIS_DEBUG"):
+                log(f"  still divergent: {divergent[:3]}")
             time.sleep(0.2)
         log(f"final reads of {len(keys)} keys from every replica after {time.time() - t_final:.2f} s")
 

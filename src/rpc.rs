@@ -190,12 +190,23 @@ pub struct WriteReply {
 /// Why a call produced no [`Response`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
+    /// No connection could be made: the peer certainly did not receive the request.
+    #[error("peer {0} unreachable: {1}")]
+    NotSent(String, String),
+    /// The connection failed after the request may have been sent.
     #[error("peer {0} unreachable: {1}")]
     Unreachable(String, String),
     #[error("peer {0} did not answer within {1:?}")]
     Timeout(String, Duration),
     #[error("peer {0} refused the call: {1}")]
     Refused(String, String),
+}
+
+impl CallError {
+    /// Whether the peer may have received (and acted on) the request.
+    pub fn maybe_delivered(&self) -> bool {
+        !matches!(self, CallError::NotSent(..) | CallError::Refused(..))
+    }
 }
 
 impl From<CallError> for Error {
@@ -266,11 +277,13 @@ impl HttpTransport {
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| unreachable(&e))?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| unreachable(&e))?;
+        let response = self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                CallError::NotSent(to.into(), e.to_string())
+            } else {
+                unreachable(&e)
+            }
+        })?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RPC_BYTES)
             .collect()

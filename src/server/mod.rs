@@ -33,8 +33,11 @@
 //!
 //! # Caveats
 //!
-//! * A forwarded write that times out is retried at the next replica; if the first did
-//!   apply it, the value is stored twice under two dots (same value, harmless siblings).
+//! * A forwarded write whose replica may have received it but did not answer (timeout,
+//!   connection lost) is not retried elsewhere: the client gets a 503 and the write may
+//!   still be applied later, as a sibling concurrent with the client's later writes (see
+//!   `Node::forward` for why a retry would be worse). The nemesis found this: a retried
+//!   write applied a second time after a partition healed brought an old value back.
 
 mod heartbeat;
 mod http;
@@ -47,6 +50,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -83,6 +87,9 @@ pub const VIEW_CATCHUP_WAIT: Duration = Duration::from_secs(2);
 /// Timeout of one forwarded client request: above [`CATCHUP_WAIT`], so a replica that is
 /// catching up answers before we give up on it.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// A forwarded request not answered within this is also sent to the next replica.
+/// Above [`CATCHUP_WAIT`], so a replica that is catching up answers before we hedge.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(1_200);
 /// Timeout of a forwarded request to a replica the failure detector believes dead.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_millis(300);
 /// Forwarded requests in flight at once; beyond it clients get a retryable 503.
@@ -443,16 +450,21 @@ impl Node {
 
     /// Sends `env` to `peer` over the transport and tells the failure detector how it
     /// went: any answer (a refusal too) is a sign of life, no answer a failure.
-    async fn send(&self, peer: &str, env: &Envelope, timeout: Duration) -> Result<Response> {
+    async fn send(
+        &self,
+        peer: &str,
+        env: &Envelope,
+        timeout: Duration,
+    ) -> std::result::Result<Response, CallError> {
         let out = self.transport.call(peer, env, timeout).await;
         let now = monotonic_ms();
         match &out {
             Ok(_) | Err(CallError::Refused(..)) => self.liveness().record_ok(peer, now),
-            Err(CallError::Unreachable(..) | CallError::Timeout(..)) => {
+            Err(CallError::NotSent(..) | CallError::Unreachable(..) | CallError::Timeout(..)) => {
                 self.liveness().record_failure(peer, now)
             }
         }
-        Ok(out?)
+        out
     }
 
     /// Reads `key` for a client. `may_forward` is false for requests that were already
@@ -727,7 +739,19 @@ impl Node {
         }
     }
 
-    /// Sends a client request to the replicas of `p`, one after another, until one answers.
+    /// Sends a client request to the replicas of `p`, healthiest first, until one answers.
+    ///
+    /// A read not answered within [`HEDGE_AFTER`] keeps its chance, but the next replica
+    /// is asked too and the first good answer wins: a replica that went silent mid-request
+    /// (crash, partition) costs a second, not the whole [`FORWARD_TIMEOUT`].
+    ///
+    /// A write is never sent to a second replica once the first may have received it:
+    /// each replica applying it would give it its own dot, and the copy applied late (a
+    /// partitioned replica receiving it after the heal) would be concurrent with the
+    /// client's later writes and could win over them, bringing an overwritten value back.
+    /// So a write moves on only when the first replica certainly did not act on it (no
+    /// connection, or it refused); otherwise its outcome is unknown and the client gets a
+    /// 503 saying so.
     async fn forward(
         &self,
         view: &View,
@@ -748,10 +772,14 @@ impl Node {
             .cloned()
             .collect();
         let start = self.next_peer.fetch_add(1, Ordering::Relaxed);
-        let order = self.liveness().order(&replicas, start, monotonic_ms());
+        let mut order = self
+            .liveness()
+            .order(&replicas, start, monotonic_ms())
+            .into_iter();
+        let is_write = matches!(req, Request::Put { .. });
         let env = self.envelope(req);
-        let mut last = format!("partition {index} has no other replica");
-        for peer in order {
+        let env = &env;
+        let ask = |peer: String| async move {
             // A peer believed dead has missed heartbeats for over a second: it gets one
             // short chance (in case it just came back), not the full timeout.
             let timeout = if self.liveness().health(&peer, monotonic_ms()) == Health::Dead {
@@ -759,16 +787,41 @@ impl Node {
             } else {
                 FORWARD_TIMEOUT
             };
-            match self.send(&peer, &env, timeout).await {
-                // A replica that cannot serve now, or whose disk fails: try the next one.
-                Ok(Response::Error(e))
-                    if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
-                {
-                    last = format!("{peer}: {e}");
+            let out = self.send(&peer, env, timeout).await;
+            (peer, out)
+        };
+        let mut asked = FuturesUnordered::new();
+        let mut last = format!("partition {index} has no other replica");
+        loop {
+            if asked.is_empty() {
+                match order.next() {
+                    Some(peer) => asked.push(ask(peer)),
+                    None => break,
                 }
-                Ok(Response::Error(e)) => return Err(e),
-                Ok(resp) => return Ok(resp),
-                Err(e) => last = e.to_string(),
+            }
+            let hedge = tokio::time::sleep(HEDGE_AFTER);
+            tokio::select! {
+                Some((peer, out)) = asked.next() => match out {
+                    // A replica that cannot serve now, or whose disk fails: try the next.
+                    Ok(Response::Error(e))
+                        if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
+                    {
+                        last = format!("{peer}: {e}");
+                    }
+                    Ok(Response::Error(e)) => return Err(e),
+                    Ok(resp) => return Ok(resp),
+                    Err(e) if is_write && e.maybe_delivered() => {
+                        return Err(Error::unavailable(format!(
+                            "the write's outcome is unknown: {e}; it may still be applied"
+                        )))
+                    }
+                    Err(e) => last = e.to_string(),
+                },
+                () = hedge, if !is_write => {
+                    if let Some(peer) = order.next() {
+                        asked.push(ask(peer));
+                    }
+                }
             }
         }
         Err(Error::unavailable(format!(
