@@ -947,3 +947,132 @@ impl Node {
 fn unexpected(resp: &Response) -> Error {
     Error::internal(format!("unexpected answer from a peer: {resp:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::CallFuture;
+    use crate::storage::MemoryStore;
+
+    /// A transport whose answers to client requests are scripted per peer; everything
+    /// else (heartbeats, status, sync) finds no one.
+    #[derive(Default)]
+    struct Scripted {
+        /// Per peer, what it does with a forwarded Get/Put: `None` = goes silent.
+        answers: Mutex<BTreeMap<String, Option<Response>>>,
+        /// (peer, "get" | "put") of every forwarded client request, in order.
+        calls: Mutex<Vec<(String, &'static str)>>,
+    }
+
+    impl Transport for Scripted {
+        fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_> {
+            let kind = match envelope.body {
+                Request::Get { .. } => Some("get"),
+                Request::Put { .. } => Some("put"),
+                _ => None,
+            };
+            let to = to.to_string();
+            Box::pin(async move {
+                let Some(kind) = kind else {
+                    return Err(CallError::NotSent(to, "scripted: nobody there".into()));
+                };
+                lock(&self.calls).push((to.clone(), kind));
+                let answer = lock(&self.answers).get(&to).cloned().flatten();
+                match answer {
+                    Some(resp) => Ok(resp),
+                    None => {
+                        // Silent: the request went out, no answer comes back.
+                        tokio::time::sleep(timeout).await;
+                        Err(CallError::Timeout(to, timeout))
+                    }
+                }
+            })
+        }
+    }
+
+    /// A proxy (C) in front of one partition with replicas A and B; A goes silent.
+    fn proxy_with_silent_replica() -> (Arc<Node>, Arc<Scripted>, View) {
+        let members = ["10.9.0.1:8080", "10.9.0.2:8080", "10.9.0.3:8080"].map(String::from);
+        let view = View::bootstrap(members.to_vec(), 2).expect("valid view");
+        let uid = view.partitions[0].uid;
+        let transport = Arc::new(Scripted::default());
+        {
+            let mut answers = lock(&transport.answers);
+            answers.insert(members[0].clone(), None);
+            answers.insert(
+                members[1].clone(),
+                Some(Response::Get(ReadReply {
+                    partition: uid,
+                    index: 0,
+                    value: Some((b"v".to_vec(), 1)),
+                    token: CausalToken::default(),
+                })),
+            );
+        }
+        let cfg = NodeConfig {
+            addr: members[2].clone(),
+            env_view: Some(view.clone()),
+            k: Some(2),
+            secret: "s".into(),
+        };
+        let node =
+            Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");
+        (node, transport, view)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_is_not_retried_once_a_replica_may_have_received_it() {
+        let (node, transport, view) = proxy_with_silent_replica();
+        // Make the silent replica the first one asked.
+        let first = view.partitions[0].replicas[0].clone();
+        let mut result = None;
+        for _ in 0..view.partitions[0].replicas.len() {
+            lock(&transport.calls).clear();
+            let r = node
+                .put("key", b"v".to_vec(), CausalToken::default(), true)
+                .await;
+            if lock(&transport.calls).first().map(|c| &c.0) == Some(&first) {
+                result = Some(r);
+                break;
+            }
+        }
+        let result = result.expect("the silent replica was asked first once");
+        let err = result.expect_err("the write's outcome is unknown");
+        assert_eq!(err.kind, ErrorKind::Unavailable);
+        assert!(err.message.contains("outcome is unknown"), "{err:?}");
+        assert_eq!(
+            *lock(&transport.calls),
+            vec![(first, "put")],
+            "no second replica may be asked"
+        );
+        node.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_hedges_to_the_next_replica_when_the_first_is_silent() {
+        let (node, transport, view) = proxy_with_silent_replica();
+        let first = view.partitions[0].replicas[0].clone();
+        for _ in 0..view.partitions[0].replicas.len() {
+            lock(&transport.calls).clear();
+            let started = tokio::time::Instant::now();
+            let reply = node
+                .get("key", CausalToken::default(), true)
+                .await
+                .expect("the other replica answers");
+            assert_eq!(reply.value.map(|(v, _)| v), Some(b"v".to_vec()));
+            let calls = lock(&transport.calls).clone();
+            if calls.first().map(|c| &c.0) == Some(&first) {
+                assert_eq!(calls.len(), 2, "{calls:?}");
+                // Hedged after HEDGE_AFTER, not after the whole timeout.
+                assert!(
+                    started.elapsed() < FORWARD_TIMEOUT,
+                    "{:?}",
+                    started.elapsed()
+                );
+                node.shutdown().await;
+                return;
+            }
+        }
+        panic!("the silent replica was never asked first");
+    }
+}
