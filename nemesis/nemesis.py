@@ -251,6 +251,7 @@ class Client(threading.Thread):
         self.deps = {}
         self.seq = 0
         self.conns = {}
+        self.error = None
 
     def conn(self, i):
         if i not in self.conns:
@@ -277,6 +278,13 @@ class Client(threading.Thread):
             return None, {"transport": str(e)}
 
     def run(self):
+        try:
+            self.loop()
+        except Exception as e:  # a bug in the workload must fail the run, not thin it out
+            self.error = f"client {self.cid}: {type(e).__name__}: {e}"
+            log(self.error)
+
+    def loop(self):
         while not self.stop.is_set():
             i = self.rng.randint(1, self.nodes)
             t0 = time.time()
@@ -321,21 +329,17 @@ class Client(threading.Thread):
 
 class Order:
     """Causal order among the writes of one key: write s depends on deps_s[key], which
-    depends on its own deps[key], and so on (a chain)."""
+    depends on its own deps[key], and so on: a chain of decreasing seqs."""
 
     def __init__(self, history):
         self.writes = history.writes
-        self.memo = {}
 
-    def past(self, key, seq):
-        """The writes of `key` that (key, seq) causally follows, itself included."""
-        if (key, seq) not in self.memo:
-            chain, s = set(), seq
-            while s and s not in chain:
-                chain.add(s)
-                s = self.writes.get((key, s), {"deps": {}})["deps"].get(key, 0)
-            self.memo[(key, seq)] = chain
-        return self.memo[(key, seq)]
+    def follows(self, key, later, earlier):
+        """Whether write (key, later) causally follows (key, earlier) (or is it)."""
+        s = later
+        while s > earlier:
+            s = self.writes.get((key, s), {"deps": {}})["deps"].get(key, 0)
+        return s == earlier
 
     def relation(self, key, got, floor):
         """How a value `got` read for `key` relates to `floor`, the newest write of it the
@@ -345,9 +349,9 @@ class Order:
             return "ok"
         if not got:
             return "stale"
-        if floor in self.past(key, got):
+        if got > floor and self.follows(key, got, floor):
             return "ok"
-        if got in self.past(key, floor):
+        if got < floor and self.follows(key, floor, got):
             return "stale"
         return "concurrent"
 
@@ -378,6 +382,26 @@ def check(history, final):
             elif rel == "concurrent":
                 final_siblings += 1
     return anomalies, siblings, lost, divergent, final_siblings
+
+
+def self_test():
+    """The checker on hand-made histories: what it must flag and what it must allow."""
+    h = History()
+    # Writer 0 on key k: 1 (ok) <- 2 (ok) <- 4 (ok); 3 failed, issued after 2 (not in 4's past).
+    for seq, dep, outcome in [(1, 0, "ok"), (2, 1, "ok"), (3, 2, "fail"), (4, 2, "ok")]:
+        h.writes[("k", seq)] = {"deps": {"k": dep} if dep else {}, "outcome": outcome}
+
+    def read(got, floor):
+        return {"f": "read", "key": "k", "got": got, "floor": floor, "outcome": "ok"}
+
+    h.ops = [read(4, 4), read(2, 1), read(1, 4), read(0, 2), read(3, 4), read(4, 0)]
+    anomalies, siblings, lost, divergent, final_siblings = check(
+        h, {"k": {1: 4, 2: 3, 3: 2, 4: None}})
+    assert [(o["got"], o["floor"]) for o in anomalies] == [(1, 4), (0, 2)], anomalies
+    assert siblings == 1, siblings                      # 3 is concurrent with 4
+    assert sorted((n, g) for _, n, g, _ in lost) == [(3, 2), (4, None)], lost
+    assert final_siblings == 1 and len(divergent) == 1, (final_siblings, divergent)
+    log("checker self-test passed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,7 +494,11 @@ def main():
     ap.add_argument("--history", default=None, help="write every recorded operation to this JSON file")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--time-limit", type=float, default=900)
+    ap.add_argument("--self-test", action="store_true", help="only check the checker on made-up histories")
     args = ap.parse_args()
+    self_test()
+    if args.self_test:
+        return
     if os.geteuid() != 0:
         sys.exit("nemesis needs root (ip netns, iptables)")
     if not os.path.exists(args.binary):
@@ -591,13 +619,17 @@ def main():
         t_final = time.time()
         while True:
             final = final_reads(history, parts, keys)
-            anomalies, siblings, lost, divergent, final_siblings = check(history, final)
-            if not divergent or time.time() - t_final > 10:
+            differ = [k for k, v in final.items() if len(set(v.values())) > 1]
+            if not differ or time.time() - t_final > 10:
                 break
             if os.environ.get("NEMESIS_DEBUG"):
-                log(f"  still divergent: {divergent[:3]}")
+                log(f"  still divergent: {[(k, final[k]) for k in differ[:3]]}")
             time.sleep(0.2)
-        log(f"final reads of {len(keys)} keys from every replica after {time.time() - t_final:.2f} s")
+        log(f"final reads of {len(keys)} keys: every replica agrees ({time.time() - t_final:.2f} s after "
+            f"the workload stopped)" if not differ else "final reads: replicas still disagree after 10 s")
+        t_check = time.time()
+        anomalies, siblings, lost, divergent, final_siblings = check(history, final)
+        log(f"history checked in {time.time() - t_check:.2f} s")
 
         # Figures per phase.
         log(f"\n{'phase':<34} {'ops':>6} {'ok':>6} {'fail':>6} {'unknown':>7} {'minority ok/ops':>16} {'conv s':>7}")
@@ -631,7 +663,10 @@ def main():
             log(f"  lost: key {item[0]} at node {item[1]}: final seq {item[2]}, last acknowledged {item[3]}")
         for item in divergent[:10]:
             log(f"  divergent: {item}")
-        failed = bool(lost or anomalies or divergent or not_converged
+        crashed = [c.error for c in clients if c.error]
+        if crashed:
+            log(f"workload clients that crashed: {crashed}")
+        failed = bool(lost or anomalies or divergent or not_converged or crashed
                       or (convs and max(convs) > CONVERGENCE_BOUND))
         if args.json:
             with open(args.json, "w") as f:
