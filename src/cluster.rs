@@ -12,7 +12,7 @@
 //!   under a normal distribution fitted to the last [`WINDOW`] intervals (with a floor on
 //!   the deviation, [`MIN_STD_MS`], and an allowance for pauses, [`ACCEPTABLE_PAUSE_MS`]).
 //!   A peer whose `phi` reaches [`PHI_DEAD`] is **dead**. With steady 250 ms heartbeats
-//!   that takes about 1.3 s of silence; jittery links raise the bar by themselves.
+//!   that takes about 1 s of silence; jittery links raise the bar by themselves.
 //! * **Outcomes of real traffic.** Any answered call is a sign of life; a peer with
 //!   [`SUSPECT_AFTER_FAILURES`] consecutive transport failures is **suspected** for
 //!   [`SUSPECT_FOR_MS`] (faster than waiting for phi when a request just failed), and a
