@@ -178,6 +178,11 @@ async fn assert_layout(c: &Cluster, nodes: &[usize], partitions: usize, k: usize
     }
 }
 
+/// `(partition_id, number_of_partitions)` of an add's reply.
+fn add_reply(body: &Value) -> (i64, i64) {
+    (int(body, "partition_id"), int(body, "number_of_partitions"))
+}
+
 fn int(body: &Value, field: &str) -> i64 {
     body[field]
         .as_i64()
@@ -252,33 +257,15 @@ async fn seed_k3_adds_grow_partitions_and_bad_requests_change_nothing() {
         // add one → 2 partitions + 1 proxy; the reply names the new node's role.
         c.start_spare(6).await;
         let body = c.update_view(1, "add", c.addr(6)).await;
-        assert_eq!(
-            (
-                int(&body, "partition_id"),
-                int(&body, "number_of_partitions")
-            ),
-            (-1, 2)
-        );
+        assert_eq!(add_reply(&body), (-1, 2));
         // add another through the proxy just added → still 2 partitions.
         c.start_spare(7).await;
         let body = c.update_view(6, "add", c.addr(7)).await;
-        assert_eq!(
-            (
-                int(&body, "partition_id"),
-                int(&body, "number_of_partitions")
-            ),
-            (-1, 2)
-        );
+        assert_eq!(add_reply(&body), (-1, 2));
         // and a third → 9 nodes, 3 partitions; the new node is in the new one.
         c.start_spare(8).await;
         let body = c.update_view(2, "add", c.addr(8)).await;
-        assert_eq!(
-            (
-                int(&body, "partition_id"),
-                int(&body, "number_of_partitions")
-            ),
-            (2, 3)
-        );
+        assert_eq!(add_reply(&body), (2, 3));
 
         let all: Vec<usize> = (0..9).collect();
         let (epoch, members) = converge(&c, &all).await;
@@ -370,13 +357,7 @@ async fn ten_thousand_keys_survive_adds_and_removes() {
 
         c.start_spare(4).await;
         let body = c.update_view(0, "add", c.addr(4)).await;
-        assert_eq!(
-            (
-                int(&body, "partition_id"),
-                int(&body, "number_of_partitions")
-            ),
-            (-1, 2)
-        );
+        assert_eq!(add_reply(&body), (-1, 2));
         c.start_spare(5).await;
         let body = c.update_view(3, "add", c.addr(5)).await;
         assert_eq!(int(&body, "number_of_partitions"), 3);
@@ -460,12 +441,7 @@ async fn coordinator_killed_mid_change_then_the_change_completes() {
         let coordinator = c.node(0);
         let change = tokio::spawn(async move {
             coordinator
-                .try_request_within(
-                    Method::PUT,
-                    "/kv-store/update_view?type=add",
-                    form(&[("ip_port", &target)]),
-                    Duration::from_secs(60),
-                )
+                .try_update_view("add", &target, Duration::from_secs(60))
                 .await
         });
         wait_transition(&c, 3).await;
@@ -510,12 +486,7 @@ async fn member_killed_mid_change_then_the_change_completes() {
         let coordinator = c.node(1);
         let change = tokio::spawn(async move {
             coordinator
-                .try_request_within(
-                    Method::PUT,
-                    "/kv-store/update_view?type=add",
-                    form(&[("ip_port", &target)]),
-                    Duration::from_secs(120),
-                )
+                .try_update_view("add", &target, Duration::from_secs(120))
                 .await
         });
         wait_transition(&c, 3).await;

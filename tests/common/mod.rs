@@ -627,12 +627,7 @@ impl Cluster {
         target: &str,
     ) -> Result<(u16, Value), String> {
         self.node(i)
-            .try_request_within(
-                Method::PUT,
-                &format!("/kv-store/update_view?type={kind}"),
-                form(&[("ip_port", target)]),
-                VIEW_CHANGE_TIMEOUT,
-            )
+            .try_update_view(kind, target, VIEW_CHANGE_TIMEOUT)
             .await
     }
 
@@ -812,6 +807,23 @@ impl NodeClient {
                 panic!("{what} answered {status} with a non-JSON body ({e}): {excerpt:?}")
             }
         }
+    }
+
+    /// `PUT /kv-store/update_view?type=<kind>` with form `ip_port=<target>`, waiting at
+    /// most `timeout` (a view change answers once every key has moved).
+    pub async fn try_update_view(
+        &self,
+        kind: &str,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<(u16, Value), String> {
+        self.try_request_within(
+            Method::PUT,
+            &format!("/kv-store/update_view?type={kind}"),
+            form(&[("ip_port", target)]),
+            timeout,
+        )
+        .await
     }
 
     /// Like [`NodeClient::try_request`], but a transport failure panics.
