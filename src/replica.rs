@@ -23,6 +23,14 @@
 //! with the version (`deps`) and handed to whoever reads it, which makes causality
 //! transitive across partitions.
 //!
+//! **Deletes** are writes of a tombstone (a version with no value): it gets a dot and a
+//! history like any write, so it supersedes exactly the versions its writer had seen and
+//! sync carries it like any other state. A replica that missed the delete and still holds
+//! the old value cannot bring it back: merging drops the old version because the
+//! tombstone's history contains its dot. A key whose winning version is a tombstone
+//! does not exist for clients ([`KeyState::visible`]). Deleting a key that does not
+//! exist, at a replica that reflects the client's token, writes nothing.
+//!
 //! **Applied vector.** Each replica keeps `applied`, a version vector meaning "every write
 //! it names is reflected in my state". A read carrying token `t` may be answered when
 //! `applied` dominates `t`'s entry for this partition; otherwise the replica first pulls
@@ -68,6 +76,10 @@
 //!   the log that would carry them is gone and replicas can keep different states for
 //!   that key. State-based anti-entropy (Merkle digests over slots, the fault-tolerance
 //!   issue) closes this.
+//! * Tombstones are kept forever (a key's tombstone is one small version, replaced by
+//!   the key's next write). Dropping one is only safe once every replica, including a
+//!   partitioned one and the sources of any handoff in flight, has merged it; without
+//!   that a stale copy would resurrect the value, so no collection is done yet.
 //! * Dots are unique because replica ids are random per data directory; a *copied* data
 //!   directory running as a second node would reuse them. Merge keeps mutually
 //!   containing versions as siblings rather than losing both, but do not clone data
@@ -94,7 +106,8 @@ pub struct Version {
     pub deps: BTreeMap<PartitionUid, VersionVector>,
     /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
     pub timestamp_ms: u64,
-    pub value: Vec<u8>,
+    /// The value written; `None` for a delete (a tombstone).
+    pub value: Option<Vec<u8>>,
 }
 
 /// A key's sibling set: sorted by dot, no version dominated by another.
@@ -145,6 +158,16 @@ impl KeyState {
             .max_by_key(|v| (v.timestamp_ms, v.dot.replica, v.dot.counter))
     }
 
+    /// The value clients see: the winner's, unless the winner is a tombstone.
+    pub fn visible(&self) -> Option<&Version> {
+        self.winner().filter(|v| v.value.is_some())
+    }
+
+    /// Whether the key exists for clients (see [`Self::visible`]).
+    pub fn is_live(&self) -> bool {
+        self.visible().is_some()
+    }
+
     /// Join of the histories of all siblings.
     pub fn history(&self) -> VersionVector {
         let mut vv = VersionVector::new();
@@ -167,7 +190,7 @@ impl KeyState {
             .iter()
             .map(|v| {
                 let deps: usize = v.deps.values().map(|vv| 8 + vv.len() * ENTRY).sum();
-                32 + v.value.len() + v.vv.len() * ENTRY + deps
+                32 + v.value.as_ref().map_or(0, Vec::len) + v.vv.len() * ENTRY + deps
             })
             .sum()
     }
@@ -188,7 +211,8 @@ impl KeyState {
 pub struct WriteRequest {
     pub slot: u32,
     pub key: String,
-    pub value: Vec<u8>,
+    /// `None` deletes the key.
+    pub value: Option<Vec<u8>>,
     pub token: CausalToken,
     pub now_ms: u64,
 }
@@ -196,7 +220,8 @@ pub struct WriteRequest {
 /// What the coordinator tells the client after a write is durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteOutcome {
-    /// No value was visible before this write.
+    /// No value was visible before this write. For a delete: the key did not exist,
+    /// and nothing was written.
     pub created: bool,
     pub token: CausalToken,
     pub timestamp_ms: u64,
@@ -404,7 +429,21 @@ impl Replica {
     /// Applies a client write accepted here. Not durable until the caller commits.
     pub fn write(&mut self, txn: &mut dyn WriteTxn, req: WriteRequest) -> Result<WriteOutcome> {
         let existing = txn.get(req.slot, &req.key)?.unwrap_or_default();
-        let created = existing.winner().is_none();
+        let created = !existing.is_live();
+        if req.value.is_none()
+            && created
+            && Self::can_serve(&self.served(), self.partition, &req.token)
+        {
+            // Deleting a key that does not exist, at a replica that reflects everything
+            // the client has seen: nothing to do, and no tombstone to keep forever.
+            let mut token = req.token;
+            existing.observe_into(self.partition, &mut token);
+            return Ok(WriteOutcome {
+                created,
+                token,
+                timestamp_ms: req.now_ms,
+            });
+        }
         let counter = self.applied.get(self.id) + 1;
         let dot = Dot {
             replica: self.id,
@@ -468,7 +507,9 @@ impl Replica {
         let state = txn.get(slot, key)?.unwrap_or_default();
         state.observe_into(partition, &mut token);
         Ok(ReadOutcome {
-            value: state.winner().map(|v| (v.value.clone(), v.timestamp_ms)),
+            value: state
+                .visible()
+                .and_then(|v| Some((v.value.clone()?, v.timestamp_ms))),
             token,
         })
     }
@@ -589,7 +630,7 @@ impl Replica {
                 bytes += key.len()
                     + st.versions
                         .iter()
-                        .map(|v| v.value.len() + 64)
+                        .map(|v| v.value.as_ref().map_or(0, Vec::len) + 64)
                         .sum::<usize>();
                 after = Some(key.clone());
                 page.states.push((slot, key, st));
@@ -672,7 +713,7 @@ mod tests {
             vv,
             deps: BTreeMap::new(),
             timestamp_ms: ts,
-            value: format!("{replica}.{counter}").into_bytes(),
+            value: Some(format!("{replica}.{counter}").into_bytes()),
         }
     }
 
@@ -850,7 +891,7 @@ mod tests {
                     WriteRequest {
                         slot: test_slot(key),
                         key: key.into(),
-                        value: value.as_bytes().to_vec(),
+                        value: Some(value.as_bytes().to_vec()),
                         token,
                         now_ms: now,
                     },
@@ -1284,7 +1325,7 @@ mod tests {
                     .read("m1", token)
                     .unwrap_or_else(|| panic!("seed {seed}: own write refused at b1"));
                 assert_eq!(
-                    state.winner().map(|v| v.value.clone()),
+                    state.winner().and_then(|v| v.value.clone()),
                     Some(value.into_bytes()),
                     "seed {seed}: stale read of m1 after the move"
                 );

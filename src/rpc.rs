@@ -75,10 +75,10 @@ pub enum Request {
     Poke { partition: PartitionUid },
     /// A client read forwarded to a replica of the key's partition.
     Get { key: String, token: CausalToken },
-    /// A client write forwarded to a replica of the key's partition.
+    /// A client write forwarded to a replica of the key's partition; `None` deletes.
     Put {
         key: String,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
         token: CausalToken,
     },
     /// The receiver's view, transition and configuration: answered with

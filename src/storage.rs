@@ -11,6 +11,11 @@
 //!   that has seen origin `o` up to counter `c` is sent the current state of every key
 //!   named by `log[(o, c+1..)]`. Entries are trimmed once every peer has them.
 //! * `meta`: small named blobs (replica state, view, view-change state).
+//! * `dead`: `(slot, key) → ()` for every key whose state is a tombstone (deleted), kept
+//!   by `put` so [`ReadTxn::key_count`] counts live keys without a scan.
+//!
+//! The data format is versioned ([`FORMAT`] in `meta`): a store written by a build with
+//! an incompatible record layout is refused at open with a clear error, never misread.
 //!
 //! Keys of one slot are contiguous, so a view change reads a moving slot with
 //! [`ReadTxn::scan_slot`] and drops a handed-over one with [`WriteTxn::delete_slot`], a
@@ -66,7 +71,7 @@ pub trait ReadTxn {
     /// Log entries of `origin` with counter > `after`, ascending, at most `limit`.
     fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>>;
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>>;
-    /// Number of keys stored (all slots).
+    /// Number of live keys stored (all slots; deleted keys' tombstones not counted).
     fn key_count(&self) -> Result<u64>;
     /// Keys in `(slot, key)` order strictly after `after` (from the start if `None`),
     /// at most `limit`.
@@ -127,6 +132,12 @@ fn encode_state(state: &KeyState) -> Vec<u8> {
 const KV: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<(u64, u64), (u32, &str)> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const DEAD: TableDefinition<(u32, &str), ()> = TableDefinition::new("dead");
+
+/// Meta entry naming the record layout of this store, and the layout this build writes.
+/// 2: versions carry an optional value (tombstones).
+const FORMAT_META: &str = "storage.format";
+pub const FORMAT: &[u8] = b"2";
 
 /// The durable engine: one redb file, `kvs.redb`, in the data directory.
 pub struct RedbStore {
@@ -154,9 +165,37 @@ impl RedbStore {
             .map_err(engine)?;
         // Create the tables up front so read transactions can always open them.
         let txn = db.begin_write().map_err(engine)?;
-        txn.open_table(KV).map_err(engine)?;
+        let empty = txn
+            .open_table(KV)
+            .map_err(engine)?
+            .is_empty()
+            .map_err(engine)?;
         txn.open_table(LOG).map_err(engine)?;
-        txn.open_table(META).map_err(engine)?;
+        txn.open_table(DEAD).map_err(engine)?;
+        {
+            let mut meta = txn.open_table(META).map_err(engine)?;
+            let format = meta
+                .get(FORMAT_META)
+                .map_err(engine)?
+                .map(|v| v.value().to_vec());
+            match format {
+                Some(f) if f == FORMAT => {}
+                None if empty => {
+                    meta.insert(FORMAT_META, FORMAT).map_err(engine)?;
+                }
+                other => {
+                    let found: String =
+                        other.map_or("1".into(), |f| String::from_utf8_lossy(&f).into());
+                    return Err(StorageError::Engine(format!(
+                        "{} holds data in storage format {found}; this build reads format {}. \
+                         Move the directory away (the node rebuilds its data from its peers) \
+                         or run the build that wrote it",
+                        dir.display(),
+                        String::from_utf8_lossy(FORMAT)
+                    )));
+                }
+            }
+        }
         txn.commit().map_err(engine)?;
         Ok(Self { db })
     }
@@ -206,8 +245,19 @@ macro_rules! redb_reads {
         }
 
         fn key_count(&self) -> Result<u64> {
-            let table = self.0.open_table(KV).map_err(engine)?;
-            table.len().map_err(engine)
+            let all = self
+                .0
+                .open_table(KV)
+                .map_err(engine)?
+                .len()
+                .map_err(engine)?;
+            let dead = self
+                .0
+                .open_table(DEAD)
+                .map_err(engine)?
+                .len()
+                .map_err(engine)?;
+            Ok(all.saturating_sub(dead))
         }
 
         fn scan(
@@ -277,6 +327,12 @@ impl WriteTxn for RedbWrite {
         table
             .insert((slot, key), encode_state(state).as_slice())
             .map_err(engine)?;
+        let mut dead = self.0.open_table(DEAD).map_err(engine)?;
+        if state.is_live() {
+            dead.remove((slot, key)).map_err(engine)?;
+        } else {
+            dead.insert((slot, key), ()).map_err(engine)?;
+        }
         Ok(())
     }
 
@@ -315,8 +371,10 @@ impl WriteTxn for RedbWrite {
             .map(|(k, _)| k)
             .collect();
         let mut table = self.0.open_table(KV).map_err(engine)?;
+        let mut dead = self.0.open_table(DEAD).map_err(engine)?;
         for key in &keys {
             table.remove((slot, key.as_str())).map_err(engine)?;
+            dead.remove((slot, key.as_str())).map_err(engine)?;
         }
         Ok(keys.len())
     }
@@ -353,6 +411,10 @@ struct Tables {
 }
 
 impl Tables {
+    fn live_keys(&self) -> u64 {
+        self.kv.values().filter(|s| s.is_live()).count() as u64
+    }
+
     fn scan(&self, after: Option<&(u32, String)>, limit: usize) -> Vec<(u32, String, KeyState)> {
         use std::ops::Bound;
         let lower = match after {
@@ -432,7 +494,7 @@ impl ReadTxn for MemRead {
         Ok(self.0.meta.get(name).cloned())
     }
     fn key_count(&self) -> Result<u64> {
-        Ok(self.0.kv.len() as u64)
+        Ok(self.0.live_keys())
     }
     fn scan(
         &self,
@@ -462,7 +524,7 @@ impl ReadTxn for MemWrite<'_> {
         Ok(self.staged.meta.get(name).cloned())
     }
     fn key_count(&self) -> Result<u64> {
-        Ok(self.staged.kv.len() as u64)
+        Ok(self.staged.live_keys())
     }
     fn scan(
         &self,
@@ -544,9 +606,26 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::Version;
+
+    /// A one-version state holding `value` (`None`: a tombstone).
+    fn state_of(value: Option<&str>) -> KeyState {
+        KeyState {
+            versions: vec![Version {
+                dot: Dot {
+                    replica: 1,
+                    counter: 1,
+                },
+                vv: [(1, 1)].into_iter().collect(),
+                deps: Default::default(),
+                timestamp_ms: 1,
+                value: value.map(|v| v.as_bytes().to_vec()),
+            }],
+        }
+    }
 
     fn exercise(store: &dyn Store) {
-        let state = KeyState::default();
+        let state = state_of(Some("v"));
         let mut w = store.write().expect("write");
         w.put(3, "a", &state).expect("put");
         for c in 1..=5 {
@@ -596,7 +675,7 @@ mod tests {
 
     /// Slot scans and deletions stay inside their slot, including the last one.
     fn exercise_slots(store: &dyn Store) {
-        let state = KeyState::default();
+        let state = state_of(Some("v"));
         let mut w = store.write().expect("write");
         for (slot, key) in [
             (4, "a"),
@@ -650,6 +729,49 @@ mod tests {
         exercise_slots(&MemoryStore::new());
         let dir = tempfile::tempdir().expect("tempdir");
         exercise_slots(&RedbStore::open(dir.path()).expect("open"));
+    }
+
+    /// Tombstoned keys are stored (so they can be synced) but not counted.
+    fn exercise_tombstones(store: &dyn Store) {
+        let mut w = store.write().expect("write");
+        w.put(1, "a", &state_of(Some("x"))).expect("put");
+        w.put(1, "b", &state_of(None)).expect("put");
+        w.put(2, "c", &state_of(None)).expect("put");
+        assert_eq!(w.key_count().expect("count"), 1);
+        w.commit().expect("commit");
+        let mut w = store.write().expect("write");
+        w.put(1, "a", &state_of(None)).expect("put");
+        w.put(1, "b", &state_of(Some("y"))).expect("put");
+        w.commit().expect("commit");
+        assert_eq!(store.read().expect("read").key_count().expect("count"), 1);
+        let mut w = store.write().expect("write");
+        assert_eq!(w.delete_slot(1, 10).expect("delete"), 2);
+        w.put(2, "c", &state_of(Some("z"))).expect("put");
+        w.commit().expect("commit");
+        let r = store.read().expect("read");
+        assert_eq!(r.key_count().expect("count"), 1);
+        assert_eq!(r.get(1, "b").expect("get"), None);
+    }
+
+    #[test]
+    fn tombstones_are_stored_but_not_counted_on_both_engines() {
+        exercise_tombstones(&MemoryStore::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        exercise_tombstones(&RedbStore::open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = RedbStore::open(dir.path()).expect("open");
+            let mut w = store.write().expect("write");
+            w.put(1, "a", &state_of(Some("x"))).expect("put");
+            w.set_meta(FORMAT_META, b"1").expect("meta");
+            w.commit().expect("commit");
+        }
+        let err = RedbStore::open(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains("storage format 1"), "{err}");
     }
 
     #[test]

@@ -335,7 +335,7 @@ async fn bad_input_gets_clear_errors() {
             );
 
             // 405: methods the dialect does not have, still with the error envelope.
-            for method in [Method::DELETE, Method::POST] {
+            for method in [Method::POST, Method::PATCH] {
                 let (status, body) = c
                     .request(via, method.clone(), "/kv-store/some_key", String::new())
                     .await;
@@ -679,6 +679,70 @@ async fn replicas_converge_after_restart() {
             ready.elapsed(),
             spawned.elapsed()
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_keys_stay_deleted_on_every_replica() {
+    // N=3, K=3. Node 2 holds the old value while paused; the delete made meanwhile must
+    // reach it, and its old copy must not bring the value back to the others.
+    let c = Cluster::start(11, 3, 3).await;
+    c.within(SCENARIO_LIMIT, async {
+        let mut a = c.session("A");
+        a.write(0, "doomed", "old").await;
+        a.write(0, "kept", "kept").await;
+        let deadline = Instant::now() + CONVERGENCE_BOUND;
+        for key in ["doomed", "kept"] {
+            let want = if key == "doomed" { "old" } else { "kept" };
+            assert!(local_read_reaches(&c, 2, key, want, deadline).await);
+        }
+
+        c.pause(2);
+        let (status, body) = a.delete(0, "doomed").await;
+        assert_eq!(status, 200, "DELETE of an existing key: {body}");
+        assert_success(&body);
+        assert_key_reply(&body);
+        let (status, body) = a.get(1, "doomed").await;
+        assert_eq!(status, 404, "read after delete, other replica: {body}");
+        assert_error(&body);
+        let (status, body) = a.delete(1, "doomed").await;
+        assert_eq!(status, 404, "second DELETE: {body}");
+        assert_error(&body);
+        let (status, body) = a.delete(1, "never_written").await;
+        assert_eq!(status, 404, "DELETE of a key never written: {body}");
+
+        c.resume(2);
+        // The paused replica learns the delete; nobody learns the old value back.
+        let deadline = Instant::now() + CONVERGENCE_BOUND;
+        'converge: loop {
+            let mut gone = true;
+            for i in 0..3 {
+                let (status, _) = c.get(i, "doomed", "").await;
+                gone &= status == 404;
+            }
+            if gone {
+                break 'converge;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the delete did not reach every replica within {CONVERGENCE_BOUND:?}"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        // Well past several sync rounds, still gone everywhere, and not counted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in 0..3 {
+            let (status, body) = c.get(i, "doomed", "").await;
+            assert_eq!(status, 404, "node {i} resurrected the deleted key: {body}");
+            assert_eq!(c.status(i).await["keys"], 1, "node {i} counts deleted keys");
+        }
+        let mut b = c.session("B");
+        let (status, body) = b.put(2, "doomed", "reborn").await;
+        assert_eq!(status, 201, "a deleted key written again is new: {body}");
+        a.adopt(&b.token);
+        assert_eq!(a.read(0, "doomed").await, "reborn");
+        assert_eq!(a.read(0, "kept").await, "kept");
     })
     .await;
 }

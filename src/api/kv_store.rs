@@ -10,11 +10,15 @@
 //! |---|---|
 //! | `GET /kv-store/<key>` (`causal_payload`) | 200 `value, partition_id, causal_payload, timestamp`; 404 unknown key |
 //! | `PUT /kv-store/<key>` (`val`, `causal_payload`) | 201 new / 200 existing: `partition_id, causal_payload, timestamp` |
+//! | `DELETE /kv-store/<key>` (`causal_payload`) | 200 `partition_id, causal_payload, timestamp`; 404 unknown key |
 //! | `GET /kv-store/get_partition_id` | `partition_id` (-1 on a proxy) |
 //! | `GET /kv-store/get_all_partition_ids` | `partition_id_list` |
 //! | `GET /kv-store/get_partition_members` (`partition_id`) | `partition_members` |
 //! | `PUT /kv-store/update_view?type=add` (`ip_port`) | `partition_id` (-1 for a proxy), `number_of_partitions` |
 //! | `PUT /kv-store/update_view?type=remove` (`ip_port`) | `number_of_partitions` |
+//!
+//! `DELETE` is this project's extension (the seeds have no delete in this dialect): it
+//! writes a tombstone (see `replica`), so the key stays deleted on every replica.
 //!
 //! Keys are 1–200 characters of `[A-Za-z0-9_]`. `timestamp` is the Unix time in seconds at
 //! which the replica that accepted the write accepted it. `update_view` answers once the
@@ -68,13 +72,17 @@ pub fn router() -> Router<Arc<Node>> {
             "/kv-store/{name}",
             get(get_endpoint)
                 .put(put_endpoint)
+                .delete(delete_endpoint)
                 .fallback(method_not_allowed),
         )
         // `{name}` does not match an empty segment; an empty key is a bad key, not a
         // missing endpoint.
         .route(
             "/kv-store/",
-            get(empty_key).put(empty_key).fallback(method_not_allowed),
+            get(empty_key)
+                .put(empty_key)
+                .delete(empty_key)
+                .fallback(method_not_allowed),
         )
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             MAX_CLIENT_REQUESTS,
@@ -177,7 +185,7 @@ async fn method_not_allowed() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
         Json(json!({"result": "error", "msg": "error",
-            "error": "this dialect supports GET and PUT only"})),
+            "error": "this dialect supports GET, PUT and DELETE only"})),
     )
         .into_response()
 }
@@ -286,6 +294,37 @@ async fn put_endpoint(
         };
         Ok(success(
             status,
+            json!({
+                "partition_id": reply.index,
+                "causal_payload": node.encode_token(&reply.token),
+                "timestamp": seconds(reply.timestamp_ms),
+            }),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(error_response)
+}
+
+async fn delete_endpoint(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let result = async {
+        let name = path_name(path)?;
+        let fields = form(query, body).await?;
+        check_key(&name)?;
+        if RESERVED.contains(&name.as_str()) {
+            return Ok(method_not_allowed().await);
+        }
+        let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+        let reply = node.delete(&name, token, true).await?;
+        if reply.created {
+            return Err(Error::new(ErrorKind::NotFound, "key does not exist"));
+        }
+        Ok(success(
+            StatusCode::OK,
             json!({
                 "partition_id": reply.index,
                 "causal_payload": node.encode_token(&reply.token),

@@ -514,7 +514,29 @@ impl Node {
         token: CausalToken,
         may_forward: bool,
     ) -> Result<WriteReply> {
-        check_bounds(key, Some(&value))?;
+        self.write(key, Some(value), token, may_forward).await
+    }
+
+    /// Deletes `key` for a client: writes a tombstone, durable like a write. The reply's
+    /// `created` is true when the key did not exist (and nothing was written).
+    pub async fn delete(
+        self: &Arc<Self>,
+        key: &str,
+        token: CausalToken,
+        may_forward: bool,
+    ) -> Result<WriteReply> {
+        self.write(key, None, token, may_forward).await
+    }
+
+    /// A put (`Some`) or a delete (`None`).
+    async fn write(
+        self: &Arc<Self>,
+        key: &str,
+        value: Option<Vec<u8>>,
+        token: CausalToken,
+        may_forward: bool,
+    ) -> Result<WriteReply> {
+        check_bounds(key, value.as_deref())?;
         if may_forward {
             self.catch_up_view(token.epoch).await?;
         }
@@ -583,7 +605,7 @@ impl Node {
         view: &View,
         r: &ReplicaHandle,
         key: &str,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
         token: CausalToken,
     ) -> Result<WriteReply> {
         // Not needed for correctness (the token is folded into the new version's history,
@@ -724,7 +746,7 @@ impl Node {
         view: &View,
         p: PartitionUid,
         key: &str,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
         token: CausalToken,
         skip_self: bool,
     ) -> Result<WriteReply> {
@@ -891,7 +913,9 @@ impl Node {
             }
             Request::Put { key, value, token } => {
                 let _ = self.catch_up_view(env.epoch).await;
-                self.put(&key, value, token, false).await.map(Response::Put)
+                self.write(&key, value, token, false)
+                    .await
+                    .map(Response::Put)
             }
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
             Request::Prepare { epoch, ballot } => self.on_prepare(epoch, ballot).await,

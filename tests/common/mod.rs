@@ -852,6 +852,16 @@ impl NodeClient {
         )
         .await
     }
+
+    /// DELETE /kv-store/<key> with the given causal payload.
+    pub async fn delete(&self, key: &str, causal_payload: &str) -> (u16, Value) {
+        self.request(
+            Method::DELETE,
+            &format!("/kv-store/{key}"),
+            form(&[("causal_payload", causal_payload)]),
+        )
+        .await
+    }
 }
 
 /// Concurrent clients used to load and verify keys.
@@ -1065,6 +1075,12 @@ impl Session<'_> {
 
     pub async fn get(&mut self, i: usize, key: &str) -> (u16, Value) {
         let (status, body) = self.cluster.get(i, key, &self.token).await;
+        self.absorb(status, &body);
+        (status, body)
+    }
+
+    pub async fn delete(&mut self, i: usize, key: &str) -> (u16, Value) {
+        let (status, body) = self.cluster.node(i).delete(key, &self.token).await;
         self.absorb(status, &body);
         (status, body)
     }
