@@ -15,6 +15,7 @@
 //! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
+pub mod antientropy;
 pub mod api;
 pub mod clock;
 pub mod cluster;
@@ -24,6 +25,7 @@ pub mod placement;
 pub mod replica;
 pub mod rpc;
 pub mod server;
+pub mod sim;
 pub mod storage;
 pub mod viewchange;
 

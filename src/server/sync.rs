@@ -1,5 +1,6 @@
 //! Replication inside a partition: pullers, pokers, the log trimmer, and the serving
-//! side of sync and snapshot requests. See `replica` for the protocol.
+//! side of sync and snapshot requests. See `replica` for the protocol and `antientropy`
+//! for the decisions these tasks carry out.
 //!
 //! Each task holds the [`ReplicaHandle`] of the incarnation it was started for and is
 //! aborted when a view change replaces it; the writer also refuses pages addressed to an
@@ -16,16 +17,14 @@ use super::{
     lock, unexpected, Current, Node, ReplicaHandle, WriterCmd, SYNC_INTERVAL, SYNC_PAGE_BYTES,
     SYNC_PAGE_ENTRIES, SYNC_TIMEOUT,
 };
+use crate::antientropy::{Next, Puller, Transfer};
 use crate::error::{Error, Result};
-use crate::replica::{Claim, Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 use crate::rpc::{Request, Response};
 use crate::storage::ReadTxn;
 
 /// Pages pulled back to back before yielding to the next interval.
 const MAX_PAGES_PER_ROUND: usize = 64;
-/// Sync rounds a puller waits for another peer to fill a gap in its log before it copies
-/// this peer's whole state (about 3 x [`SYNC_INTERVAL`]).
-const GAP_PATIENCE_ROUNDS: u32 = 3;
 /// How often the log is trimmed of entries every peer has.
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// Timeout of a poke; it is only a hint.
@@ -54,7 +53,7 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
     let mut first = true;
     // Only transitions are logged, so a long outage is two lines, not one per round.
     let mut reachable = true;
-    let mut gap_rounds = 0u32;
+    let mut policy = Puller::default();
     loop {
         if !first {
             tokio::select! {
@@ -93,32 +92,24 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
                     break;
                 }
             };
-            // The peer reflects a handoff this replica never received (its data
-            // directory was wiped, or it was down when the handoff happened): no log
-            // holds those keys, only a copy of the peer's state does.
-            let missed_handoff = resp
-                .absorbed
-                .iter()
-                .any(|(origin, _)| status.absorbed.get(origin) == 0);
-            let (complete, gap) = (resp.complete, resp.gap);
+            let next = policy.after_page(
+                &resp,
+                &status.absorbed,
+                r.peers.len(),
+                node.current().transition.is_some(),
+            );
             if !resp.log.is_empty() || !resp.states.is_empty() {
                 if let Err(e) = node.apply_page(&r, resp).await {
                     tracing::warn!(%peer, "applying a sync page failed: {e}");
                     break;
                 }
             }
-            if gap || missed_handoff {
-                // This peer lacks log entries we need. Another peer may still have them,
-                // so wait a few rounds before copying this peer's whole state; with a
-                // single peer there is nobody else to wait for. During a view change
-                // the switch may be what closes the difference: wait for it.
-                gap_rounds += 1;
-                let patient = r.peers.len() > 1 && gap_rounds < GAP_PATIENCE_ROUNDS;
-                if !patient && node.current().transition.is_none() {
-                    gap_rounds = 0;
+            match next {
+                Next::More => continue,
+                Next::Done | Next::Wait => break,
+                Next::CopyState => {
                     tracing::warn!(
                         %peer,
-                        missed_handoff,
                         "this replica lacks writes no peer's log holds any more; copying the peer's whole state"
                     );
                     match node.transfer_snapshot(&r, &peer).await {
@@ -127,12 +118,8 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
                             tracing::warn!(%peer, "full-state transfer failed, will retry: {e}")
                         }
                     }
+                    break;
                 }
-                break;
-            }
-            gap_rounds = 0;
-            if complete {
-                break;
             }
         }
     }
@@ -285,47 +272,23 @@ impl Node {
             .map_err(|_| Error::unavailable("the node is shutting down"))?
     }
 
-    /// Rebuilds this replica from `peer`'s whole state, page by page; see
-    /// `Replica::serve_snapshot` for why the first page's vectors may be claimed at the
-    /// end.
+    /// Rebuilds this replica from `peer`'s whole state, page by page (see
+    /// [`Transfer`]).
     async fn transfer_snapshot(&self, r: &ReplicaHandle, peer: &str) -> Result<usize> {
-        let mut after = None;
-        let mut claim: Option<Claim> = None;
-        let mut keys = 0;
-        loop {
-            let req = Request::Snapshot(SnapshotRequest {
-                partition: r.partition,
-                epoch: None,
-                slots: None,
-                after,
-                max_entries: SYNC_PAGE_ENTRIES,
-                max_bytes: SYNC_PAGE_BYTES,
-            });
+        let mut transfer = Transfer::new(r.partition);
+        while !transfer.is_done() {
+            let req = Request::Snapshot(transfer.request(SYNC_PAGE_ENTRIES, SYNC_PAGE_BYTES));
             let page = match self.send(peer, &self.envelope(req), SYNC_TIMEOUT).await? {
                 Response::Snapshot(page) => page,
                 Response::Error(e) => return Err(e),
                 other => return Err(unexpected(&other)),
             };
-            claim.get_or_insert_with(|| Claim {
-                applied: page.applied.clone(),
-                absorbed: page.absorbed.clone(),
-            });
-            keys += page.states.len();
-            let next = page.next;
-            let resp = SyncResponse {
-                states: page.states,
-                complete: true,
-                ..SyncResponse::default()
-            };
-            self.apply_page(r, resp).await?;
-            let Some(next) = next else {
-                break;
-            };
-            after = Some(next);
+            self.apply_page(r, transfer.on_page(page)).await?;
         }
+        let keys = transfer.keys;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send_writer(WriterCmd::Claim {
-            claim: claim.unwrap_or_default(),
+            claim: transfer.claim(),
             replica: r.id,
             tx,
         })
