@@ -275,7 +275,9 @@ class Client(threading.Thread):
             c = self.conns.pop(i, None)
             if c:
                 c.close()
-            return None, {"transport": str(e)}
+            # A refused connection certainly delivered nothing: a plain failure. Anything
+            # else (reset, timeout) may have been acted on: unknown.
+            return None, {"transport": str(e), "refused": isinstance(e, ConnectionRefusedError)}
 
     def run(self):
         try:
@@ -295,7 +297,8 @@ class Client(threading.Thread):
                 with self.history.lock:
                     self.history.writes[(key, seq)] = {"deps": dict(self.deps), "outcome": "pending"}
                 st, body = self.call(i, "PUT", key, {"val": f"{self.cid}:{seq}", "causal_payload": self.token})
-                outcome = "ok" if st in (200, 201) else ("unknown" if st is None else "fail")
+                outcome = "ok" if st in (200, 201) else \
+                    ("unknown" if st is None and not body.get("refused") else "fail")
                 with self.history.lock:
                     self.history.writes[(key, seq)]["outcome"] = outcome
                 if outcome == "ok":
@@ -309,7 +312,7 @@ class Client(threading.Thread):
                 floor = self.deps.get(key, 0)
                 st, body = self.call(i, "GET", key, {"causal_payload": self.token})
                 got = None
-                outcome = "unknown" if st is None else "fail"
+                outcome = "unknown" if st is None and not body.get("refused") else "fail"
                 if st == 200:
                     outcome = "ok"
                     got = int(str(body.get("value", ":0")).split(":")[-1] or 0)
@@ -632,11 +635,14 @@ def main():
         log(f"history checked in {time.time() - t_check:.2f} s")
 
         # Figures per phase.
-        log(f"\n{'phase':<34} {'ops':>6} {'ok':>6} {'fail':>6} {'unknown':>7} {'minority ok/ops':>16} {'conv s':>7}")
+        log(f"\n{'phase':<34} {'ops':>6} {'ops/s':>6} {'ok':>6} {'fail':>6} {'unknown':>7} "
+            f"{'minority ok/ops':>16} {'conv s':>7}")
         names = [ph["name"] for ph in phases]
         for ph in phases:
             for label in ([ph["name"], f"healed after {ph['name']}"] if ph["name"] != "baseline" else ["baseline"]):
                 ops = [o for o in history.ops if o["phase"] == label]
+                span = (max(o["t1"] for o in ops) - min(o["t0"] for o in ops)) if ops else 0
+                rate = f"{len(ops) / span:.0f}" if span > 0 else ""
                 ok = sum(o["outcome"] == "ok" for o in ops)
                 fail = sum(o["outcome"] == "fail" for o in ops)
                 unk = sum(o["outcome"] == "unknown" for o in ops)
@@ -646,7 +652,7 @@ def main():
                     minority = f"{sum(o['outcome'] == 'ok' for o in mops)}/{len(mops)}"
                 conv = f"{ph['convergence_s']:.3f}" if (label != ph["name"] or label == "baseline") and \
                     ph["convergence_s"] is not None else ""
-                log(f"{label[:34]:<34} {len(ops):>6} {ok:>6} {fail:>6} {unk:>7} {minority:>16} {conv:>7}")
+                log(f"{label[:34]:<34} {len(ops):>6} {rate:>6} {ok:>6} {fail:>6} {unk:>7} {minority:>16} {conv:>7}")
         convs = [ph["convergence_s"] for ph in phases[1:] if ph["convergence_s"] is not None]
         not_converged = sum(ph["convergence_s"] is None for ph in phases[1:])
         log(f"\noperations: {len(history.ops)}; writes acknowledged: "
