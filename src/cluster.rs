@@ -46,6 +46,12 @@ pub const ACCEPTABLE_PAUSE_MS: f64 = 250.0;
 /// Heartbeat intervals remembered per peer.
 pub const WINDOW: usize = 64;
 
+/// Longest interval taken as a sample. A longer one is an outage (the peer's, the
+/// network's, or this node's own pause), not jitter: learning from it would make the
+/// detector take seconds to notice the next outage. The nemesis found this: after this
+/// node was paused for 8 s, a partition right after went unnoticed for its 8 s.
+pub const MAX_SAMPLE_MS: u64 = 4 * HEARTBEAT_INTERVAL_MS;
+
 /// Consecutive failures after which a peer is routed around.
 pub const SUSPECT_AFTER_FAILURES: u32 = 2;
 
@@ -137,10 +143,13 @@ impl Liveness {
         self.record_ok(peer, now_ms);
         let s = self.peers.entry(peer.to_string()).or_default();
         if let Some(prev) = s.last_beat_ms {
-            if s.intervals.len() == WINDOW {
-                s.intervals.pop_front();
+            let interval = now_ms.saturating_sub(prev);
+            if interval <= MAX_SAMPLE_MS {
+                if s.intervals.len() == WINDOW {
+                    s.intervals.pop_front();
+                }
+                s.intervals.push_back(interval);
             }
-            s.intervals.push_back(now_ms.saturating_sub(prev));
         }
         s.last_beat_ms = Some(now_ms);
     }
@@ -310,6 +319,19 @@ mod tests {
         // Back: alive at once.
         l.record_heartbeat("b", last + 30_000);
         assert_eq!(l.health("b", last + 30_000), Health::Alive);
+        // The outage taught the detector nothing: the next silence is noticed as fast.
+        let back = last + 30_000;
+        beats(&mut l, "b", back, back + 2_000, HEARTBEAT_INTERVAL_MS);
+        let last = back + 2_000 - HEARTBEAT_INTERVAL_MS;
+        let again = (last..last + 10_000)
+            .step_by(10)
+            .find(|&t| l.health("b", t) == Health::Dead)
+            .expect("declared dead again");
+        assert!(
+            again - last <= 2_000,
+            "after an outage, dead only after {} ms of silence",
+            again - last
+        );
     }
 
     #[test]

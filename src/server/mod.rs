@@ -22,7 +22,9 @@
 //!
 //! Requests for a key whose partition this node does not hold (or any key, on a proxy)
 //! are forwarded to that partition's replicas, trusted ones first (see `cluster`), under a
-//! global cap on forwards in flight ([`MAX_FORWARDS`]). During a view change requests are
+//! global cap on forwards in flight ([`MAX_FORWARDS`]). A replica believed dead is
+//! probed by one request per [`DEAD_PEER_PROBE_INTERVAL_MS`]; the others skip it, so a
+//! cut-off partition fails its clients fast instead of holding each for a timeout. During a view change requests are
 //! routed by the old view; writes to slots that are moving get a retryable
 //! "unavailable".
 //!
@@ -92,6 +94,9 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 pub const HEDGE_AFTER: Duration = Duration::from_millis(1_200);
 /// Timeout of a forwarded request to a replica the failure detector believes dead.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_millis(300);
+/// A replica believed dead is probed by at most one forwarded request this often; the
+/// others skip it and fail fast, rather than each spending [`DEAD_PEER_TIMEOUT`] on it.
+pub const DEAD_PEER_PROBE_INTERVAL_MS: u64 = 250;
 /// Forwarded requests in flight at once; beyond it clients get a retryable 503.
 pub const MAX_FORWARDS: usize = 1_024;
 /// Writer queue length: when full, request handlers wait (backpressure).
@@ -253,6 +258,8 @@ pub struct Node {
     progress: Mutex<Option<Progress>>,
     /// When a view was last fetched from or pushed to each peer (debounce).
     gossip: Mutex<BTreeMap<String, Instant>>,
+    /// When each peer believed dead was last probed by a forwarded request.
+    probes: Mutex<BTreeMap<String, u64>>,
     /// When the transition this node is in last showed activity here (learned, drained,
     /// pulled, read from): a transition idle for long is re-driven.
     learned_at: Mutex<Option<Instant>>,
@@ -316,6 +323,7 @@ impl Node {
             pull_progress: Mutex::new(BTreeMap::new()),
             progress: Mutex::new(None),
             gossip: Mutex::new(BTreeMap::new()),
+            probes: Mutex::new(BTreeMap::new()),
             learned_at: Mutex::new(None),
             replica_tasks: Mutex::new(JoinSet::new()),
             tasks: Mutex::new(JoinSet::new()),
@@ -812,11 +820,23 @@ impl Node {
             let out = self.send(&peer, env, timeout).await;
             (peer, out)
         };
-        let mut asked = FuturesUnordered::new();
         let mut last = format!("partition {index} has no other replica");
+        // The next replica worth asking: one believed dead only as its probe (see
+        // `DEAD_PEER_PROBE_INTERVAL_MS`), so a partition cut off costs its clients an
+        // immediate 503, not a timeout each.
+        let mut next = |last: &mut String| {
+            for peer in order.by_ref() {
+                if self.may_ask(&peer) {
+                    return Some(peer);
+                }
+                *last = format!("{peer} is believed down (no heartbeat for over a second)");
+            }
+            None
+        };
+        let mut asked = FuturesUnordered::new();
         loop {
             if asked.is_empty() {
-                match order.next() {
+                match next(&mut last) {
                     Some(peer) => asked.push(ask(peer)),
                     None => break,
                 }
@@ -840,7 +860,7 @@ impl Node {
                     Err(e) => last = e.to_string(),
                 },
                 () = hedge, if !is_write => {
-                    if let Some(peer) = order.next() {
+                    if let Some(peer) = next(&mut last) {
                         asked.push(ask(peer));
                     }
                 }
@@ -849,6 +869,23 @@ impl Node {
         Err(Error::unavailable(format!(
             "no replica of partition {index} could serve the request (last: {last})"
         )))
+    }
+
+    /// Whether a forwarded request may go to `peer`: yes unless it is believed dead and
+    /// another request probed it less than [`DEAD_PEER_PROBE_INTERVAL_MS`] ago.
+    fn may_ask(&self, peer: &str) -> bool {
+        let now = monotonic_ms();
+        if self.liveness().health(peer, now) != Health::Dead {
+            return true;
+        }
+        let mut probes = lock(&self.probes);
+        match probes.get(peer) {
+            Some(&at) if now.saturating_sub(at) < DEAD_PEER_PROBE_INTERVAL_MS => false,
+            _ => {
+                probes.insert(peer.to_string(), now);
+                true
+            }
+        }
     }
 
     fn envelope(&self, body: Request) -> Envelope {
@@ -1098,5 +1135,53 @@ mod tests {
             }
         }
         panic!("the silent replica was never asked first");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn replicas_believed_dead_get_one_probe_and_the_rest_fail_fast() {
+        let (node, transport, view) = proxy_with_silent_replica();
+        let replicas = view.partitions[0].replicas.clone();
+        for r in &replicas {
+            lock(&transport.answers).insert(r.clone(), None);
+        }
+        // Heartbeats find nobody: both replicas are soon believed dead.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !replicas
+            .iter()
+            .all(|r| node.liveness().health(r, monotonic_ms()) == Health::Dead)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never believed dead"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reads = (0..20).map(|_| async {
+            let started = tokio::time::Instant::now();
+            let r = node.get("key", CausalToken::default(), true).await;
+            (r, started.elapsed())
+        });
+        let results = futures_util::future::join_all(reads).await;
+        for (r, _) in &results {
+            let err = r.as_ref().expect_err("no replica can answer");
+            assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+        }
+        // Probes take DEAD_PEER_TIMEOUT, longer than the probe interval, so a probing
+        // read may probe the second replica too: at most two probes per replica.
+        let calls = lock(&transport.calls).len();
+        assert!(
+            (1..=4).contains(&calls),
+            "a probe per dead replica, not one per request: {calls} calls"
+        );
+        let fast = results
+            .iter()
+            .filter(|(_, took)| *took < Duration::from_millis(100))
+            .count();
+        assert!(
+            fast >= 20 - calls,
+            "only {fast} of 20 reads failed at once: {:?}",
+            results.iter().map(|(_, t)| t).collect::<Vec<_>>()
+        );
+        node.shutdown().await;
     }
 }
