@@ -1,5 +1,10 @@
 //! The `kvs` binary: one node (configured like the seeds, by environment variables) or,
 //! with `kvs local`, a whole cluster on loopback addresses.
+//!
+//! A node takes the environment of any of the seed families: `IPPORT`/`VIEW`/`K` (seeds
+//! 000/001), `SOCKET_ADDRESS`/`VIEW`/`SHARD_COUNT` (seed 002) and `ADDRESS`/`VIEW`/
+//! `REPL_FACTOR` (seed 003); see [`seed_aliases`]. It logs to standard output (what
+//! `docker logs` shows), one line per event.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,14 +98,24 @@ struct ServeArgs {
 /// Used when CLUSTER_SECRET is not set, so the seeds' `docker run` lines work unchanged.
 const DEFAULT_SECRET: &str = "kvs-default-cluster-secret";
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // A node logs to stdout (containers, `kvs local`'s log files); the tools keep stdout
+    // for their output.
+    let node = matches!(cli.command, None | Some(Command::Serve(_)));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if node {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stdout)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     if let Some(Command::Sim(args)) = &cli.command {
         return simulate(args);
     }
@@ -209,16 +224,66 @@ fn simulate(args: &SimArgs) -> ExitCode {
     }
 }
 
+/// Fills what the 000/001 variables leave unset from the other seed families':
+/// `SOCKET_ADDRESS` or `ADDRESS` for `IPPORT`, `REPL_FACTOR` for `K`, and `SHARD_COUNT`
+/// (the number of partitions) as `K` = nodes in `VIEW` / `SHARD_COUNT`.
+fn seed_aliases(
+    mut args: ServeArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<ServeArgs, String> {
+    if args.ipport.is_none() {
+        args.ipport = env("SOCKET_ADDRESS").or_else(|| env("ADDRESS"));
+    }
+    if args.k.is_none() {
+        if let Some(r) = env("REPL_FACTOR") {
+            let k = r
+                .trim()
+                .parse()
+                .map_err(|_| format!("REPL_FACTOR {r:?} is not a number"))?;
+            args.k = Some(k);
+        } else if let (Some(shards), Some(view)) = (env("SHARD_COUNT"), args.view.as_deref()) {
+            let shards: usize = shards
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&s| s > 0)
+                .ok_or_else(|| format!("SHARD_COUNT {shards:?} is not a positive number"))?;
+            let nodes = parse_view_list(view)
+                .map_err(|e| format!("VIEW: {e}"))?
+                .len();
+            if nodes < shards {
+                return Err(format!(
+                    "SHARD_COUNT {shards} is more than the {nodes} nodes in VIEW"
+                ));
+            }
+            if nodes % shards != 0 {
+                tracing::warn!(
+                    nodes,
+                    shards,
+                    "the nodes do not divide evenly into SHARD_COUNT shards: each shard gets {} replicas and the {} left over forward requests",
+                    nodes / shards,
+                    nodes % shards
+                );
+            }
+            args.k = Some(nodes / shards);
+        }
+    }
+    Ok(args)
+}
+
 async fn serve(args: ServeArgs) -> Result<(), String> {
+    let args = seed_aliases(args, |name| std::env::var(name).ok())?;
     let addr = parse_addr(
         args.ipport
             .as_deref()
-            .ok_or("IPPORT is not set (this node's ip:port, e.g. 10.0.0.21:8080)")?,
+            .ok_or("IPPORT is not set (this node's ip:port, e.g. 10.0.0.21:8080; SOCKET_ADDRESS or ADDRESS also work)")?,
     )
     .map_err(|e| format!("IPPORT: {e}"))?;
     let env_view = match args.view.as_deref() {
         Some(text) => {
-            let k = args.k.ok_or("K is not set (replicas per partition)")?;
+            let k = args.k.ok_or(
+                "K is not set (replicas per partition; REPL_FACTOR or SHARD_COUNT also work)",
+            )?;
             let members = parse_view_list(text).map_err(|e| format!("VIEW: {e}"))?;
             Some(View::bootstrap(members, k).map_err(|e| e.to_string())?)
         }
@@ -272,4 +337,62 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     tracing::info!("shutting down");
     node.shutdown().await;
     served.map_err(|e| format!("server error: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            ipport: None,
+            view: None,
+            k: None,
+            data_dir: None,
+            memory: false,
+            cache_mb: 256,
+            cluster_secret: None,
+        }
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn every_seed_family_configures_a_node() {
+        let a = seed_aliases(
+            args(),
+            env(&[("ADDRESS", "10.0.0.2:13800"), ("REPL_FACTOR", "2")]),
+        )
+        .expect("seed 003");
+        assert_eq!(
+            (a.ipport.as_deref(), a.k),
+            (Some("10.0.0.2:13800"), Some(2))
+        );
+        let mut six = args();
+        six.view = Some(
+            "10.0.0.1:8085,10.0.0.2:8085,10.0.0.3:8085,10.0.0.4:8085,10.0.0.5:8085,10.0.0.6:8085"
+                .into(),
+        );
+        let a = seed_aliases(
+            six.clone(),
+            env(&[("SOCKET_ADDRESS", "10.0.0.1:8085"), ("SHARD_COUNT", "2")]),
+        )
+        .expect("seed 002");
+        assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.1:8085"), Some(3)));
+        // IPPORT and K win over the aliases.
+        let mut given = args();
+        given.ipport = Some("10.0.0.9:8080".into());
+        given.k = Some(1);
+        let a = seed_aliases(given, env(&[("ADDRESS", "x"), ("REPL_FACTOR", "3")])).expect("001");
+        assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.9:8080"), Some(1)));
+        assert!(seed_aliases(six.clone(), env(&[("SHARD_COUNT", "7")])).is_err());
+        assert!(seed_aliases(six, env(&[("SHARD_COUNT", "0")])).is_err());
+        assert!(seed_aliases(args(), env(&[("REPL_FACTOR", "two")])).is_err());
+    }
 }
