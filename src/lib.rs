@@ -17,6 +17,7 @@
 
 pub mod antientropy;
 pub mod api;
+pub mod bench;
 pub mod clock;
 pub mod cluster;
 pub mod error;

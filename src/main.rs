@@ -39,6 +39,9 @@ enum Command {
     Local(kvs::local::LocalArgs),
     /// Run the deterministic simulation of a partition's replicas under faults.
     Sim(SimArgs),
+    /// Load a running cluster through the /kv-store dialect and print throughput and
+    /// latency percentiles.
+    Bench(kvs::bench::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             Some(Command::Local(args)) => kvs::local::run(args).await,
             Some(Command::Serve(args)) => serve(args).await,
             Some(Command::Sim(_)) => unreachable!("handled before the runtime starts"),
+            Some(Command::Bench(args)) => bench(args).await,
             None => serve(cli.serve).await,
         }
     });
@@ -222,6 +226,20 @@ fn simulate(args: &SimArgs) -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+/// `kvs bench`: runs the load, prints the table, writes the JSON if asked.
+async fn bench(args: kvs::bench::BenchArgs) -> Result<(), String> {
+    let report = kvs::bench::run(&args).await?;
+    print!("{}", kvs::bench::render(&report));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if report.get.ok + report.put.ok == 0 {
+        return Err("no operation succeeded".into());
+    }
+    Ok(())
 }
 
 /// Fills what the 000/001 variables leave unset from the other seed families':
