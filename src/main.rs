@@ -6,11 +6,14 @@
 //! `REPL_FACTOR` (seed 003); see [`seed_aliases`]. It logs to standard output (what
 //! `docker logs` shows), one line per event.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use kvs::placement::{parse_addr, parse_view_list, View};
@@ -105,20 +108,24 @@ fn main() -> ExitCode {
     // A node logs to stdout (containers, `kvs local`'s log files); the tools keep stdout
     // for their output.
     let node = matches!(cli.command, None | Some(Command::Serve(_)));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if node {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stdout)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init();
+    let (writer, ansi) = if node {
+        (
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::stdout().is_terminal(),
+        )
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
-    }
+        (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        )
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .init();
     if let Some(Command::Sim(args)) = &cli.command {
         return simulate(args);
     }

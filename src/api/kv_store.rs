@@ -45,6 +45,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, ErrorKind};
 use crate::placement::{parse_addr, Change, Role};
+use crate::rpc::WriteReply;
 use crate::server::{Node, MAX_VALUE_BYTES};
 
 /// Largest request body accepted. Percent-encoding can triple a value's size, so this
@@ -202,6 +203,18 @@ fn seconds(ms: u64) -> String {
     (ms / 1000).to_string()
 }
 
+/// The answer to a PUT or DELETE that was applied.
+fn write_success(node: &Node, status: StatusCode, reply: &WriteReply) -> Response {
+    success(
+        status,
+        json!({
+            "partition_id": reply.index,
+            "causal_payload": node.encode_token(&reply.token),
+            "timestamp": seconds(reply.timestamp_ms),
+        }),
+    )
+}
+
 async fn get_endpoint(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
@@ -292,14 +305,7 @@ async fn put_endpoint(
         } else {
             StatusCode::OK
         };
-        Ok(success(
-            status,
-            json!({
-                "partition_id": reply.index,
-                "causal_payload": node.encode_token(&reply.token),
-                "timestamp": seconds(reply.timestamp_ms),
-            }),
-        ))
+        Ok(write_success(&node, status, &reply))
     }
     .await;
     result.unwrap_or_else(error_response)
@@ -323,14 +329,7 @@ async fn delete_endpoint(
         if reply.created {
             return Err(Error::new(ErrorKind::NotFound, "key does not exist"));
         }
-        Ok(success(
-            StatusCode::OK,
-            json!({
-                "partition_id": reply.index,
-                "causal_payload": node.encode_token(&reply.token),
-                "timestamp": seconds(reply.timestamp_ms),
-            }),
-        ))
+        Ok(write_success(&node, StatusCode::OK, &reply))
     }
     .await;
     result.unwrap_or_else(error_response)
