@@ -33,7 +33,6 @@
 //! * Values are stored inside the key state; very large values make rewriting a key's
 //!   state (on every update) cost proportionally.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -201,165 +200,257 @@ impl RedbStore {
     }
 }
 
-struct RedbRead(redb::ReadTransaction);
-struct RedbWrite(redb::WriteTransaction);
+/// Table types, spelled once for the helpers below.
+type KvKey = (u32, &'static str);
+type LogKey = (u64, u64);
+type LogValue = (u32, &'static str);
 
-macro_rules! redb_reads {
-    () => {
-        fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
-            let table = self.0.open_table(KV).map_err(engine)?;
-            let value = table.get((slot, key)).map_err(engine)?;
-            value.map(|v| decode_state(v.value())).transpose()
-        }
+// The reads are written once over redb's `ReadableTable`, so a read transaction (which
+// opens a table per call) and a write transaction (which keeps its tables open) share
+// them.
 
-        fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
-            let table = self.0.open_table(LOG).map_err(engine)?;
-            let start = after.saturating_add(1);
-            let mut out = Vec::new();
-            for item in table
-                .range((origin, start)..=(origin, u64::MAX))
-                .map_err(engine)?
-            {
-                if out.len() >= limit {
-                    break;
-                }
-                let (k, v) = item.map_err(engine)?;
-                let (_, counter) = k.value();
-                let (slot, key) = v.value();
-                out.push(LogEntry {
-                    dot: Dot {
-                        replica: origin,
-                        counter,
-                    },
-                    slot,
-                    key: key.to_string(),
-                });
-            }
-            Ok(out)
-        }
-
-        fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
-            let table = self.0.open_table(META).map_err(engine)?;
-            let value = table.get(name).map_err(engine)?;
-            Ok(value.map(|v| v.value().to_vec()))
-        }
-
-        fn key_count(&self) -> Result<u64> {
-            let all = self
-                .0
-                .open_table(KV)
-                .map_err(engine)?
-                .len()
-                .map_err(engine)?;
-            let dead = self
-                .0
-                .open_table(DEAD)
-                .map_err(engine)?
-                .len()
-                .map_err(engine)?;
-            Ok(all.saturating_sub(dead))
-        }
-
-        fn scan(
-            &self,
-            after: Option<&(u32, String)>,
-            limit: usize,
-        ) -> Result<Vec<(u32, String, KeyState)>> {
-            let table = self.0.open_table(KV).map_err(engine)?;
-            let range = match after {
-                Some((slot, key)) => table.range::<(u32, &str)>((
-                    std::ops::Bound::Excluded((*slot, key.as_str())),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => table.range::<(u32, &str)>(..),
-            }
-            .map_err(engine)?;
-            let mut out = Vec::new();
-            for item in range.take(limit) {
-                let (k, v) = item.map_err(engine)?;
-                let (slot, key) = k.value();
-                out.push((slot, key.to_string(), decode_state(v.value())?));
-            }
-            Ok(out)
-        }
-
-        fn scan_slot(
-            &self,
-            slot: u32,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<Vec<(String, KeyState)>> {
-            let table = self.0.open_table(KV).map_err(engine)?;
-            let lower = match after {
-                Some(key) => std::ops::Bound::Excluded((slot, key)),
-                None => std::ops::Bound::Included((slot, "")),
-            };
-            let upper = match slot.checked_add(1) {
-                Some(next) => std::ops::Bound::Excluded((next, "")),
-                None => std::ops::Bound::Unbounded,
-            };
-            let mut out = Vec::new();
-            for item in table
-                .range::<(u32, &str)>((lower, upper))
-                .map_err(engine)?
-                .take(limit)
-            {
-                let (k, v) = item.map_err(engine)?;
-                let (_, key) = k.value();
-                out.push((key.to_string(), decode_state(v.value())?));
-            }
-            Ok(out)
-        }
-    };
+fn kv_get(
+    t: &impl ReadableTable<KvKey, &'static [u8]>,
+    slot: u32,
+    key: &str,
+) -> Result<Option<KeyState>> {
+    let value = t.get((slot, key)).map_err(engine)?;
+    value.map(|v| decode_state(v.value())).transpose()
 }
 
+fn log_after_in(
+    t: &impl ReadableTable<LogKey, LogValue>,
+    origin: ReplicaId,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<LogEntry>> {
+    let start = after.saturating_add(1);
+    let mut out = Vec::new();
+    for item in t
+        .range((origin, start)..=(origin, u64::MAX))
+        .map_err(engine)?
+    {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = item.map_err(engine)?;
+        let (_, counter) = k.value();
+        let (slot, key) = v.value();
+        out.push(LogEntry {
+            dot: Dot {
+                replica: origin,
+                counter,
+            },
+            slot,
+            key: key.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn meta_in(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
+    let value = t.get(name).map_err(engine)?;
+    Ok(value.map(|v| v.value().to_vec()))
+}
+
+fn key_count_in(kv: &impl ReadableTableMetadata, dead: &impl ReadableTableMetadata) -> Result<u64> {
+    let all = kv.len().map_err(engine)?;
+    let dead = dead.len().map_err(engine)?;
+    Ok(all.saturating_sub(dead))
+}
+
+fn scan_in(
+    t: &impl ReadableTable<KvKey, &'static [u8]>,
+    after: Option<&(u32, String)>,
+    limit: usize,
+) -> Result<Vec<(u32, String, KeyState)>> {
+    let range = match after {
+        Some((slot, key)) => t.range::<(u32, &str)>((
+            std::ops::Bound::Excluded((*slot, key.as_str())),
+            std::ops::Bound::Unbounded,
+        )),
+        None => t.range::<(u32, &str)>(..),
+    }
+    .map_err(engine)?;
+    let mut out = Vec::new();
+    for item in range.take(limit) {
+        let (k, v) = item.map_err(engine)?;
+        let (slot, key) = k.value();
+        out.push((slot, key.to_string(), decode_state(v.value())?));
+    }
+    Ok(out)
+}
+
+fn scan_slot_in(
+    t: &impl ReadableTable<KvKey, &'static [u8]>,
+    slot: u32,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, KeyState)>> {
+    let lower = match after {
+        Some(key) => std::ops::Bound::Excluded((slot, key)),
+        None => std::ops::Bound::Included((slot, "")),
+    };
+    let upper = match slot.checked_add(1) {
+        Some(next) => std::ops::Bound::Excluded((next, "")),
+        None => std::ops::Bound::Unbounded,
+    };
+    let mut out = Vec::new();
+    for item in t
+        .range::<(u32, &str)>((lower, upper))
+        .map_err(engine)?
+        .take(limit)
+    {
+        let (k, v) = item.map_err(engine)?;
+        let (_, key) = k.value();
+        out.push((key.to_string(), decode_state(v.value())?));
+    }
+    Ok(out)
+}
+
+struct RedbRead(redb::ReadTransaction);
+
 impl ReadTxn for RedbRead {
-    redb_reads!();
+    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
+        kv_get(&self.0.open_table(KV).map_err(engine)?, slot, key)
+    }
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        log_after_in(
+            &self.0.open_table(LOG).map_err(engine)?,
+            origin,
+            after,
+            limit,
+        )
+    }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        meta_in(&self.0.open_table(META).map_err(engine)?, name)
+    }
+    fn key_count(&self) -> Result<u64> {
+        key_count_in(
+            &self.0.open_table(KV).map_err(engine)?,
+            &self.0.open_table(DEAD).map_err(engine)?,
+        )
+    }
+    fn scan(
+        &self,
+        after: Option<&(u32, String)>,
+        limit: usize,
+    ) -> Result<Vec<(u32, String, KeyState)>> {
+        scan_in(&self.0.open_table(KV).map_err(engine)?, after, limit)
+    }
+    fn scan_slot(
+        &self,
+        slot: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KeyState)>> {
+        scan_slot_in(&self.0.open_table(KV).map_err(engine)?, slot, after, limit)
+    }
+}
+
+/// The tables a write transaction touches on every write, opened once per transaction:
+/// opening a redb table looks its name up in the table tree, which cost a write batch
+/// about a tenth of its time when every call opened its own (see BENCHMARKS.md).
+struct WriteTables<'txn> {
+    kv: redb::Table<'txn, KvKey, &'static [u8]>,
+    log: redb::Table<'txn, LogKey, LogValue>,
+    dead: redb::Table<'txn, KvKey, ()>,
+}
+
+self_cell::self_cell!(
+    /// A redb write transaction with its hot tables open.
+    struct RedbWrite {
+        owner: redb::WriteTransaction,
+        #[not_covariant]
+        dependent: WriteTables,
+    }
+);
+
+impl RedbWrite {
+    fn begin(db: &redb::Database) -> Result<Self> {
+        let txn = db.begin_write().map_err(engine)?;
+        Self::try_new(txn, |txn| {
+            Ok(WriteTables {
+                kv: txn.open_table(KV).map_err(engine)?,
+                log: txn.open_table(LOG).map_err(engine)?,
+                dead: txn.open_table(DEAD).map_err(engine)?,
+            })
+        })
+    }
 }
 
 impl ReadTxn for RedbWrite {
-    redb_reads!();
+    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
+        self.with_dependent(|_, t| kv_get(&t.kv, slot, key))
+    }
+    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        self.with_dependent(|_, t| log_after_in(&t.log, origin, after, limit))
+    }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        meta_in(&self.borrow_owner().open_table(META).map_err(engine)?, name)
+    }
+    fn key_count(&self) -> Result<u64> {
+        self.with_dependent(|_, t| key_count_in(&t.kv, &t.dead))
+    }
+    fn scan(
+        &self,
+        after: Option<&(u32, String)>,
+        limit: usize,
+    ) -> Result<Vec<(u32, String, KeyState)>> {
+        self.with_dependent(|_, t| scan_in(&t.kv, after, limit))
+    }
+    fn scan_slot(
+        &self,
+        slot: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KeyState)>> {
+        self.with_dependent(|_, t| scan_slot_in(&t.kv, slot, after, limit))
+    }
 }
 
 impl WriteTxn for RedbWrite {
     fn put(&mut self, slot: u32, key: &str, state: &KeyState) -> Result<()> {
-        let mut table = self.0.open_table(KV).map_err(engine)?;
-        table
-            .insert((slot, key), encode_state(state).as_slice())
-            .map_err(engine)?;
-        let mut dead = self.0.open_table(DEAD).map_err(engine)?;
-        if state.is_live() {
-            dead.remove((slot, key)).map_err(engine)?;
-        } else {
-            dead.insert((slot, key), ()).map_err(engine)?;
-        }
-        Ok(())
+        self.with_dependent_mut(|_, t| {
+            t.kv.insert((slot, key), encode_state(state).as_slice())
+                .map_err(engine)?;
+            if state.is_live() {
+                t.dead.remove((slot, key)).map_err(engine)?;
+            } else {
+                t.dead.insert((slot, key), ()).map_err(engine)?;
+            }
+            Ok(())
+        })
     }
 
     fn log_append(&mut self, e: &LogEntry) -> Result<()> {
-        let mut table = self.0.open_table(LOG).map_err(engine)?;
-        table
-            .insert((e.dot.replica, e.dot.counter), (e.slot, e.key.as_str()))
-            .map_err(engine)?;
-        Ok(())
+        self.with_dependent_mut(|_, t| {
+            t.log
+                .insert((e.dot.replica, e.dot.counter), (e.slot, e.key.as_str()))
+                .map_err(engine)?;
+            Ok(())
+        })
     }
 
     fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()> {
-        let mut table = self.0.open_table(LOG).map_err(engine)?;
-        table
-            .retain_in((origin, 0)..=(origin, upto), |_, _| false)
-            .map_err(engine)?;
-        Ok(())
+        self.with_dependent_mut(|_, t| {
+            t.log
+                .retain_in((origin, 0)..=(origin, upto), |_, _| false)
+                .map_err(engine)
+        })
     }
 
     fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()> {
-        let mut table = self.0.open_table(META).map_err(engine)?;
+        let mut table = self.borrow_owner().open_table(META).map_err(engine)?;
         table.insert(name, value).map_err(engine)?;
         Ok(())
     }
 
     fn delete_meta(&mut self, name: &str) -> Result<()> {
-        let mut table = self.0.open_table(META).map_err(engine)?;
+        let mut table = self.borrow_owner().open_table(META).map_err(engine)?;
         table.remove(name).map_err(engine)?;
         Ok(())
     }
@@ -370,23 +461,22 @@ impl WriteTxn for RedbWrite {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let mut table = self.0.open_table(KV).map_err(engine)?;
-        let mut dead = self.0.open_table(DEAD).map_err(engine)?;
-        for key in &keys {
-            table.remove((slot, key.as_str())).map_err(engine)?;
-            dead.remove((slot, key.as_str())).map_err(engine)?;
-        }
-        Ok(keys.len())
+        self.with_dependent_mut(|_, t| {
+            for key in &keys {
+                t.kv.remove((slot, key.as_str())).map_err(engine)?;
+                t.dead.remove((slot, key.as_str())).map_err(engine)?;
+            }
+            Ok(keys.len())
+        })
     }
 
     fn log_clear(&mut self) -> Result<()> {
-        let mut table = self.0.open_table(LOG).map_err(engine)?;
-        table.retain(|_, _| false).map_err(engine)?;
-        Ok(())
+        self.with_dependent_mut(|_, t| t.log.retain(|_, _| false).map_err(engine))
     }
 
     fn commit(self: Box<Self>) -> Result<()> {
-        self.0.commit().map_err(engine)
+        // The tables close first (they borrow the transaction), then it commits.
+        self.into_owner().commit().map_err(engine)
     }
 }
 
@@ -396,7 +486,7 @@ impl Store for RedbStore {
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
-        Ok(Box::new(RedbWrite(self.db.begin_write().map_err(engine)?)))
+        Ok(Box::new(RedbWrite::begin(&self.db)?))
     }
 }
 
@@ -405,9 +495,9 @@ impl Store for RedbStore {
 
 #[derive(Clone, Default)]
 struct Tables {
-    kv: BTreeMap<(u32, String), KeyState>,
-    log: BTreeMap<(u64, u64), (u32, String)>,
-    meta: BTreeMap<String, Vec<u8>>,
+    kv: imbl::OrdMap<(u32, String), KeyState>,
+    log: imbl::OrdMap<(u64, u64), (u32, String)>,
+    meta: imbl::OrdMap<String, Vec<u8>>,
 }
 
 impl Tables {
@@ -455,7 +545,10 @@ impl Tables {
     }
 }
 
-/// Volatile engine for tests and `--memory` runs. Reads see a snapshot (a clone).
+/// Volatile engine for tests and `--memory` runs. Reads see a snapshot and a write
+/// transaction stages its changes in a copy; the tables are persistent maps (`imbl`),
+/// so a copy shares all but the paths it changes and costs O(log n) per change, not a
+/// clone of the whole store per transaction.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     tables: Arc<Mutex<Arc<Tables>>>,
@@ -557,7 +650,15 @@ impl WriteTxn for MemWrite<'_> {
         Ok(())
     }
     fn log_trim(&mut self, origin: ReplicaId, upto: u64) -> Result<()> {
-        self.staged.log.retain(|&(o, c), _| o != origin || c > upto);
+        let trimmed: Vec<(u64, u64)> = self
+            .staged
+            .log
+            .range((origin, 0)..=(origin, upto))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &trimmed {
+            self.staged.log.remove(k);
+        }
         Ok(())
     }
     fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<()> {
