@@ -106,7 +106,10 @@ pub struct Version {
     pub deps: BTreeMap<PartitionUid, VersionVector>,
     /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
     pub timestamp_ms: u64,
-    /// The value written; `None` for a delete (a tombstone).
+    /// The value written; `None` for a delete (a tombstone). Serialized as bytes, so
+    /// postcard copies it in one piece instead of visiting it byte by byte (the wire and
+    /// disk format is the same either way).
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -704,6 +707,42 @@ mod tests {
     use crate::storage::{MemoryStore, Store};
     use crate::testing::Rng;
     use proptest::prelude::*;
+
+    /// Values are serialized as bytes; the records must stay byte-for-byte what the
+    /// derived sequence encoding wrote, or stores and peers of older builds are misread.
+    #[test]
+    fn values_encode_as_the_derived_sequence_did() {
+        #[derive(Serialize)]
+        struct Derived {
+            dot: Dot,
+            vv: VersionVector,
+            deps: BTreeMap<PartitionUid, VersionVector>,
+            timestamp_ms: u64,
+            value: Option<Vec<u8>>,
+        }
+        for value in [None, Some(vec![]), Some((0..=255u8).collect::<Vec<u8>>())] {
+            let v = Version {
+                dot: Dot {
+                    replica: 7,
+                    counter: 300,
+                },
+                vv: [(7, 300)].into_iter().collect(),
+                deps: [(2, [(1, 5)].into_iter().collect())].into_iter().collect(),
+                timestamp_ms: 1_700_000_000_000,
+                value: value.clone(),
+            };
+            let old = Derived {
+                dot: v.dot,
+                vv: v.vv.clone(),
+                deps: v.deps.clone(),
+                timestamp_ms: v.timestamp_ms,
+                value,
+            };
+            let bytes = postcard::to_stdvec(&v).expect("encode");
+            assert_eq!(bytes, postcard::to_stdvec(&old).expect("encode"));
+            assert_eq!(postcard::from_bytes::<Version>(&bytes).expect("decode"), v);
+        }
+    }
 
     fn version(replica: u64, counter: u64, history: &[(u64, u64)], ts: u64) -> Version {
         let mut vv: VersionVector = history.iter().copied().collect();

@@ -78,6 +78,7 @@ pub enum Request {
     /// A client write forwarded to a replica of the key's partition; `None` deletes.
     Put {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
         token: CausalToken,
     },
@@ -173,8 +174,29 @@ pub struct ReadReply {
     pub partition: PartitionUid,
     pub index: u32,
     /// The winning value and its timestamp (ms), `None` when the key does not exist.
+    #[serde(with = "value_and_time")]
     pub value: Option<(Vec<u8>, u64)>,
     pub token: CausalToken,
+}
+
+/// `Option<(Vec<u8>, u64)>` with the bytes serialized as bytes (one copy, not one visit
+/// per byte); the encoding is the same as the derived one.
+mod value_and_time {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(v: &Option<(Vec<u8>, u64)>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_ref()
+            .map(|(bytes, ts)| (Bytes::new(bytes), *ts))
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<(Vec<u8>, u64)>, D::Error> {
+        let v: Option<(ByteBuf, u64)> = Deserialize::deserialize(d)?;
+        Ok(v.map(|(bytes, ts)| (bytes.into_vec(), ts)))
+    }
 }
 
 /// Answer to a write, wherever it was accepted.
@@ -321,6 +343,35 @@ impl Transport for HttpTransport {
 mod tests {
     use super::*;
     use crate::clock::VersionVector;
+
+    /// Read replies carry their value as bytes; the encoding must stay the derived one.
+    #[test]
+    fn read_reply_values_encode_as_the_derived_sequence_did() {
+        #[derive(Serialize)]
+        struct Derived {
+            partition: PartitionUid,
+            index: u32,
+            value: Option<(Vec<u8>, u64)>,
+            token: CausalToken,
+        }
+        for value in [None, Some((b"hello".to_vec(), 42))] {
+            let reply = ReadReply {
+                partition: 3,
+                index: 1,
+                value: value.clone(),
+                token: CausalToken::default(),
+            };
+            let old = Derived {
+                partition: 3,
+                index: 1,
+                value,
+                token: CausalToken::default(),
+            };
+            let bytes = encode(&reply);
+            assert_eq!(bytes, encode(&old));
+            assert_eq!(decode::<ReadReply>(&bytes).expect("decode"), reply);
+        }
+    }
 
     #[test]
     fn envelopes_round_trip() {
