@@ -158,11 +158,12 @@ async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, Strin
             )))
         }
     };
+    // Percent-decoding never fails: malformed escapes stay as they are and invalid UTF-8
+    // becomes U+FFFD, as browsers and serde_urlencoded do.
     let mut fields = HashMap::new();
     for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(source)
-            .map_err(|e| Error::bad_request(format!("body is not form-encoded: {e}")))?;
-        fields.extend(pairs);
+        fields
+            .extend(form_urlencoded::parse(source).map(|(k, v)| (k.into_owned(), v.into_owned())));
     }
     Ok(fields)
 }
@@ -208,37 +209,76 @@ fn seconds(ms: u64) -> String {
     (ms / 1000).to_string()
 }
 
-/// The success envelope of a key's GET, PUT or DELETE: the hot path, so it is written
-/// from a typed struct rather than built as a `serde_json::Value` map. Fields are in the
-/// alphabetical order that `success`'s map gives the other answers.
-#[derive(serde::Serialize)]
+/// The success envelope of a key's GET, PUT or DELETE. It is the hot path, so it is
+/// written straight into one buffer sized for it instead of going through a
+/// `serde_json::Value` map; the bytes are what `success` would write for the same fields
+/// (keys in the map's alphabetical order, serde_json's escaping), which a test checks.
 struct KeyAnswer<'a> {
     causal_payload: String,
-    msg: &'static str,
     partition_id: u32,
-    result: &'static str,
-    timestamp: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<std::borrow::Cow<'a, str>>,
+    timestamp: u64,
+    value: Option<&'a [u8]>,
 }
 
 impl<'a> KeyAnswer<'a> {
     fn new(node: &Node, partition_id: u32, token: &crate::clock::CausalToken, ms: u64) -> Self {
         Self {
             causal_payload: node.encode_token(token),
-            msg: "success",
             partition_id,
-            result: "success",
-            timestamp: seconds(ms),
+            timestamp: ms,
             value: None,
         }
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        let value = self.value.map(String::from_utf8_lossy);
+        let mut out = Vec::with_capacity(
+            128 + self.causal_payload.len() + value.as_ref().map_or(0, |v| v.len()),
+        );
+        out.extend_from_slice(b"{\"causal_payload\":");
+        json_str(&mut out, &self.causal_payload);
+        out.extend_from_slice(b",\"msg\":\"success\",\"partition_id\":");
+        out.extend_from_slice(self.partition_id.to_string().as_bytes());
+        out.extend_from_slice(b",\"result\":\"success\",\"timestamp\":");
+        json_str(&mut out, &seconds(self.timestamp));
+        if let Some(v) = &value {
+            out.extend_from_slice(b",\"value\":");
+            json_str(&mut out, v);
+        }
+        out.push(b'}');
+        out
+    }
+
+    fn into_response(self, status: StatusCode) -> Response {
+        let body = self.to_json();
+        (
+            status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// Appends `s` as a JSON string. Most values need no escaping, and checking that is far
+/// cheaper than escaping byte by byte; the rest go through serde_json.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if let Err(e) = serde_json::to_writer(&mut *out, s) {
+        // Writing a string into a Vec cannot fail; should it, the answer says so.
+        debug_assert!(false, "serializing a string failed: {e}");
     }
 }
 
 /// The answer to a PUT or DELETE that was applied.
 fn write_success(node: &Node, status: StatusCode, reply: &WriteReply) -> Response {
-    let answer = KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_ms);
-    (status, Json(answer)).into_response()
+    KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_ms).into_response(status)
 }
 
 async fn get_endpoint(
@@ -288,8 +328,8 @@ async fn get_endpoint(
                     .value
                     .ok_or_else(|| Error::new(ErrorKind::NotFound, "key does not exist"))?;
                 let mut answer = KeyAnswer::new(&node, reply.index, &reply.token, ts);
-                answer.value = Some(String::from_utf8_lossy(&value));
-                Ok((StatusCode::OK, Json(answer)).into_response())
+                answer.value = Some(&value);
+                Ok(answer.into_response(StatusCode::OK))
             }
         }
     }
@@ -403,6 +443,45 @@ async fn update_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-written key answer is byte for byte what serde_json writes for the same
+    /// fields, whatever the value holds.
+    #[test]
+    fn key_answers_are_what_serde_json_writes() {
+        let check = |value: Option<&[u8]>| {
+            let answer = KeyAnswer {
+                causal_payload: "c2.abc-_".into(),
+                partition_id: 7,
+                timestamp: 1_796_284_522_123,
+                value,
+            };
+            let mut expected = json!({
+                "causal_payload": "c2.abc-_",
+                "msg": "success",
+                "partition_id": 7,
+                "result": "success",
+                "timestamp": "1796284522",
+            });
+            if let Some(v) = value {
+                expected["value"] = json!(String::from_utf8_lossy(v));
+            }
+            let expected = serde_json::to_vec(&expected).expect("serialize");
+            assert_eq!(
+                String::from_utf8_lossy(&answer.to_json()),
+                String::from_utf8_lossy(&expected)
+            );
+        };
+        check(None);
+        check(Some(b""));
+        check(Some(b"plain value"));
+        check(Some(
+            b"quote \" backslash \\ newline \n tab \t nul \0 del \x7f",
+        ));
+        check(Some("caf\u{e9} \u{1f600}".as_bytes()));
+        check(Some(&[0xff, 0xfe, b'a']));
+        use proptest::prelude::*;
+        proptest!(|(v in proptest::collection::vec(any::<u8>(), 0..64))| check(Some(&v)));
+    }
 
     #[test]
     fn keys_are_checked() {
