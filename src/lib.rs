@@ -29,6 +29,7 @@ pub mod server;
 pub mod sim;
 pub mod storage;
 pub mod viewchange;
+pub mod wal;
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]
