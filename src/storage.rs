@@ -536,35 +536,48 @@ fn scan_slot_in(
     Ok(out)
 }
 
-struct RedbRead(redb::ReadTransaction);
+/// A redb read transaction. Its `kv` table is opened on first use and kept: serving a
+/// sync page reads many keys from one snapshot, and opening a table (a lookup of its
+/// name in the table tree) cost about as much as the read itself.
+struct RedbRead {
+    txn: redb::ReadTransaction,
+    kv: std::cell::OnceCell<redb::ReadOnlyTable<KvKey, &'static [u8]>>,
+}
+
+impl RedbRead {
+    fn kv(&self) -> Result<&redb::ReadOnlyTable<KvKey, &'static [u8]>> {
+        if let Some(t) = self.kv.get() {
+            return Ok(t);
+        }
+        let t = self.txn.open_table(KV).map_err(engine)?;
+        Ok(self.kv.get_or_init(|| t))
+    }
+}
 
 impl ReadTxn for RedbRead {
     fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
-        kv_get(&self.0.open_table(KV).map_err(engine)?, slot, key)
+        kv_get(self.kv()?, slot, key)
     }
     fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
         log_after_in(
-            &self.0.open_table(LOG).map_err(engine)?,
+            &self.txn.open_table(LOG).map_err(engine)?,
             origin,
             after,
             limit,
         )
     }
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        meta_in(&self.0.open_table(META).map_err(engine)?, name)
+        meta_in(&self.txn.open_table(META).map_err(engine)?, name)
     }
     fn key_count(&self) -> Result<u64> {
-        key_count_in(
-            &self.0.open_table(KV).map_err(engine)?,
-            &self.0.open_table(DEAD).map_err(engine)?,
-        )
+        key_count_in(self.kv()?, &self.txn.open_table(DEAD).map_err(engine)?)
     }
     fn scan(
         &self,
         after: Option<&(u32, String)>,
         limit: usize,
     ) -> Result<Vec<(u32, String, KeyState)>> {
-        scan_in(&self.0.open_table(KV).map_err(engine)?, after, limit)
+        scan_in(self.kv()?, after, limit)
     }
     fn scan_slot(
         &self,
@@ -572,7 +585,7 @@ impl ReadTxn for RedbRead {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, KeyState)>> {
-        scan_slot_in(&self.0.open_table(KV).map_err(engine)?, slot, after, limit)
+        scan_slot_in(self.kv()?, slot, after, limit)
     }
 }
 
@@ -801,7 +814,10 @@ impl WriteTxn for RedbWrite<'_> {
 
 impl Store for RedbStore {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
-        Ok(Box::new(RedbRead(self.db.begin_read().map_err(engine)?)))
+        Ok(Box::new(RedbRead {
+            txn: self.db.begin_read().map_err(engine)?,
+            kv: std::cell::OnceCell::new(),
+        }))
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {

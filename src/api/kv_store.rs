@@ -162,10 +162,31 @@ async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, Strin
     // becomes U+FFFD, as browsers and serde_urlencoded do.
     let mut fields = HashMap::new();
     for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
-        fields
-            .extend(form_urlencoded::parse(source).map(|(k, v)| (k.into_owned(), v.into_owned())));
+        parse_form(source, &mut fields);
     }
     Ok(fields)
+}
+
+/// Adds the pairs of the form-encoded `source` to `fields`, decoded as
+/// `form_urlencoded::parse` decodes them (a later pair wins).
+fn parse_form(source: &[u8], fields: &mut HashMap<String, String>) {
+    if source.iter().any(|&b| b == b'%' || b == b'+') {
+        fields
+            .extend(form_urlencoded::parse(source).map(|(k, v)| (k.into_owned(), v.into_owned())));
+        return;
+    }
+    // Nothing to decode, the common case (`val=` and plain characters): only split,
+    // which is several times cheaper than decoding byte by byte.
+    for pair in source.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &[][..]),
+        };
+        fields.insert(
+            String::from_utf8_lossy(k).into_owned(),
+            String::from_utf8_lossy(v).into_owned(),
+        );
+    }
 }
 
 /// The key (or endpoint name) from the path, with the dialect's error envelope when the
@@ -443,6 +464,30 @@ async fn update_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The split-only fast path decodes forms exactly as form_urlencoded does.
+    #[test]
+    fn forms_parse_as_form_urlencoded_parses_them() {
+        use proptest::prelude::*;
+        let alphabet = prop_oneof![
+            Just(b'&'),
+            Just(b'='),
+            Just(b'%'),
+            Just(b'+'),
+            Just(b'2'),
+            Just(b'a'),
+            Just(0xc3u8),
+            Just(0xffu8),
+        ];
+        proptest!(|(source in proptest::collection::vec(alphabet, 0..24))| {
+            let mut fast = HashMap::new();
+            parse_form(&source, &mut fast);
+            let slow: HashMap<String, String> = form_urlencoded::parse(&source)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            prop_assert_eq!(fast, slow);
+        });
+    }
 
     /// The hand-written key answer is byte for byte what serde_json writes for the same
     /// fields, whatever the value holds.
