@@ -3,14 +3,18 @@
 #   kvs 3 nodes K=3, kvs 4 nodes K=2, a 3-member etcd (its v3 JSON gateway), and a
 #   hello-world axum server (the ceiling for one HTTP request here).
 # Workload: 10,000 keys, 256-byte values, GET-only and PUT-only, concurrency 1 and 64.
-# Every system runs alone (started, preloaded, measured, stopped), all on loopback.
-# Prints a markdown table with req/s, p50, p99, and the ratios kvs/etcd, kvs/hello.
+# All systems are started and preloaded first (on their own loopback addresses), then
+# measured interleaved: each round runs every (op, concurrency) cell against every system
+# back to back, so a slow spell of the machine (a shared VM) hits all of them alike.
+# Prints a markdown table of the median round per cell (req/s, p50, p99, the spread of
+# req/s over the rounds) and the ratios kvs/etcd, kvs/hello.
 #
-# usage: bench/compare.sh            (DURATION=10 seconds per run; needs root once to
-#                                     apt-get install wrk and etcd-server if missing)
+# usage: bench/compare.sh     (DURATION=5 seconds per run, ROUNDS=3; needs root once to
+#                              apt-get install wrk and etcd-server if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION="${DURATION:-10}"
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-3}"
 KEYS=10000
 
 need=()
@@ -93,39 +97,45 @@ PY
 
 results="$tmp/results"
 : >"$results"
-measure() { # system url script
-  local op c threads out rps p50 p99
-  for op in get put; do
-    for c in 1 64; do
-      threads=$([ "$c" = 1 ] && echo 1 || echo 2)
-      out=$(MODE=$op KEYS=$KEYS wrk -t"$threads" -c"$c" -d"${DURATION}s" --latency -s "$3" "$2")
-      rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-      p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-      p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-      if grep -q "Non-2xx" <<<"$out"; then
-        echo "warning: $1 $op c=$c: $(grep Non-2xx <<<"$out")" >&2
-      fi
-      echo "$1 $op $c $rps $p50 $p99" >>"$results"
-      echo "  $1 $op c=$c: $rps req/s, p50 $p50, p99 $p99" >&2
-    done
-  done
+measure() { # round system url script op conc
+  local threads out rps p50 p99
+  threads=$([ "$6" = 1 ] && echo 1 || echo 2)
+  out=$(MODE=$5 KEYS=$KEYS wrk -t"$threads" -c"$6" -d"${DURATION}s" --latency -s "$4" "$3")
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  if grep -q "Non-2xx" <<<"$out"; then
+    echo "warning: $2 $5 c=$6: $(grep Non-2xx <<<"$out")" >&2
+  fi
+  echo "$1 $2 $5 $6 $rps $p50 $p99" >>"$results"
+  echo "  round $1: $2 $5 c=$6: $rps req/s, p50 $p50, p99 $p99" >&2
 }
 
-echo "== kvs, 3 nodes, K=3" >&2
+echo "== starting kvs (3 nodes, K=3), kvs (4 nodes, K=2), etcd (3 members), hello" >&2
 start_kvs 71 3 3; preload kvs http://127.0.71.1:8080
-measure kvs-3xK3 http://127.0.71.1:8080 bench/wrk/kvs.lua; stop_all
-echo "== kvs, 4 nodes, K=2" >&2
 start_kvs 72 4 2; preload kvs http://127.0.72.1:8080
-measure kvs-4xK2 http://127.0.72.1:8080 bench/wrk/kvs.lua; stop_all
-echo "== etcd, 3 members" >&2
 start_etcd; preload etcd http://127.0.73.1:2379
-measure etcd-3 http://127.0.73.1:2379 bench/wrk/etcd.lua; stop_all
-echo "== hello-world axum server" >&2
 "$HELLO" 127.0.74.1:8080 & pids+=($!)
 wait_http http://127.0.74.1:8080/x GET
-measure hello http://127.0.74.1:8080 bench/wrk/kvs.lua; stop_all
+systems=(
+  "kvs-3xK3 http://127.0.71.1:8080 bench/wrk/kvs.lua"
+  "kvs-4xK2 http://127.0.72.1:8080 bench/wrk/kvs.lua"
+  "etcd-3 http://127.0.73.1:2379 bench/wrk/etcd.lua"
+  "hello http://127.0.74.1:8080 bench/wrk/kvs.lua"
+)
+for round in $(seq 1 "$ROUNDS"); do
+  for op in get put; do
+    for c in 1 64; do
+      for sys in "${systems[@]}"; do
+        # shellcheck disable=SC2086 # the entry is three words on purpose
+        measure "$round" $sys "$op" "$c"
+      done
+    done
+  done
+done
+stop_all
 
-python3 - "$results" "$DURATION" <<'PY'
+python3 - "$results" "$DURATION" "$ROUNDS" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 def ms(t):
@@ -133,12 +143,24 @@ def ms(t):
         if t.endswith(unit) and t[: -len(unit)].replace(".", "").isdigit():
             return float(t[: -len(unit)]) * f
     return float("nan")
-data = {(s, op, int(c)): (float(r), ms(p50), ms(p99)) for s, op, c, r, p50, p99 in rows}
-print(f"wrk, {sys.argv[2]} s per run, 10,000 keys, 256-byte values, one entry node per system\n")
-print("| system | op | conc | req/s | p50 ms | p99 ms | kvs-3xK3 / this |")
-print("|---|---|---|---|---|---|---|")
-for (s, op, c), (r, p50, p99) in data.items():
+cells = {}
+for rnd, s, op, c, r, p50, p99 in rows:
+    cells.setdefault((s, op, int(c)), []).append((float(r), ms(p50), ms(p99)))
+# The median round by req/s (with its latencies), and the spread of req/s.
+data = {}
+for key, runs in cells.items():
+    runs.sort()
+    data[key] = runs[(len(runs) - 1) // 2] + (runs[0][0], runs[-1][0])
+print(f"wrk, {sys.argv[3]} interleaved rounds of {sys.argv[2]} s per cell, median round shown; "
+      "10,000 keys, 256-byte values, one entry node per system\n")
+print("| system | op | conc | req/s | p50 ms | p99 ms | req/s over the rounds | kvs-3xK3 / this |")
+print("|---|---|---|---|---|---|---|---|")
+order = ["kvs-3xK3", "kvs-4xK2", "etcd-3", "hello"]
+def place(item):
+    (s, op, c), _ = item
+    return (order.index(s) if s in order else len(order), op, c)
+for (s, op, c), (r, p50, p99, lo, hi) in sorted(data.items(), key=place):
     mine = data.get(("kvs-3xK3", op, c))
     ratio = f"{mine[0] / r:.2f}" if mine and s != "kvs-3xK3" else ""
-    print(f"| {s} | {op.upper()} | {c} | {r:,.0f} | {p50:.2f} | {p99:.2f} | {ratio} |")
+    print(f"| {s} | {op.upper()} | {c} | {r:,.0f} | {p50:.2f} | {p99:.2f} | {lo:,.0f}–{hi:,.0f} | {ratio} |")
 PY
