@@ -125,9 +125,10 @@ impl Wal {
     /// Empties the log (its records are durable elsewhere).
     pub fn reset(&mut self) -> io::Result<()> {
         self.file.set_len(0)?;
-        self.file.sync_data()?;
+        // From here on appends start at 0, even if the sync fails: appending after the
+        // old end would leave a hole of zeros that ends the log at the next open.
         self.len = 0;
-        Ok(())
+        self.file.sync_data()
     }
 }
 

@@ -291,9 +291,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
-    } else if let Err(e) = serde_json::to_writer(&mut *out, s) {
-        // Writing a string into a Vec cannot fail; should it, the answer says so.
-        debug_assert!(false, "serializing a string failed: {e}");
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("writing a JSON string into a Vec cannot fail");
     }
 }
 
