@@ -2,7 +2,7 @@
 //!
 //! # Design
 //!
-//! Three tables:
+//! Four tables:
 //!
 //! * `kv`: `(slot, key) → KeyState` (postcard). Keying by slot first keeps a slot's keys
 //!   together, so moving a slot to another partition is one range scan.
