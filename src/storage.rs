@@ -625,6 +625,11 @@ impl RedbTxn {
         })
     }
 
+    /// A meta entry as this transaction sees it.
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        meta_in(&self.borrow_owner().open_table(META).map_err(engine)?, name)
+    }
+
     /// Applies one change; what both a live transaction and the replay of the WAL do.
     fn apply(&mut self, op: &WalOp) -> Result<()> {
         match op {
@@ -689,36 +694,6 @@ impl RedbTxn {
     }
 }
 
-impl ReadTxn for RedbTxn {
-    fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
-        self.with_dependent(|_, t| kv_get(&t.kv, slot, key))
-    }
-    fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
-        self.with_dependent(|_, t| log_after_in(&t.log, origin, after, limit))
-    }
-    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        meta_in(&self.borrow_owner().open_table(META).map_err(engine)?, name)
-    }
-    fn key_count(&self) -> Result<u64> {
-        self.with_dependent(|_, t| key_count_in(&t.kv, &t.dead))
-    }
-    fn scan(
-        &self,
-        after: Option<&(u32, String)>,
-        limit: usize,
-    ) -> Result<Vec<(u32, String, KeyState)>> {
-        self.with_dependent(|_, t| scan_in(&t.kv, after, limit))
-    }
-    fn scan_slot(
-        &self,
-        slot: u32,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, KeyState)>> {
-        self.with_dependent(|_, t| scan_slot_in(&t.kv, slot, after, limit))
-    }
-}
-
 /// A write transaction of the redb engine: the changes go to redb as they are made and
 /// are recorded for the WAL, which makes them durable at commit.
 struct RedbWrite<'s> {
@@ -737,23 +712,24 @@ impl RedbWrite<'_> {
 
 impl ReadTxn for RedbWrite<'_> {
     fn get(&self, slot: u32, key: &str) -> Result<Option<KeyState>> {
-        self.txn.get(slot, key)
+        self.txn.with_dependent(|_, t| kv_get(&t.kv, slot, key))
     }
     fn log_after(&self, origin: ReplicaId, after: u64, limit: usize) -> Result<Vec<LogEntry>> {
-        self.txn.log_after(origin, after, limit)
+        self.txn
+            .with_dependent(|_, t| log_after_in(&t.log, origin, after, limit))
     }
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
         self.txn.meta(name)
     }
     fn key_count(&self) -> Result<u64> {
-        self.txn.key_count()
+        self.txn.with_dependent(|_, t| key_count_in(&t.kv, &t.dead))
     }
     fn scan(
         &self,
         after: Option<&(u32, String)>,
         limit: usize,
     ) -> Result<Vec<(u32, String, KeyState)>> {
-        self.txn.scan(after, limit)
+        self.txn.with_dependent(|_, t| scan_in(&t.kv, after, limit))
     }
     fn scan_slot(
         &self,
@@ -761,7 +737,8 @@ impl ReadTxn for RedbWrite<'_> {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, KeyState)>> {
-        self.txn.scan_slot(slot, after, limit)
+        self.txn
+            .with_dependent(|_, t| scan_slot_in(&t.kv, slot, after, limit))
     }
 }
 

@@ -156,6 +156,17 @@ fn parse(bytes: &[u8], at: usize) -> Option<(u64, &[u8], usize)> {
 mod tests {
     use super::*;
 
+    /// A log at a fresh path holding `records`, closed again.
+    fn written(records: &[(u64, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let (mut wal, _) = Wal::open(&path).expect("open");
+        for (seq, payload) in records {
+            wal.append(*seq, payload).expect("append");
+        }
+        (dir, path)
+    }
+
     #[test]
     fn records_survive_a_reopen_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -177,13 +188,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_dropped_and_cut_off() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("w");
-        {
-            let (mut wal, _) = Wal::open(&path).expect("open");
-            wal.append(1, b"kept").expect("append");
-            wal.append(2, b"torn record").expect("append");
-        }
+        let (_dir, path) = written(&[(1, b"kept"), (2, b"torn record")]);
         let full = std::fs::metadata(&path).expect("stat").len();
         for cut in [full - 1, full - 11, HEADER as u64 + 4 + 3] {
             let f = OpenOptions::new().write(true).open(&path).expect("open");
@@ -199,13 +204,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_record_ends_the_log() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("w");
-        {
-            let (mut wal, _) = Wal::open(&path).expect("open");
-            wal.append(1, b"good").expect("append");
-            wal.append(2, b"flipped").expect("append");
-        }
+        let (_dir, path) = written(&[(1, b"good"), (2, b"flipped")]);
         let mut bytes = std::fs::read(&path).expect("read");
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
