@@ -115,8 +115,9 @@ def direct(i, method, path, fields=None):
 def wait_ready(i, via=published):
     deadline = time.time() + READY_LIMIT
     while time.time() < deadline:
-        st, _ = via(i, "GET", "/kv-store/get_partition_id")
-        if st == 200:
+        st, body = via(i, "GET", "/api/v1/status")
+        # A member is ready once it holds its cluster's key.
+        if st == 200 and body.get("ready", True):
             return
         time.sleep(0.1)
     logs = sh("docker", "logs", "--tail", "20", name(i), check=False)

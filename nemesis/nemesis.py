@@ -170,8 +170,9 @@ class Nodes:
             if self.procs[i].poll() is not None:
                 raise RuntimeError(f"node {i} exited: see {self.tmp}/node{i}.log")
             try:
-                st, _ = request(self.addr(i), "GET", "/api/v1/status", {}, timeout=1)
-                if st == 200:
+                st, body = request(self.addr(i), "GET", "/api/v1/status", {}, timeout=1)
+                # A member is ready once it holds its cluster's key.
+                if st == 200 and body.get("ready", True):
                     return
             except OSError:
                 pass

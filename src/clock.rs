@@ -26,9 +26,12 @@
 //!
 //! On the wire it is `c2.<payload>.<tag>`: the base64url (no padding) of its postcard
 //! encoding, and a 128-bit keyed BLAKE3 tag over the payload with a [`TokenKey`] derived
-//! from the cluster secret. The tag matters: the token feeds into version histories, so a
-//! client that could raise a counter in it could make replicas drop acknowledged writes
-//! or wait forever; with the tag a client can only hand back tokens the cluster issued.
+//! from the cluster key, a random secret the cluster draws when it forms and shares only
+//! among its members (`auth`). The tag matters: the token feeds into version histories,
+//! so a client that could raise a counter in it could make replicas drop acknowledged
+//! writes or wait forever; with the tag a client can only hand back tokens the cluster
+//! issued. The cluster id a token carries is derived from that key too, so a cluster
+//! re-formed on wiped disks (a new key) refuses its predecessor's tokens as foreign.
 //! The prefix is a format version; `c1` tokens (no epoch) are still accepted.
 //!
 //! # Caveats
@@ -156,15 +159,21 @@ const TOKEN_PREFIX_V1: &str = "c1.";
 /// Bytes of the authentication tag kept on the wire.
 const TAG_LEN: usize = 16;
 
-/// Key that signs and checks tokens; every node derives the same one from the secret.
+/// Key that signs and checks tokens; every member derives the same one from the cluster
+/// key (`auth::ClusterKey::token_key`).
 #[derive(Clone)]
 pub struct TokenKey([u8; 32]);
 
 impl TokenKey {
-    pub fn derive(cluster_secret: &str) -> Self {
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
+    /// A key derived from a passphrase, for tests and benchmarks.
+    pub fn derive(passphrase: &str) -> Self {
         Self(blake3::derive_key(
             "kvs 2026 causal token tag v1",
-            cluster_secret.as_bytes(),
+            passphrase.as_bytes(),
         ))
     }
 

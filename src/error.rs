@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Timeout,
     /// The thing asked for does not exist.
     NotFound,
+    /// The request needs a credential it did not carry (or carried a wrong one), e.g.
+    /// the admin token for a membership change.
+    Unauthorized,
     /// The request conflicts with the cluster's state (e.g. adding a node that is
     /// already a member); retrying it unchanged will fail again.
     Conflict,

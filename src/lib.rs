@@ -7,6 +7,7 @@
 //! | [`storage`] | durable engine (redb) and an in-memory one behind one trait | I/O |
 //! | [`placement`] | key → slot → partition → replicas; the view | pure |
 //! | [`clock`] | version vectors, dots, the client's causal token | pure |
+//! | [`auth`] | the cluster key: member proofs, token key, cluster id | pure |
 //! | [`replica`] | key versions and siblings, writes, causal reads, sync protocol | pure over a store |
 //! | [`cluster`] | liveness of peers | pure |
 //! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
@@ -17,6 +18,7 @@
 
 pub mod antientropy;
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod clock;
 pub mod cluster;

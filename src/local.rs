@@ -517,18 +517,20 @@ fn term(child: &Child) {
     }
 }
 
-/// Polls the node's status endpoint until it answers.
+/// Polls the node's status endpoint until it answers that the node is ready (a member
+/// holding its cluster's key, or a node in no cluster).
 async fn wait_ready(addr: &str, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited with {status}"));
         }
-        if http_json(addr, "GET", "/api/v1/status", "", Duration::from_secs(1))
-            .await
-            .is_ok()
+        if let Ok((_, status)) =
+            http_json(addr, "GET", "/api/v1/status", "", Duration::from_secs(1)).await
         {
-            return Ok(());
+            if status["ready"] != Value::Bool(false) {
+                return Ok(());
+            }
         }
         if Instant::now() > deadline {
             return Err(format!("no answer within {READY_TIMEOUT:?}"));
@@ -549,8 +551,14 @@ async fn http_json(
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
+        // The nodes inherit ADMIN_TOKEN from this process; membership changes need it.
+        let auth = std::env::var("ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty() && method == "PUT")
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\
              Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );

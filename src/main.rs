@@ -96,12 +96,18 @@ struct ServeArgs {
     /// Size of the storage engine's page cache, in MiB.
     #[arg(long, env = "KVS_CACHE_MB", default_value_t = 256)]
     cache_mb: usize,
-    /// Shared secret that authenticates node-to-node traffic.
+    /// Shared secret that node-to-node calls must carry (on top of the cluster key every
+    /// cluster makes for itself when it forms).
     #[arg(long, env = "CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// Token that membership changes (update_view) must carry, as
+    /// `Authorization: Bearer <token>`; set the same on every node.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 /// Used when CLUSTER_SECRET is not set, so the seeds' `docker run` lines work unchanged.
+/// It is public: what keeps non-members out then is the cluster key (`kvs::auth`).
 const DEFAULT_SECRET: &str = "kvs-default-cluster-secret";
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -330,9 +336,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         )
     };
     let secret = args.cluster_secret.unwrap_or_else(|| {
-        tracing::warn!("CLUSTER_SECRET is not set: using the built-in default secret");
+        tracing::info!(
+            "CLUSTER_SECRET is not set: node-to-node calls are authenticated by the cluster key alone"
+        );
         DEFAULT_SECRET.to_string()
     });
+    let admin_token = args.admin_token.filter(|t| !t.is_empty());
+    if admin_token.is_none() {
+        tracing::warn!(
+            "ADMIN_TOKEN is not set: anyone who can reach this node can change the cluster's membership (update_view)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -343,6 +357,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         env_view,
         k: args.k,
         secret,
+        admin_token,
     };
     let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
     match node.view() {
@@ -377,6 +392,7 @@ mod tests {
             memory: false,
             cache_mb: 256,
             cluster_secret: None,
+            admin_token: None,
         }
     }
 

@@ -34,9 +34,10 @@
 //! **Applied vector.** Each replica keeps `applied`, a version vector meaning "every write
 //! it names is reflected in my state". A read carrying token `t` may be answered when
 //! `applied` dominates `t`'s entry for this partition; otherwise the replica first pulls
-//! from its peers. Writes may always be accepted: the client's token is folded into the
-//! new version's history, so the write correctly supersedes writes the coordinator has
-//! not yet received.
+//! from its peers. Writes are held to the same rule ([`Replica::accepts_write`]): the
+//! client's token is folded into the new version's history, which every reader of the
+//! version inherits, so a replica accepts a write only once it reflects everything the
+//! token names in its partition.
 //!
 //! **Sync.** Every write a replica incorporates is also recorded in its log under its dot.
 //! A peer asks with its own `applied` vector ([`SyncRequest`]); the answer lists, per
@@ -391,6 +392,22 @@ impl Replica {
         let mut vv = self.applied.clone();
         vv.merge(&self.absorbed);
         vv
+    }
+
+    /// Whether a client write carrying `token` may be accepted here: only when this
+    /// replica reflects every write of its partition the token names.
+    ///
+    /// The new version's history includes the token, and every later reader of the key
+    /// inherits that history. Were the replica to accept a write depending on writes it
+    /// lacks, readers would carry a dependency this partition may never satisfy (writes
+    /// lost with a disk, or on the other side of a partition for as long as it lasts) and
+    /// their reads of every other key here would wait for it. Recording only the part of
+    /// the token the replica knows would instead let a reader see this write but miss the
+    /// writes it followed, a causal anomaly. So the write goes to a replica that has
+    /// them, or fails as retryable; the client that carried the token is the only one who
+    /// waits.
+    pub fn accepts_write(&self, token: &CausalToken) -> bool {
+        Self::can_serve(&self.served(), self.partition, token)
     }
 
     /// Whether a read carrying `token` may be answered from a replica that reflects

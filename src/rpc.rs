@@ -4,23 +4,30 @@
 //!
 //! Every internal call is one [`Envelope`] (sender, its epoch, a [`Request`]) answered by
 //! one [`Response`]. Both are postcard-encoded and travel as `POST /_internal/v1/rpc` over
-//! pooled HTTP/1.1 keep-alive connections, on the same port as the client API. Two headers
-//! guard the endpoint: `x-kvs-secret` must carry the cluster secret (compared in constant
-//! time) and `x-kvs-proto` the protocol version, so a client cannot inject replication
-//! traffic and mismatched binaries fail loudly instead of misreading each other. The
-//! receiver also refuses senders that are not members of its view, and calls whose TCP
-//! source address is not the IP of the member they claim to come from (outgoing
-//! connections are bound to the node's own IP for this). The seeds start nodes without a
-//! secret, so the built-in default is public; the address check is what keeps a client
-//! on another host from posing as a node then.
+//! pooled HTTP/1.1 keep-alive connections, on the same port as the client API. Three
+//! headers go with each call:
+//!
+//! * `x-kvs-secret`: the operator's `CLUSTER_SECRET` (or a public default when none is
+//!   set, as in the seeds' `docker run` lines), compared in constant time: with a secret,
+//!   nobody without it reaches the node's internals at all;
+//! * `x-kvs-member`: the member proof derived from the cluster key (`auth`), a secret the
+//!   cluster draws when it forms and hands only to its members. This is what makes a call
+//!   a member's: a node in a cluster refuses every call without it (bar the two messages
+//!   that hand the key out, which carry their own checks), whatever address the call
+//!   claims or comes from;
+//! * `x-kvs-proto`: the protocol version, so mismatched binaries fail loudly instead of
+//!   misreading each other.
+//!
+//! Past that gate, the node also refuses state-changing calls from senders that are not
+//! members of its view or of the change in progress (`server::keys` has the rules).
 //!
 //! [`Transport`] is a trait so that tests and a simulator can carry messages without
 //! sockets; [`HttpTransport`] is the real one.
 //!
 //! # Caveats
 //!
-//! * The secret travels in clear text: run the cluster on a private network (as the seeds
-//!   do) or behind TLS termination.
+//! * The secret and the member proof travel in clear text: run the cluster on a private
+//!   network (as the seeds do) or behind TLS termination.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +39,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{ClusterKey, Nonce};
 use crate::clock::{CausalToken, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
@@ -42,10 +50,12 @@ use crate::viewchange::{AcceptReply, Ballot, PrepareReply, Proposal, PullKey, Pu
 pub const RPC_PATH: &str = "/_internal/v1/rpc";
 /// Header carrying the cluster secret.
 pub const SECRET_HEADER: &str = "x-kvs-secret";
+/// Header carrying the member proof derived from the cluster key.
+pub const MEMBER_HEADER: &str = "x-kvs-member";
 /// Header carrying [`PROTOCOL_VERSION`].
 pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// Bump on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: &str = "2";
+pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -115,6 +125,15 @@ pub enum Request {
     /// "Install this view" (the last step of a change, and how a node behind catches
     /// up). Answered with [`Response::Ok`].
     Install(View),
+    /// "Deliver the cluster key to my address in your view, quoting `nonce`." Needs no
+    /// member proof (the asker has no key yet): the receiver hands the key over only by
+    /// calling the sender's address, and only if it is a member. Answered with
+    /// [`Response::Key`].
+    KeyRequest { nonce: Nonce },
+    /// The cluster key, answering the receiver's [`Request::KeyRequest`] that carried
+    /// `nonce`; refused unless the receiver sent such a request. Answered with
+    /// [`Response::Ok`].
+    KeyDelivery { nonce: Nonce, key: ClusterKey },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -128,6 +147,7 @@ pub enum Response {
     Paxos(PaxosReply),
     Learned(LearnReply),
     Pulled(PullProgress),
+    Key(KeyAnswer),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
 }
@@ -144,6 +164,15 @@ pub struct NodeStatus {
     pub k: Option<usize>,
     /// Keys in the node's store.
     pub keys: u64,
+}
+
+/// Answer to [`Request::KeyRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyAnswer {
+    /// The key was delivered to the asker's address (the delivery was accepted).
+    Delivered,
+    /// This node holds no key yet: the cluster is still forming.
+    NoKey,
 }
 
 /// Answer to [`Request::Learn`].
@@ -242,6 +271,10 @@ pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Response, CallError
 /// Carries an envelope to a peer and brings back its answer.
 pub trait Transport: Send + Sync + 'static {
     fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_>;
+
+    /// The member proof to present on every call from now on (`None`: the node holds no
+    /// cluster key). Transports that do not authenticate ignore it.
+    fn set_member_proof(&self, _proof: Option<String>) {}
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -253,18 +286,6 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Er
     postcard::from_bytes(bytes)
 }
 
-/// Compares secrets without an early exit, so timing does not reveal a prefix.
-pub fn secrets_match(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 /// Idle pooled connections are closed after this; below the server's keep-alive so the
 /// client never sends on a connection the server is about to close.
 const POOL_IDLE: Duration = Duration::from_secs(20);
@@ -273,11 +294,14 @@ const POOL_IDLE: Duration = Duration::from_secs(20);
 pub struct HttpTransport {
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     secret: String,
+    /// Plain lock: held to clone or swap the value, never across an await.
+    member_proof: std::sync::RwLock<Option<hyper::header::HeaderValue>>,
 }
 
 impl HttpTransport {
-    /// `local_ip` is the node's own IP: outgoing calls come from it, which is what the
-    /// receiver checks against the sender's claimed address.
+    /// `local_ip` is the node's own IP: outgoing calls leave from it, so a node's traffic
+    /// is attributable when several nodes share a host. Receivers do not rely on it:
+    /// the member proof, not the source address, makes a call a member's.
     pub fn new(secret: String, local_ip: Option<std::net::IpAddr>) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
@@ -287,13 +311,26 @@ impl HttpTransport {
             .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(64)
             .build(connector);
-        Self { client, secret }
+        Self {
+            client,
+            secret,
+            member_proof: std::sync::RwLock::new(None),
+        }
     }
 
     async fn call_once(&self, to: &str, body: Vec<u8>) -> Result<Response, CallError> {
         let unreachable =
             |e: &dyn std::fmt::Display| CallError::Unreachable(to.into(), e.to_string());
-        let request = hyper::Request::post(format!("http://{to}{RPC_PATH}"))
+        let proof = self
+            .member_proof
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut request = hyper::Request::post(format!("http://{to}{RPC_PATH}"));
+        if let Some(proof) = proof {
+            request = request.header(MEMBER_HEADER, proof);
+        }
+        let request = request
             .header(SECRET_HEADER, &self.secret)
             .header(PROTO_HEADER, PROTOCOL_VERSION)
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
@@ -327,6 +364,13 @@ impl HttpTransport {
 }
 
 impl Transport for HttpTransport {
+    fn set_member_proof(&self, proof: Option<String>) {
+        // A proof is lowercase hex (`auth::ClusterKey::member_proof`), always a valid
+        // header value; anything else would be a bug, and no proof is the safe outcome.
+        let value = proof.and_then(|p| hyper::header::HeaderValue::from_str(&p).ok());
+        *self.member_proof.write().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+
     fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_> {
         let body = encode(envelope);
         let to = to.to_string();
@@ -393,12 +437,5 @@ mod tests {
     #[test]
     fn garbage_does_not_decode() {
         assert!(decode::<Envelope>(&[0xff, 0xff, 0xff]).is_err());
-    }
-
-    #[test]
-    fn secret_comparison() {
-        assert!(secrets_match(b"abc", b"abc"));
-        assert!(!secrets_match(b"abd", b"abc"));
-        assert!(!secrets_match(b"ab", b"abc"));
     }
 }

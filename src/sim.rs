@@ -750,6 +750,16 @@ impl Sim {
             },
             now_ms: self.now,
         };
+        if !self.nodes[n].replica.accepts_write(&req.token) {
+            // The server waits for its peers, then refuses; here the client moves on.
+            self.report.refused += 1;
+            self.trace(|| format!("c{c} at n{n}: write {key}: not yet (catching up)"));
+            let peers: Vec<usize> = self.peers_of(n).collect();
+            for p in peers {
+                self.wake(n, p);
+            }
+            return;
+        }
         let before = self.nodes[n]
             .replica
             .applied()

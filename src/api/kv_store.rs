@@ -25,7 +25,8 @@
 //! change is complete (see `server::reconfig`); `type` may also come as a form field.
 //! Status codes come from [`status_of`] alone: 409 for adding a member or a node of
 //! another configuration, 404 for removing a non-member, 503 for an unreachable node or
-//! a change that cannot complete now.
+//! a change that cannot complete now, 401 for an `update_view` without the admin token
+//! when the node has one (`ADMIN_TOKEN`, sent as `Authorization: Bearer <token>`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,6 +98,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -242,13 +244,18 @@ struct KeyAnswer<'a> {
 }
 
 impl<'a> KeyAnswer<'a> {
-    fn new(node: &Node, partition_id: u32, token: &crate::clock::CausalToken, ms: u64) -> Self {
-        Self {
-            causal_payload: node.encode_token(token),
+    fn new(
+        node: &Node,
+        partition_id: u32,
+        token: &crate::clock::CausalToken,
+        ms: u64,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            causal_payload: node.encode_token(token)?,
             partition_id,
             timestamp: ms,
             value: None,
-        }
+        })
     }
 
     fn to_json(&self) -> Vec<u8> {
@@ -297,8 +304,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The answer to a PUT or DELETE that was applied.
-fn write_success(node: &Node, status: StatusCode, reply: &WriteReply) -> Response {
-    KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_ms).into_response(status)
+fn write_success(node: &Node, status: StatusCode, reply: &WriteReply) -> Result<Response, Error> {
+    Ok(KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_ms)?.into_response(status))
 }
 
 async fn get_endpoint(
@@ -342,12 +349,14 @@ async fn get_endpoint(
             }
             key => {
                 check_key(key)?;
-                let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+                let token = node
+                    .parse_token(fields.get("causal_payload").map_or("", |s| s))
+                    .await?;
                 let reply = node.get(key, token, true).await?;
                 let (value, ts) = reply
                     .value
                     .ok_or_else(|| Error::new(ErrorKind::NotFound, "key does not exist"))?;
-                let mut answer = KeyAnswer::new(&node, reply.index, &reply.token, ts);
+                let mut answer = KeyAnswer::new(&node, reply.index, &reply.token, ts)?;
                 answer.value = Some(&value);
                 Ok(answer.into_response(StatusCode::OK))
             }
@@ -361,12 +370,14 @@ async fn put_endpoint(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
         let mut fields = form(query, body).await?;
         if name == "update_view" {
+            node.authorize_admin(super::admin_credential(&headers))?;
             return update_view(&node, &fields).await;
         }
         check_key(&name)?;
@@ -378,14 +389,16 @@ async fn put_endpoint(
         let value = fields
             .remove("val")
             .ok_or_else(|| Error::bad_request("val is missing"))?;
-        let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+        let token = node
+            .parse_token(fields.get("causal_payload").map_or("", |s| s))
+            .await?;
         let reply = node.put(&name, value.into_bytes(), token, true).await?;
         let status = if reply.created {
             StatusCode::CREATED
         } else {
             StatusCode::OK
         };
-        Ok(write_success(&node, status, &reply))
+        write_success(&node, status, &reply)
     }
     .await;
     result.unwrap_or_else(error_response)
@@ -404,12 +417,14 @@ async fn delete_endpoint(
         if RESERVED.contains(&name.as_str()) {
             return Ok(method_not_allowed().await);
         }
-        let token = node.parse_token(fields.get("causal_payload").map_or("", |s| s))?;
+        let token = node
+            .parse_token(fields.get("causal_payload").map_or("", |s| s))
+            .await?;
         let reply = node.delete(&name, token, true).await?;
         if reply.created {
             return Err(Error::new(ErrorKind::NotFound, "key does not exist"));
         }
-        Ok(write_success(&node, StatusCode::OK, &reply))
+        write_success(&node, StatusCode::OK, &reply)
     }
     .await;
     result.unwrap_or_else(error_response)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{Health, HEARTBEAT_INTERVAL_MS};
-use crate::rpc::Request;
+use crate::rpc::{CallError, Request};
 
 use super::{lock, monotonic_ms, Node};
 
@@ -72,8 +72,14 @@ pub(super) async fn heartbeat_loop(node: Arc<Node>) {
             let (node, in_flight) = (node.clone(), in_flight.clone());
             pings.spawn(async move {
                 let env = node.envelope(Request::Ping);
-                if node.send(&peer, &env, PING_TIMEOUT).await.is_ok() {
-                    node.liveness().record_heartbeat(&peer, monotonic_ms());
+                // Any answer is a heartbeat, a refusal too: a peer still waiting for the
+                // cluster key (or holding another one) is alive, and must be declared
+                // dead by the usual rule if it stops answering.
+                match node.send(&peer, &env, PING_TIMEOUT).await {
+                    Ok(_) | Err(CallError::Refused(..)) => {
+                        node.liveness().record_heartbeat(&peer, monotonic_ms())
+                    }
+                    Err(_) => {}
                 }
                 lock(&in_flight).remove(&peer);
             });

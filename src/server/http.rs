@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
-use super::Node;
+use super::{Node, Refusal};
 use crate::placement::Role;
 use crate::rpc::{self, Envelope};
 
@@ -29,8 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// Serves `node` on `listener` until `shutdown` resolves. The internal endpoint needs
-/// each connection's peer address, which this supplies.
+/// Serves `node` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Arc<Node>,
@@ -42,9 +41,10 @@ pub async fn serve(
         .await
 }
 
-/// `GET /api/v1/status`: this node's view, role, transition, the progress of the view
-/// change it coordinates, and what its failure detector believes about each peer. What
-/// `kvs local` polls to show a rebalance.
+/// `GET /api/v1/status`: whether the node is ready (a member holding the cluster key, or
+/// a node in no cluster), its view, role, transition, the progress of the view change it
+/// coordinates, and what its failure detector believes about each peer. What `kvs local`
+/// polls to show a rebalance.
 async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
     let cur = node.current();
     let keys = node
@@ -76,8 +76,12 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
         Some(Role::Proxy) => ("proxy", None),
         None => ("none", None),
     };
+    // A member is ready to serve once it holds the cluster key; a node in no cluster
+    // has nothing to wait for.
+    let ready = (cur.view.is_none() && cur.transition.is_none()) || node.keys().is_some();
     let body = json!({
         "node": node.addr,
+        "ready": ready,
         "epoch": cur.epoch(),
         "role": role,
         "partition_id": partition_id,
@@ -96,7 +100,6 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
 
 async fn rpc_endpoint(
     State(node): State<Arc<Node>>,
-    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResponse {
@@ -104,7 +107,7 @@ async fn rpc_endpoint(
         .get(rpc::SECRET_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !rpc::secrets_match(given, node.secret.as_bytes()) {
+    if !crate::auth::secrets_match(given, node.secret.as_bytes()) {
         return (StatusCode::UNAUTHORIZED, "bad or missing cluster secret").into_response();
     }
     if headers.get(rpc::PROTO_HEADER).map(|v| v.as_bytes())
@@ -128,17 +131,13 @@ async fn rpc_endpoint(
             return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
         }
     };
-    let claimed = env.from.parse::<std::net::SocketAddr>().map(|a| a.ip());
-    if claimed.ok() != Some(remote.ip()) {
-        return (
-            StatusCode::FORBIDDEN,
-            format!(
-                "call claims to come from {} but arrived from {}",
-                env.from,
-                remote.ip()
-            ),
-        )
-            .into_response();
+    let proof = headers.get(rpc::MEMBER_HEADER).map(|v| v.as_bytes());
+    match node.admit(&env, proof) {
+        Ok(()) => {}
+        Err(Refusal::NotAMember(why)) => return (StatusCode::FORBIDDEN, why).into_response(),
+        Err(Refusal::NotReady(why)) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+        }
     }
     let resp = node.handle_rpc(env).await;
     (

@@ -16,6 +16,8 @@
 //!   up) and a poker (tells the peer to pull after local writes); a log trimmer.
 //! * **Heartbeats** (`heartbeat.rs`): pings to every other member feed the failure
 //!   detector (`cluster.rs`) that orders the replicas a request is forwarded to.
+//! * **The cluster key** (`keys.rs`): which calls a node admits, how a forming cluster
+//!   draws its key and how members hand it to each other, the admin token.
 //! * **View changes** (`reconfig.rs`): coordinating `update_view`, the Paxos acceptor,
 //!   learning, draining, pulling and installing views, and the background tasks that
 //!   re-drive a stalled change, collect handed-over slots and catch up with newer views.
@@ -30,7 +32,9 @@
 //!
 //! A read whose causal token this replica cannot yet satisfy pokes its pullers and waits
 //! up to [`CATCHUP_WAIT`] for its vectors to catch up; then it asks a peer; only then does
-//! it fail with a retryable "unavailable". A token from a newer view than this node's
+//! it fail with a retryable "unavailable". A write is held to the same rule (see
+//! `Replica::accepts_write`): after the wait it goes to another replica, or fails
+//! without being applied. A token from a newer view than this node's
 //! makes the node learn that view first ([`VIEW_CATCHUP_WAIT`]).
 //!
 //! # Caveats
@@ -43,12 +47,13 @@
 
 mod heartbeat;
 mod http;
+mod keys;
 mod reconfig;
 mod sync;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,10 +62,12 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 pub use http::{router, serve};
+pub use keys::{Keys, Refusal, KEY_WAIT};
 pub use reconfig::{ChangeOutcome, Progress};
 pub use writer::ReplicaStatus;
 
-use crate::clock::{CausalToken, PartitionUid, ReplicaId, TokenKey, VersionVector};
+use crate::auth::ClusterKey;
+use crate::clock::{CausalToken, PartitionUid, ReplicaId, VersionVector};
 use crate::cluster::{Health, Liveness};
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, Role, SlotSet, View};
@@ -208,6 +215,7 @@ struct Layout {
     view: Option<Arc<View>>,
     transition: Option<Arc<Transition>>,
     replica: Option<(PartitionUid, ReplicaId)>,
+    cluster_key: Option<ClusterKey>,
 }
 
 /// Everything `Node::start` needs.
@@ -217,7 +225,10 @@ pub struct NodeConfig {
     pub env_view: Option<View>,
     /// The K the node was started with (checked when it is added to a cluster).
     pub k: Option<usize>,
+    /// `CLUSTER_SECRET` (or the public default): the outer gate of the internal endpoint.
     pub secret: String,
+    /// `ADMIN_TOKEN`: when set, membership changes need it.
+    pub admin_token: Option<String>,
 }
 
 /// One kvs server. See the module doc.
@@ -227,8 +238,16 @@ pub struct Node {
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     secret: String,
-    /// Signs and checks client tokens; derived from `secret`, the same on every node.
-    token_key: TokenKey,
+    admin_token: Option<String>,
+    /// The cluster key and what derives from it (`None` until this node has it); swapped
+    /// whole. Plain lock: held to clone or swap the `Arc`, never across an await.
+    keys: RwLock<Option<Arc<Keys>>>,
+    /// Woken when this node obtains a key.
+    keys_changed: Notify,
+    /// Nonces of key requests in flight, recent deliveries (see `keys`).
+    exchange: Mutex<keys::Exchange>,
+    /// Whether the task obtaining the key runs.
+    acquiring_key: AtomicBool,
     writer: mpsc::Sender<WriterCmd>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     replica_status: watch::Receiver<Option<Arc<ReplicaStatus>>>,
@@ -302,8 +321,12 @@ impl Node {
             k: cfg.k,
             store,
             transport,
-            token_key: TokenKey::derive(&cfg.secret),
             secret: cfg.secret,
+            admin_token: cfg.admin_token,
+            keys: RwLock::new(None),
+            keys_changed: Notify::new(),
+            exchange: Mutex::new(keys::Exchange::default()),
+            acquiring_key: AtomicBool::new(false),
             writer: tx,
             writer_thread: Mutex::new(Some(handle)),
             replica_status: replica_rx,
@@ -414,6 +437,8 @@ impl Node {
             replica: replica.clone(),
         });
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = cur;
+        self.adopt_key(layout.cluster_key.as_ref());
+        self.spawn_key_acquisition();
         if restart {
             let mut tasks = JoinSet::new();
             if let Some(r) = replica {
@@ -425,16 +450,21 @@ impl Node {
     }
 
     /// Parses a client's causal token: it must be one this cluster issued, unaltered.
-    pub fn parse_token(&self, text: &str) -> Result<CausalToken> {
-        let cur = self.current();
-        let view = cur.view()?;
-        CausalToken::decode(text, view.cluster, &self.token_key)
+    /// Waits (up to [`KEY_WAIT`]) while this node obtains the cluster key.
+    pub async fn parse_token(&self, text: &str) -> Result<CausalToken> {
+        self.current().view()?;
+        let keys = self.wait_for_keys().await?;
+        CausalToken::decode(text, keys.id, &keys.token_key)
             .map_err(|e| Error::bad_request(e.to_string()))
     }
 
     /// Encodes a token for a client, stamped with this node's epoch and without entries
-    /// of partitions that no longer exist.
-    pub fn encode_token(&self, token: &CausalToken) -> String {
+    /// of partitions that no longer exist. Fails only on a node without the cluster key
+    /// (one that never parsed the client's token).
+    pub fn encode_token(&self, token: &CausalToken) -> Result<String> {
+        let keys = self.keys().ok_or_else(|| {
+            Error::unavailable("this node has not yet received its cluster's key; retry shortly")
+        })?;
         let cur = self.current();
         let mut token = token.clone();
         token.observe_epoch(cur.epoch());
@@ -449,7 +479,7 @@ impl Node {
                 });
             }
         }
-        token.encode(&self.token_key)
+        Ok(token.encode(&keys.token_key))
     }
 
     fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
@@ -616,11 +646,16 @@ impl Node {
         value: Option<Vec<u8>>,
         token: CausalToken,
     ) -> Result<WriteReply> {
-        // Not needed for correctness (the token is folded into the new version's history,
-        // so the write supersedes what the client saw either way), but it makes `created`
-        // right: a client overwriting its own fresh key must not be told the key is new.
-        // If the peers cannot help in time the write is accepted anyway: availability.
-        self.catch_up(r, &token).await;
+        // The replica must reflect what the client saw in this partition before it
+        // accepts the write (see `Replica::accepts_write`): wait for the peers to supply
+        // it, then give up; the caller tries another replica, which may have it.
+        if !self.catch_up(r, &token).await {
+            return Err(Error::unavailable(format!(
+                "this replica has not received writes the causal context depends on (partition {}), \
+                 and its peers did not supply them within {CATCHUP_WAIT:?}; the write was not applied",
+                view.index_of(r.partition).unwrap_or_default()
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
             slot: slot_of(key),
@@ -914,18 +949,26 @@ impl Node {
         }
     }
 
-    /// Handles one internal call from a peer (already authenticated).
-    async fn handle_rpc(self: &Arc<Self>, env: Envelope) -> Response {
-        self.note_peer_epoch(&env.from, env.epoch);
+    /// Handles one internal call from a peer, admitted by [`Node::admit`] (or made by
+    /// this node itself).
+    pub async fn handle_rpc(self: &Arc<Self>, env: Envelope) -> Response {
         let cur = self.current();
-        // A node outside the sender's view must still be able to learn views: a removed
-        // node learns it was removed, a stale one catches up.
-        let open = matches!(env.body, Request::Status | Request::Install(_));
-        if !open && cur.view.is_some() && !cur.knows(&env.from) {
+        // Past admission, a caller holds the key (or this node is in no cluster and
+        // trusts its first contact). A member removed while it was away holds the key
+        // too: it may ask for the status (which tells it it was removed), nothing else.
+        let known = cur.knows(&env.from);
+        let open = matches!(
+            env.body,
+            Request::Status | Request::KeyRequest { .. } | Request::KeyDelivery { .. }
+        );
+        if !open && cur.view.is_some() && !known {
             return Response::Error(Error::bad_request(format!(
                 "{} is not a member of this node's view",
                 env.from
             )));
+        }
+        if known {
+            self.note_peer_epoch(&env.from, env.epoch);
         }
         let result = match env.body {
             Request::Ping => Ok(Response::Ok),
@@ -980,6 +1023,8 @@ impl Node {
                 .await
                 .map(Response::Pulled),
             Request::Install(view) => self.install_view(view).await.map(|_| Response::Ok),
+            Request::KeyRequest { nonce } => self.on_key_request(&env.from, nonce).await,
+            Request::KeyDelivery { nonce, key } => self.on_key_delivery(nonce, key).await,
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -1075,6 +1120,7 @@ mod tests {
             env_view: Some(view.clone()),
             k: Some(2),
             secret: "s".into(),
+            admin_token: None,
         };
         let node =
             Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");

@@ -233,7 +233,9 @@ impl Node {
                     continue;
                 }
             };
-            if let Some(v) = &status.view {
+            // Views are adopted from members only: the node being added is not one yet.
+            let member = view.is_member(target);
+            if let Some(v) = status.view.as_ref().filter(|_| member) {
                 if v.cluster == view.cluster && v.epoch > view.epoch {
                     self.install_view(v.clone()).await?;
                     return Ok(false);
@@ -922,8 +924,12 @@ impl Node {
     }
 
     /// Asks `peer` for its view and transition and adopts them if newer. Returns
-    /// whether anything was adopted.
+    /// whether anything was adopted. Only members of this node's view or of the change
+    /// in progress are asked: views come from the cluster, not from whoever calls.
     pub(super) async fn learn_from(self: &Arc<Self>, peer: &str) -> bool {
+        if !self.current().knows(peer) {
+            return false;
+        }
         let status: NodeStatus = match self.call(peer, Request::Status, STATUS_TIMEOUT).await {
             Ok(Response::Status(s)) => *s,
             _ => return false,
@@ -995,25 +1001,31 @@ impl Node {
         let mut tasks = lock(&self.tasks);
         tasks.spawn(redrive_loop(self.clone()));
         tasks.spawn(super::heartbeat::heartbeat_loop(self.clone()));
-        // A node that was down may have missed view changes: ask the members once.
-        let node = self.clone();
-        tasks.spawn(async move {
-            let peers: Vec<String> = node
-                .view()
-                .map(|v| {
-                    v.members
-                        .iter()
-                        .filter(|m| **m != node.addr)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            for peer in peers {
-                node.learn_from(&peer).await;
-            }
-        });
+        // A node that was down may have missed view changes: ask the members once (a
+        // node still waiting for the cluster key asks once it has it).
+        if self.keys().is_some() {
+            let node = self.clone();
+            tasks.spawn(async move { node.learn_from_members().await });
+        }
         drop(tasks);
         self.spawn_gc();
+    }
+
+    /// Asks each other member of this node's view for a newer view, one after another.
+    pub(super) async fn learn_from_members(self: &Arc<Self>) {
+        let peers: Vec<String> = self
+            .view()
+            .map(|v| {
+                v.members
+                    .iter()
+                    .filter(|m| **m != self.addr)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for peer in peers {
+            self.learn_from(&peer).await;
+        }
     }
 
     /// Deletes keys of slots this node no longer keeps, in the background.

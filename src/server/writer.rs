@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::auth::ClusterKey;
 use crate::clock::{PartitionUid, ReplicaId, VersionVector};
 use crate::error::{Error, Result};
 use crate::placement::{Role, SlotSet, View};
@@ -34,6 +35,8 @@ pub const META_TRANSITION: &str = "transition";
 pub const META_ACCEPTOR: &str = "paxos";
 /// `(cluster, epoch)` of the view that removed this node.
 pub const META_REMOVED: &str = "removed";
+/// The cluster key (`auth::ClusterKey`): secret, shared only among members.
+pub const META_CLUSTER_KEY: &str = "cluster.key";
 /// Names written by the first version of kvs, migrated on start.
 const LEGACY_VIEW: &str = "view";
 const LEGACY_REPLICA: &str = "replica";
@@ -86,6 +89,12 @@ pub(super) enum WriterCmd {
         acceptor: Acceptor,
         tx: Reply<()>,
     },
+    /// Adopt the cluster key (delivered by a member, or drawn by this node). Refused if
+    /// the node, in a cluster, already holds another one.
+    SetKey {
+        key: ClusterKey,
+        tx: Reply<Layout>,
+    },
     /// Delete up to `limit` keys of `slot` if this node no longer owns it.
     Gc {
         slot: u32,
@@ -135,6 +144,8 @@ pub(super) struct Durable {
     pub transition: Option<Arc<Transition>>,
     pub acceptor: Arc<Acceptor>,
     pub removed: Option<(u64, u64)>,
+    /// The key of the cluster this node is in (or was last in); see `server::keys`.
+    pub cluster_key: Option<ClusterKey>,
     /// Derived from `transition`: slots this replica no longer accepts writes to.
     frozen: SlotSet,
     /// Derived from `transition`: this replica accepts no writes at all.
@@ -180,6 +191,10 @@ impl Durable {
         let removed: Option<(u64, u64)> = txn
             .meta(META_REMOVED)?
             .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("removal record", e)))
+            .transpose()?;
+        let cluster_key: Option<ClusterKey> = txn
+            .meta(META_CLUSTER_KEY)?
+            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("cluster key", e)))
             .transpose()?;
         drop(txn);
 
@@ -237,6 +252,7 @@ impl Durable {
                     .unwrap_or_else(|| Acceptor::new(epoch + 1)),
             ),
             removed,
+            cluster_key,
             frozen: SlotSet::new(),
             leaving: false,
         };
@@ -300,6 +316,10 @@ impl Durable {
             Some(r) => txn.set_meta(META_REMOVED, &encode(r))?,
             None => txn.delete_meta(META_REMOVED)?,
         }
+        match &self.cluster_key {
+            Some(k) => txn.set_meta(META_CLUSTER_KEY, &encode(k))?,
+            None => txn.delete_meta(META_CLUSTER_KEY)?,
+        }
         Ok(())
     }
 
@@ -308,7 +328,13 @@ impl Durable {
             view: self.view.clone(),
             transition: self.transition.clone(),
             replica: self.replica.as_ref().map(|r| (r.partition(), r.id())),
+            cluster_key: self.cluster_key.clone(),
         }
+    }
+
+    /// Whether the node is in no cluster and joins none: no view, no change in progress.
+    fn outside(&self) -> bool {
+        self.view.is_none() && self.transition.is_none()
     }
 
     pub fn replica_status(&self) -> Option<ReplicaStatus> {
@@ -418,6 +444,7 @@ enum Outcome {
     Learned(Option<VersionVector>, Layout),
     Pulled(PullProgress),
     Installed(Installed, Layout),
+    Keyed(Layout),
     Deleted(usize),
     Failed(Error),
 }
@@ -443,6 +470,8 @@ fn answer(cmd: WriterCmd, outcome: Outcome) {
         (WriterCmd::Install { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
         (WriterCmd::Acceptor { tx, .. }, Outcome::Done) => send(tx, Ok(())),
         (WriterCmd::Acceptor { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::SetKey { tx, .. }, Outcome::Keyed(l)) => send(tx, Ok(l)),
+        (WriterCmd::SetKey { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
         (WriterCmd::Gc { tx, .. }, Outcome::Deleted(n)) => send(tx, Ok(n)),
         (WriterCmd::Gc { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
         (WriterCmd::Trim { .. } | WriterCmd::Stop, _) => {}
@@ -471,7 +500,7 @@ fn run_batch(
     let mut new_trims = Vec::new();
     for cmd in batch {
         let outcome = match cmd {
-            WriterCmd::Write { req, partition, .. } => match writable(d, *partition, req.slot) {
+            WriterCmd::Write { req, partition, .. } => match writable(d, *partition, req) {
                 Ok(()) => {
                     dirty.any = true;
                     dirty.replica = true;
@@ -556,6 +585,18 @@ fn run_batch(
                     ))
                 }
             }
+            WriterCmd::SetKey { key, .. } => match &d.cluster_key {
+                Some(held) if held == key => Outcome::Keyed(d.layout()),
+                Some(_) if !d.outside() => Outcome::Failed(Error::conflict(
+                    "this node already holds another cluster key",
+                )),
+                _ => {
+                    d.cluster_key = Some(key.clone());
+                    dirty.any = true;
+                    dirty.rest = true;
+                    Outcome::Keyed(d.layout())
+                }
+            },
             WriterCmd::Gc { slot, limit, .. } => {
                 if d.keeps(*slot) {
                     Outcome::Deleted(0)
@@ -585,11 +626,21 @@ fn run_batch(
     Ok(outcomes)
 }
 
-/// Whether a client write to `slot`, routed to this node's replica of `partition`, may be
+/// Whether a client write `req`, routed to this node's replica of `partition`, may be
 /// accepted now.
-fn writable(d: &Durable, partition: PartitionUid, slot: u32) -> Result<()> {
+fn writable(d: &Durable, partition: PartitionUid, req: &WriteRequest) -> Result<()> {
+    let slot = req.slot;
     match &d.replica {
-        Some(r) if r.partition() == partition => {}
+        Some(r) if r.partition() == partition => {
+            // Checked by the caller before it queued the write; checked again here, where
+            // the replica's state is current (see `Replica::accepts_write`).
+            if !r.accepts_write(&req.token) {
+                return Err(Error::unavailable(
+                    "this replica has not received writes the causal context depends on; \
+                     the write was not applied",
+                ));
+            }
+        }
         _ => {
             return Err(Error::unavailable(format!(
                 "{} is no longer a replica of partition uid {partition}",
@@ -642,6 +693,11 @@ fn learn(d: &mut Durable, t: &Transition) -> Result<bool> {
             t.proposal.epoch()
         )));
     }
+    if d.outside() {
+        // A key held from an earlier cluster is not this one's: the node fetches the
+        // key of the cluster it is joining from its members (`server::keys`).
+        d.cluster_key = None;
+    }
     d.transition = Some(Arc::new(t.clone()));
     d.derive();
     Ok(true)
@@ -691,6 +747,11 @@ fn install(d: &mut Durable, txn: &mut dyn WriteTxn, view: &View) -> Result<Resul
         }
     } else if !view.is_member(&d.addr) {
         return Ok(Ok(Installed::Unchanged));
+    }
+    if d.outside() {
+        // Joining without having learned the change: as in `learn`, a key held from an
+        // earlier cluster is not this one's.
+        d.cluster_key = None;
     }
     // The transition's claims hold only if it leads to exactly this view; after a jump
     // over a missed change the replica claims nothing and copies from a peer instead.
@@ -861,15 +922,41 @@ mod tests {
         assert!(j.replica.as_ref().is_some_and(|r| r.absorbed().is_empty()));
     }
 
+    fn write_to(slot: u32, token: crate::clock::CausalToken) -> WriteRequest {
+        WriteRequest {
+            slot,
+            key: "k".into(),
+            value: Some(b"v".to_vec()),
+            token,
+            now_ms: 0,
+        }
+    }
+
     #[test]
     fn frozen_and_leaving_replicas_refuse_writes() {
         let v = view(4, 2);
         let p = Proposal::new(Change::Remove(addr(1)), &v).expect("valid");
         let mut d = Durable::load(&MemoryStore::new(), &addr(2), Some(v.clone())).expect("loads");
-        assert!(writable(&d, 0, 0).is_ok());
+        let plain = |slot| write_to(slot, Default::default());
+        assert!(writable(&d, 0, &plain(0)).is_ok());
         learn(&mut d, &Transition::new(p)).expect("learns");
         // Partition uid 0 dissolves: node 2 leaves it and freezes all of its slots.
-        assert!(writable(&d, 0, 0).is_err());
-        assert!(writable(&d, 1, 1).is_err(), "not its partition");
+        assert!(writable(&d, 0, &plain(0)).is_err());
+        assert!(writable(&d, 1, &plain(1)).is_err(), "not its partition");
+    }
+
+    #[test]
+    fn writes_depending_on_writes_the_replica_lacks_are_refused() {
+        let v = view(2, 2);
+        let d = Durable::load(&MemoryStore::new(), &addr(1), Some(v)).expect("loads");
+        let mut token = crate::clock::CausalToken::default();
+        // A write of replica 99 this replica never received.
+        token.observe(0, &[(99, 1)].into_iter().collect());
+        let err = writable(&d, 0, &write_to(0, token.clone())).expect_err("refused");
+        assert_eq!(err.kind, crate::error::ErrorKind::Unavailable);
+        // Its dependencies in other partitions are not this replica's to check.
+        let mut other = crate::clock::CausalToken::default();
+        other.observe(1, &[(99, 1)].into_iter().collect());
+        assert!(writable(&d, 0, &write_to(0, other)).is_ok());
     }
 }

@@ -115,7 +115,8 @@ impl Cluster {
         Cluster::start_with_secret(test_id, n, k, DEFAULT_SECRET).await
     }
 
-    /// Like [`Cluster::start`], with a given `CLUSTER_SECRET`.
+    /// Like [`Cluster::start`], with a given `CLUSTER_SECRET`; `""` starts the nodes
+    /// without one, as the seeds do.
     pub async fn start_with_secret(test_id: u8, n: usize, k: usize, secret: &str) -> Cluster {
         Cluster::start_full(test_id, n, 0, k, secret, &[]).await
     }
@@ -285,6 +286,11 @@ impl Cluster {
         .expect("write log header");
         let stderr = log.try_clone().expect("clone log file handle");
         let mut cmd = Command::new(binary());
+        // Only what the test sets: nothing leaks in from the caller's environment.
+        cmd.env_remove("ADMIN_TOKEN").env_remove("CLUSTER_SECRET");
+        if !self.secret.is_empty() {
+            cmd.env("CLUSTER_SECRET", &self.secret);
+        }
         if node.initial {
             cmd.env("VIEW", self.view.join(","));
         } else {
@@ -295,7 +301,6 @@ impl Cluster {
             .env("K", self.k.to_string())
             .env("IPPORT", &node.addr)
             .env("DATA_DIR", &node.data_dir)
-            .env("CLUSTER_SECRET", &self.secret)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
@@ -313,8 +318,9 @@ impl Cluster {
         *guard = Some(child);
     }
 
-    /// Polls node `i` until `GET /api/v1/status` answers 200 (the server answers once it
-    /// has loaded its state; a node in no cluster answers too).
+    /// Polls node `i` until `GET /api/v1/status` answers 200 with `ready` (the server
+    /// answers once it has loaded its state, and is ready once it holds its cluster's
+    /// key; a node in no cluster is ready at once).
     pub async fn wait_ready(&self, i: usize) {
         self.wait_ready_until(i, Instant::now() + STARTUP_DEADLINE)
             .await
@@ -345,7 +351,11 @@ impl Cluster {
                 .await;
             if let Ok(resp) = probe {
                 if resp.status().as_u16() == 200 {
-                    return;
+                    // A member is ready once it holds the cluster key.
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    if body["ready"] != Value::Bool(false) {
+                        return;
+                    }
                 }
             }
             if Instant::now() > deadline {
@@ -441,6 +451,18 @@ impl Cluster {
     pub async fn restart(&self, i: usize) {
         self.spawn(i);
         self.wait_ready(i).await;
+    }
+
+    /// Starts the nodes `nodes` (none running) all at once, then waits until each is
+    /// ready: a cluster forming on empty disks needs every member up before any is.
+    pub async fn restart_all(&self, nodes: &[usize]) {
+        for &i in nodes {
+            self.spawn(i);
+        }
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        for &i in nodes {
+            self.wait_ready_until(i, deadline).await;
+        }
     }
 
     /// Runs a test scenario with an overall time limit; on timeout, panics (which makes
