@@ -32,7 +32,7 @@
 //! writes or wait forever; with the tag a client can only hand back tokens the cluster
 //! issued. The cluster id a token carries is derived from that key too, so a cluster
 //! re-formed on wiped disks (a new key) refuses its predecessor's tokens as foreign.
-//! The prefix is a format version; `c1` tokens (no epoch) are still accepted.
+//! The prefix is a format version.
 //!
 //! # Caveats
 //!
@@ -132,13 +132,6 @@ pub struct CausalToken {
     pub parts: BTreeMap<PartitionUid, VersionVector>,
 }
 
-/// The first token layout (`c1.`): no epoch.
-#[derive(Deserialize)]
-struct TokenV1 {
-    cluster: u64,
-    parts: BTreeMap<PartitionUid, VersionVector>,
-}
-
 /// Why a client's token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -154,8 +147,6 @@ pub enum TokenError {
 
 /// Wire prefix; bump it when the encoding changes.
 const TOKEN_PREFIX: &str = "c2.";
-/// Prefix of the first layout, still accepted.
-const TOKEN_PREFIX_V1: &str = "c1.";
 /// Bytes of the authentication tag kept on the wire.
 const TAG_LEN: usize = 16;
 
@@ -258,30 +249,15 @@ impl CausalToken {
         if text.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
-        let (v1, body) = match text.strip_prefix(TOKEN_PREFIX) {
-            Some(body) => (false, body),
-            None => (
-                true,
-                text.strip_prefix(TOKEN_PREFIX_V1)
-                    .ok_or(TokenError::Malformed)?,
-            ),
-        };
+        let body = text
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenError::Malformed)?;
         let (payload, tag) = body.split_once('.').ok_or(TokenError::Malformed)?;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let bytes = b64.decode(payload).map_err(|_| TokenError::Malformed)?;
         let tag = b64.decode(tag).map_err(|_| TokenError::Malformed)?;
-        let (token, rest) = if v1 {
-            let (old, rest): (TokenV1, _) =
-                postcard::take_from_bytes(&bytes).map_err(|_| TokenError::Malformed)?;
-            let token = CausalToken {
-                cluster: old.cluster,
-                epoch: 0,
-                parts: old.parts,
-            };
-            (token, rest)
-        } else {
-            postcard::take_from_bytes::<CausalToken>(&bytes).map_err(|_| TokenError::Malformed)?
-        };
+        let (token, rest) =
+            postcard::take_from_bytes::<CausalToken>(&bytes).map_err(|_| TokenError::Malformed)?;
         if !rest.is_empty() {
             return Err(TokenError::Malformed);
         }
@@ -395,27 +371,6 @@ mod tests {
             CausalToken::decode("  ", 3, &key()),
             Ok(CausalToken::empty(3))
         );
-    }
-
-    #[test]
-    fn first_layout_tokens_are_still_accepted() {
-        #[derive(Serialize)]
-        struct V1 {
-            cluster: u64,
-            parts: BTreeMap<PartitionUid, VersionVector>,
-        }
-        let mut parts = BTreeMap::new();
-        parts.insert(1, [(5u64, 3u64)].into_iter().collect::<VersionVector>());
-        let bytes = postcard::to_stdvec(&V1 { cluster: 4, parts }).expect("encode");
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let text = format!(
-            "c1.{}.{}",
-            b64.encode(&bytes),
-            b64.encode(key().tag(&bytes))
-        );
-        let token = CausalToken::decode(&text, 4, &key()).expect("v1 token decodes");
-        assert_eq!(token.epoch, 0);
-        assert_eq!(token.part(1).get(5), 3);
     }
 
     #[test]
