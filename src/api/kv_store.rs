@@ -100,6 +100,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        // Retryable by the client, like an unavailable node (a retry is a new write).
+        ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
