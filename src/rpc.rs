@@ -45,7 +45,9 @@ pub const SECRET_HEADER: &str = "x-kvs-secret";
 /// Header carrying [`PROTOCOL_VERSION`].
 pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// Bump on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: &str = "2";
+/// 3: `Response::Pong` (a ping's answer carries the node's disk health), and
+/// `ErrorKind::OutcomeUnknown`.
+pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -62,7 +64,7 @@ pub struct Envelope {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// Liveness probe; answered with [`Response::Ok`].
+    /// Liveness probe; answered with [`Response::Pong`].
     Ping,
     /// "Send me what my `have` vector lacks": answered with [`Response::Sync`]. Also tells
     /// the receiver how far the sender is, which decides log trimming.
@@ -130,6 +132,11 @@ pub enum Response {
     Pulled(PullProgress),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
+    /// The answer to a ping: `disk_fault` is why the node's disk refuses writes, if it
+    /// does (peers then send it writes last).
+    Pong {
+        disk_fault: Option<String>,
+    },
 }
 
 /// What a node reports about itself.

@@ -606,6 +606,20 @@ impl RedbStore {
     }
 }
 
+#[cfg(test)]
+impl RedbStore {
+    /// Tests: the next WAL append fails (and is cut back): as a full disk does.
+    pub(crate) fn inject_append_failure(&self) {
+        self.wal().wal.fail_next_append = Some(true);
+    }
+
+    /// Tests: the next redb commit fails after its WAL record was written.
+    pub(crate) fn inject_commit_failure(&self) {
+        self.fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for RedbStore {
     /// A clean close leaves everything in redb and the WAL empty.
     fn drop(&mut self) {

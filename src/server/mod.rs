@@ -58,7 +58,7 @@ use tokio::task::JoinSet;
 
 pub use http::{router, serve};
 pub use reconfig::{ChangeOutcome, Progress};
-pub use writer::ReplicaStatus;
+pub use writer::{DiskFault, ReplicaStatus};
 
 use crate::clock::{CausalToken, PartitionUid, ReplicaId, TokenKey, VersionVector};
 use crate::cluster::{Health, Liveness};
@@ -233,6 +233,8 @@ pub struct Node {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     replica_status: watch::Receiver<Option<Arc<ReplicaStatus>>>,
     local_writes: watch::Receiver<u64>,
+    /// Set by the writer while this node's disk refuses writes.
+    disk: watch::Receiver<Option<Arc<DiskFault>>>,
     /// Plain lock: held to clone or swap an `Arc`, never across an await.
     current: RwLock<Arc<Current>>,
     /// Plain mutex: held for a map lookup or update, never across an await.
@@ -287,11 +289,13 @@ impl Node {
         let acceptor = durable.acceptor.clone();
         let (replica_tx, replica_rx) = watch::channel(durable.replica_status().map(Arc::new));
         let (writes_tx, writes_rx) = watch::channel(0u64);
+        let (disk_tx, disk_rx) = watch::channel(None);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer_store = store.clone();
         let publish = Publish {
             replica: replica_tx,
             local_writes: writes_tx,
+            disk: disk_tx,
         };
         let handle = std::thread::Builder::new()
             .name("kvs-writer".into())
@@ -308,6 +312,7 @@ impl Node {
             writer_thread: Mutex::new(Some(handle)),
             replica_status: replica_rx,
             local_writes: writes_rx,
+            disk: disk_rx,
             current: RwLock::new(Arc::new(Current {
                 view: None,
                 transition: None,
@@ -358,6 +363,11 @@ impl Node {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Why this node's disk refuses writes, while it does.
+    pub fn disk_fault(&self) -> Option<Arc<DiskFault>> {
+        self.disk.borrow().clone()
     }
 
     /// The node's view, or `None` while it is in no cluster.
@@ -620,6 +630,10 @@ impl Node {
         // so the write supersedes what the client saw either way), but it makes `created`
         // right: a client overwriting its own fresh key must not be told the key is new.
         // If the peers cannot help in time the write is accepted anyway: availability.
+        // A disk that refuses writes makes waiting pointless: its peers take the write.
+        if let Some(fault) = self.disk_fault() {
+            return Err(fault.refusal());
+        }
         self.catch_up(r, &token).await;
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
@@ -781,7 +795,8 @@ impl Node {
     /// client's later writes and could win over them, bringing an overwritten value back.
     /// So a write moves on only when the first replica certainly did not act on it (no
     /// connection, or it refused); otherwise its outcome is unknown and the client gets a
-    /// 503 saying so.
+    /// 503 saying so (`ErrorKind::OutcomeUnknown`, also what a replica answers whose disk
+    /// failed during the write). Writes try the replicas whose disks take writes first.
     async fn forward(
         &self,
         view: &View,
@@ -802,11 +817,14 @@ impl Node {
             .cloned()
             .collect();
         let start = self.next_peer.fetch_add(1, Ordering::Relaxed);
-        let mut order = self
-            .liveness()
-            .order(&replicas, start, monotonic_ms())
-            .into_iter();
         let is_write = matches!(req, Request::Put { .. });
+        let mut order = if is_write {
+            self.liveness()
+                .order_for_writes(&replicas, start, monotonic_ms())
+        } else {
+            self.liveness().order(&replicas, start, monotonic_ms())
+        }
+        .into_iter();
         let env = self.envelope(req);
         let env = &env;
         let ask = |peer: String| async move {
@@ -845,6 +863,7 @@ impl Node {
             tokio::select! {
                 Some((peer, out)) = asked.next() => match out {
                     // A replica that cannot serve now, or whose disk fails: try the next.
+                    // (Not after `OutcomeUnknown`: that write may be applied there.)
                     Ok(Response::Error(e))
                         if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
                     {
@@ -853,9 +872,10 @@ impl Node {
                     Ok(Response::Error(e)) => return Err(e),
                     Ok(resp) => return Ok(resp),
                     Err(e) if is_write && e.maybe_delivered() => {
-                        return Err(Error::unavailable(format!(
-                            "the write's outcome is unknown: {e}; it may still be applied"
-                        )))
+                        return Err(Error::new(
+                            ErrorKind::OutcomeUnknown,
+                            format!("the write's outcome is unknown: {e}; it may still be applied"),
+                        ))
                     }
                     Err(e) => last = e.to_string(),
                 },
@@ -928,7 +948,9 @@ impl Node {
             )));
         }
         let result = match env.body {
-            Request::Ping => Ok(Response::Ok),
+            Request::Ping => Ok(Response::Pong {
+                disk_fault: self.disk_fault().map(|f| f.error.clone()),
+            }),
             Request::Poke { partition } => {
                 if let Some(r) = cur.local(partition) {
                     if let Some((_, n)) = r.peers.iter().find(|(a, _)| *a == env.from) {
@@ -1099,7 +1121,7 @@ mod tests {
         }
         let result = result.expect("the silent replica was asked first once");
         let err = result.expect_err("the write's outcome is unknown");
-        assert_eq!(err.kind, ErrorKind::Unavailable);
+        assert_eq!(err.kind, ErrorKind::OutcomeUnknown);
         assert!(err.message.contains("outcome is unknown"), "{err:?}");
         assert_eq!(
             *lock(&transport.calls),
