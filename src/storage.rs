@@ -93,7 +93,7 @@ pub enum StorageError {
     #[error("{0}")]
     Damaged(String),
     /// The disk refused the batch (its WAL record was cut back): it was not applied.
-    #[error("this node's disk refuses writes: {0}; its peers take writes")]
+    #[error("this node's disk refuses writes: {0}; the write was not applied")]
     NotApplied(String),
     /// The disk failed after the batch's WAL record may have reached it: it may be
     /// applied (at the reopen that replays the WAL) or not.

@@ -580,9 +580,14 @@ impl Node {
                         .write_local(&view, r, key, value.clone(), token.clone())
                         .await
                     {
-                        // This replica is leaving its partition, or was replaced: its
-                        // peers take the write.
-                        Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
+                        // This replica is leaving its partition, was replaced, or its
+                        // disk refuses writes: its peers take the write (with none, its
+                        // own refusal says best why the write failed).
+                        Err(e)
+                            if e.kind == ErrorKind::Unavailable
+                                && may_forward
+                                && !r.peers.is_empty() =>
+                        {
                             self.forward_put(&view, p, key, value.clone(), token.clone(), true)
                                 .await
                         }

@@ -367,7 +367,7 @@ impl DiskFault {
     /// What a write refused meanwhile is told (a retryable refusal: nothing was applied).
     pub fn refusal(&self) -> Error {
         Error::unavailable(format!(
-            "this node's disk refuses writes: {}; its peers take writes",
+            "this node's disk refuses writes: {}; the write was not applied",
             self.error
         ))
     }
