@@ -45,7 +45,7 @@ pub const SECRET_HEADER: &str = "x-kvs-secret";
 /// Header carrying [`PROTOCOL_VERSION`].
 pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// Bump on any incompatible change to the messages below.
-/// 3: `Response::Pong` (a ping's answer carries the node's disk health), and
+/// 3: `Response::DiskFault` (a ping's answer while the node's disk refuses writes), and
 /// `ErrorKind::OutcomeUnknown`.
 pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
@@ -64,7 +64,8 @@ pub struct Envelope {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// Liveness probe; answered with [`Response::Pong`].
+    /// Liveness probe; answered with [`Response::Ok`], or [`Response::DiskFault`] while
+    /// the node's disk refuses writes.
     Ping,
     /// "Send me what my `have` vector lacks": answered with [`Response::Sync`]. Also tells
     /// the receiver how far the sender is, which decides log trimming.
@@ -132,11 +133,9 @@ pub enum Response {
     Pulled(PullProgress),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
-    /// The answer to a ping: `disk_fault` is why the node's disk refuses writes, if it
-    /// does (peers then send it writes last).
-    Pong {
-        disk_fault: Option<String>,
-    },
+    /// The answer to a ping from a node whose disk refuses writes, and why (its peers
+    /// then send it writes last).
+    DiskFault(String),
 }
 
 /// What a node reports about itself.

@@ -40,24 +40,57 @@
 //!
 //! So every batch readers can see is already in the WAL. Once [`CHECKPOINT_INTERVAL`]
 //! has passed, or the WAL holds [`CHECKPOINT_BYTES`], a batch is committed durably
-//! instead (a checkpoint): redb writes the pages of every commit since the last checkpoint once,
-//! records the sequence number of the batch (`wal.seq` in `meta`) and the WAL is
-//! emptied. At open, the records the durable redb state lacks (sequence numbers above
-//! `wal.seq`) are applied again, in order, and checkpointed. Replaying is exact because
-//! records carry results (the states written, the keys deleted), not the commands that
-//! produced them. A clean close checkpoints, leaving the WAL empty.
+//! instead (a checkpoint): its record is appended first like any other, then redb writes
+//! the pages of every commit since the last checkpoint once, records the sequence number
+//! of the batch (`wal.seq` in `meta`) and the WAL is emptied. At open, the records the
+//! durable redb state lacks (sequence numbers above `wal.seq`) are applied again, in
+//! order, and checkpointed. Replaying is exact because records carry results (the states
+//! written, the keys deleted), not the commands that produced them. A clean close
+//! checkpoints, leaving the WAL empty.
 //!
 //! Measured on the benchmark machine, this raised the PUT throughput of a 3-node K=3
 //! cluster by about 30 % (BENCHMARKS.md).
+//!
+//! The WAL is checked at open (see `wal`): a torn last record (a crash) is dropped, but
+//! damage with valid records after it makes `open` fail with [`StorageError::Damaged`]
+//! unless every record it could hide is already in the checkpoint. Opening anyway would
+//! lose acknowledged writes; the node's `--rebuild` moves such a directory aside.
+//!
+//! # Disk faults
+//!
+//! A failed commit says what became of its batch:
+//!
+//! * [`StorageError::NotApplied`]: the WAL append failed (a full disk, an I/O error) and
+//!   was cut back. Nothing of the batch is anywhere; redb is untouched and keeps serving
+//!   reads. The store reports the fault ([`Store::disk_fault`]) until a probe write
+//!   succeeds ([`Store::recover`]) or a later append does.
+//! * [`StorageError::OutcomeUnknown`]: the record may be in the WAL (the cut-back failed,
+//!   or redb's commit failed after the append, or a checkpoint's durable commit failed).
+//!   redb latches an I/O error: every later transaction of that `redb::Database` fails
+//!   until it is reopened, and the batch is not visible in it. The store then refuses
+//!   every batch ([`StorageError::Degraded`]): a later batch must never be visible without
+//!   an earlier one readers could not see. [`Store::recover`] probes the disk, closes the
+//!   database (readers hold it only to begin a transaction, so closing does not wait for
+//!   them; their open transactions end with an error), opens it again and replays the WAL,
+//!   exactly as at a start: the batch is then applied if its record was whole on disk,
+//!   and not otherwise.
+//!
+//! Reads go on while redb is healthy or serves them from its cache; others fail with
+//! [`StorageError::Degraded`] (retryable: the node asks a peer).
 //!
 //! [`MemoryStore`] implements the same trait without a disk for tests and `--memory`.
 //!
 //! # Caveats
 //!
 //! * redb allows one write transaction at a time; that suits the single writer task.
-//! * If a redb commit fails after its WAL record was written, the store refuses further
-//!   writes until the node restarts and replays the record: a later batch must never be
-//!   committed without an earlier one that readers could not see.
+//! * After a commit with an unknown outcome the store takes no batch until
+//!   [`Store::recover`] reopened it (the writer probes once a second); from the first
+//!   reopen attempt until one succeeds (the disk needs room for the replay's checkpoint),
+//!   reads fail too.
+//! * An I/O error redb meets on a read latches it like a failed commit; the store notices
+//!   when the writer next asks ([`Store::disk_fault`], after a failed batch).
+//! * A probe write ([`PROBE_BYTES`]) that succeeds does not promise the next batch
+//!   fits: a disk that fills up again degrades the node again.
 //! * Between checkpoints, redb cannot reuse the pages of the last durable state that
 //!   later commits replaced, so the file can grow by up to one copy of the tree before a
 //!   checkpoint frees them. Pages written and replaced between checkpoints are reused at

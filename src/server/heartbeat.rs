@@ -3,7 +3,7 @@
 //! detector (`cluster::Liveness`), which routing consults. At most one ping per peer is
 //! in flight, so a silent peer costs one pending call, not a pile of them.
 //!
-//! A ping's answer (`Response::Pong`) also says whether the peer's disk refuses writes;
+//! A ping's answer also says whether the peer's disk refuses writes (`Response::DiskFault`);
 //! forwarded writes then try that peer last (`Liveness::order_for_writes`). This node's
 //! own disk health and what it believes of each peer's are in `/api/v1/status`.
 
@@ -93,9 +93,7 @@ pub(super) async fn heartbeat_loop(node: Arc<Node>) {
                 if let Ok(resp) = node.send(&peer, &env, PING_TIMEOUT).await {
                     let mut liveness = node.liveness();
                     liveness.record_heartbeat(&peer, monotonic_ms());
-                    if let Response::Pong { disk_fault } = resp {
-                        liveness.record_disk(&peer, disk_fault.is_some());
-                    }
+                    liveness.record_disk(&peer, matches!(resp, Response::DiskFault(_)));
                 }
                 lock(&in_flight).remove(&peer);
             });

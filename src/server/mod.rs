@@ -36,7 +36,8 @@
 //! # Caveats
 //!
 //! * A forwarded write whose replica may have received it but did not answer (timeout,
-//!   connection lost) is not retried elsewhere: the client gets a 503 and the write may
+//!   connection lost), or that answered `ErrorKind::OutcomeUnknown` (its disk failed
+//!   during the commit), is not retried elsewhere: the client gets a 503 and the write may
 //!   still be applied later, as a sibling concurrent with the client's later writes (see
 //!   `Node::forward` for why a retry would be worse). The nemesis found this: a retried
 //!   write applied a second time after a partition healed brought an old value back.
@@ -953,9 +954,9 @@ impl Node {
             )));
         }
         let result = match env.body {
-            Request::Ping => Ok(Response::Pong {
-                disk_fault: self.disk_fault().map(|f| f.error.clone()),
-            }),
+            Request::Ping => Ok(self
+                .disk_fault()
+                .map_or(Response::Ok, |f| Response::DiskFault(f.error.clone()))),
             Request::Poke { partition } => {
                 if let Some(r) = cur.local(partition) {
                     if let Some((_, n)) = r.peers.iter().find(|(a, _)| *a == env.from) {

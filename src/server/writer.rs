@@ -11,6 +11,28 @@
 //! Because view-change steps go through the same queue as client writes, ordering comes
 //! for free: when a `Learn` freezes slots, every write queued before it is already in the
 //! vector the learn reports, and none queued after it can touch a frozen slot.
+//!
+//! # Disk faults
+//!
+//! A commit that fails on a disk error makes the writer *degraded* (see [`writer_loop`]):
+//! it publishes the fault (`Node::disk_fault`: its heartbeat answers tell the peers, which
+//! then send it writes last; `/api/v1/status` shows it), refuses every command at once
+//! with a retryable error (nothing of it applied: the entry node forwards a client write
+//! to the partition's other replicas, the pullers retry their pages), and every
+//! [`PROBE_INTERVAL`] asks the store to recover. Once the disk takes writes again it
+//! goes on by itself, without a restart; if the store had to be reopened (a commit whose
+//! outcome was unknown), it first reloads its durable state from the store, since the
+//! replay may have applied the batch the in-memory state was rolled back from (and must
+//! not hand out that batch's dots again). One line is logged when it degrades and one
+//! when it heals.
+//!
+//! # Caveats
+//!
+//! * A view-change step in a batch whose outcome was unknown and that the replay applied
+//!   reaches the node's routing only when the change is driven again (`reconfig` re-drives
+//!   a stalled change; installing a view the node already has returns its layout).
+//! * While degraded, the pullers keep fetching pages the writer refuses (logged by the
+//!   sync tasks each time), so the node catches up as soon as it heals.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
