@@ -104,9 +104,11 @@ async fn writable(c: &Cluster, i: usize) -> bool {
         .unwrap_or_else(|| panic!("status of node {i} without disk.writable: {status}"))
 }
 
-/// Waits until node `i`'s status says its disk takes writes (`true`) or not.
-async fn wait_writable(c: &Cluster, i: usize, want: bool) {
-    let deadline = Instant::now() + HEAL_WITHIN;
+/// Waits until node `i`'s status says its disk takes writes (`true`) or not; returns how
+/// long that took.
+async fn wait_writable(c: &Cluster, i: usize, want: bool) -> Duration {
+    let t0 = Instant::now();
+    let deadline = t0 + HEAL_WITHIN;
     while writable(c, i).await != want {
         assert!(
             Instant::now() < deadline,
@@ -116,6 +118,7 @@ async fn wait_writable(c: &Cluster, i: usize, want: bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    t0.elapsed()
 }
 
 /// Waits until node `i` serves every key of `expected` with its value (empty causal
@@ -193,7 +196,8 @@ async fn a_full_disk_refuses_writes_then_heals_by_itself() {
         assert_eq!(s, 503, "{body}");
 
         std::fs::remove_file(&filler).expect("free the space");
-        wait_writable(&c, 0, true).await;
+        let took = wait_writable(&c, 0, true).await;
+        eprintln!("node 0 took writes again {took:?} after the space was freed");
         let (s, body) = c.put(0, "after", "after=v1", "").await;
         assert_eq!(s, 201, "{body}");
         acked.insert("after".into(), "after=v1".into());
@@ -275,7 +279,8 @@ async fn a_replica_with_a_full_disk_is_routed_around_then_catches_up() {
         acked.insert("elsewhere".into(), "elsewhere=v1".into());
 
         std::fs::remove_file(&filler).expect("free the space");
-        wait_writable(&c, 2, true).await;
+        let took = wait_writable(&c, 2, true).await;
+        eprintln!("node 2 took writes again {took:?} after the space was freed");
         let (s, body) = c.put(2, "after", "after=v1", "").await;
         assert_eq!(s, 201, "{body}");
         acked.insert("after".into(), "after=v1".into());

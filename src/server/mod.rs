@@ -1137,6 +1137,57 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// A write answered "outcome unknown" by the first replica stops there; one answered
+    /// "unavailable" (certainly not applied: a disk that refuses writes) moves on.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_stops_at_an_unknown_outcome_and_moves_on_after_a_refusal() {
+        let (node, transport, view) = proxy_with_silent_replica();
+        let (first, second) = (
+            view.partitions[0].replicas[0].clone(),
+            view.partitions[0].replicas[1].clone(),
+        );
+        let accepted = Response::Put(WriteReply {
+            partition: view.partitions[0].uid,
+            index: 0,
+            created: true,
+            timestamp_ms: 1,
+            token: CausalToken::default(),
+        });
+        lock(&transport.answers).insert(second.clone(), Some(accepted));
+        for (answer, moves_on) in [
+            (
+                Error::new(ErrorKind::OutcomeUnknown, "disk failed mid-commit"),
+                false,
+            ),
+            (Error::unavailable("this node's disk refuses writes"), true),
+        ] {
+            let kind = answer.kind;
+            lock(&transport.answers).insert(first.clone(), Some(Response::Error(answer)));
+            let mut seen = false;
+            for _ in 0..view.partitions[0].replicas.len() {
+                lock(&transport.calls).clear();
+                let r = node
+                    .put("key", b"v".to_vec(), CausalToken::default(), true)
+                    .await;
+                let calls = lock(&transport.calls).clone();
+                if calls.first().map(|c| &c.0) != Some(&first) {
+                    continue;
+                }
+                seen = true;
+                if moves_on {
+                    assert!(r.is_ok(), "{kind:?}: {r:?}");
+                    assert_eq!(calls.len(), 2, "{kind:?}: {calls:?}");
+                } else {
+                    assert_eq!(r.expect_err("unknown").kind, ErrorKind::OutcomeUnknown);
+                    assert_eq!(calls.len(), 1, "{kind:?}: no second replica: {calls:?}");
+                }
+                break;
+            }
+            assert!(seen, "{kind:?}: the first replica was never asked first");
+        }
+        node.shutdown().await;
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_read_hedges_to_the_next_replica_when_the_first_is_silent() {
         let (node, transport, view) = proxy_with_silent_replica();
