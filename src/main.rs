@@ -99,10 +99,11 @@ struct ServeArgs {
     /// Shared secret that authenticates node-to-node traffic.
     #[arg(long, env = "CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
-    /// If the data directory refuses to open (a damaged write-ahead log), move it aside
-    /// (to <dir>.damaged-<unix seconds>; nothing is deleted) and start empty, so this
-    /// replica refills from its peers. A directory that opens is kept. With K=1 there is
-    /// no peer to refill from.
+    /// If the data directory holds damaged data (a damaged write-ahead log, a corrupt
+    /// record), move it aside (to <dir>.damaged-<unix seconds>; nothing is deleted) and
+    /// start empty, so this replica refills from its peers. A directory that opens, or
+    /// fails for another reason (a full disk), is left alone. With K=1 there is no peer
+    /// to refill from.
     #[arg(
         long,
         env = "KVS_REBUILD",
@@ -320,19 +321,19 @@ fn open_store(
             if rebuild {
                 tracing::warn!(
                     "--rebuild: the data directory {} opens; it is kept (the flag only acts on \
-                     a directory that refuses to open)",
+                     damaged data)",
                     dir.display()
                 );
             }
             Ok(store)
         }
-        Err(e) if rebuild => {
+        Err(e @ (StorageError::Damaged(_) | StorageError::Corrupt { .. })) if rebuild => {
             tracing::warn!("--rebuild: data directory {}: {e}", dir.display());
             move_aside(dir, k)?;
             RedbStore::open_with_cache(dir, cache)
                 .map_err(|e| format!("data directory {}: {e}", dir.display()))
         }
-        Err(e @ StorageError::Damaged(_)) => Err(format!(
+        Err(e @ (StorageError::Damaged(_) | StorageError::Corrupt { .. })) => Err(format!(
             "data directory {}: {e}. If this node's partition has other replicas (K > 1), \
              start it with --rebuild (KVS_REBUILD=1): its data directory is moved aside, \
              kept, and the node refills from its peers",

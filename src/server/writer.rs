@@ -44,7 +44,7 @@ use crate::clock::{PartitionUid, ReplicaId, VersionVector};
 use crate::error::{Error, Result};
 use crate::placement::{Role, SlotSet, View};
 use crate::replica::{Claim, KeyState, Replica, SyncResponse, WriteOutcome, WriteRequest};
-use crate::storage::{ReadTxn, Recovery, Store, WriteTxn};
+use crate::storage::{ReadTxn, Recovery, StorageError, Store, WriteTxn};
 use crate::viewchange::{duties, Acceptor, PullKey, PullProgress, Transition};
 
 use super::Layout;
@@ -451,10 +451,25 @@ pub(super) fn writer_loop(
             Some(fault) => {
                 if probed.elapsed() >= PROBE_INTERVAL {
                     probed = Instant::now();
-                    if heal(&*store, &mut durable, &publish, fault) {
-                        degraded = None;
-                        publish.disk.send_replace(None);
-                        continue;
+                    match heal(&*store, &mut durable, &publish, fault) {
+                        Ok(()) => {
+                            degraded = None;
+                            publish.disk.send_replace(None);
+                            continue;
+                        }
+                        // A new reason (the reopen found the WAL damaged, say): logged
+                        // once and shown, not once a second.
+                        Err(error) if error != fault.error => {
+                            tracing::warn!("the disk fault goes on, now: {error}");
+                            let fault = Arc::new(DiskFault {
+                                error,
+                                since_ms: fault.since_ms,
+                            });
+                            publish.disk.send_replace(Some(fault.clone()));
+                            degraded = Some(fault);
+                            continue;
+                        }
+                        Err(_) => {}
                     }
                 }
                 match rx.try_recv() {
@@ -540,22 +555,23 @@ pub(super) fn writer_loop(
     }
 }
 
-/// One attempt to end a disk fault; see [`writer_loop`]. Returns whether it ended.
-fn heal(store: &dyn Store, durable: &mut Durable, publish: &Publish, fault: &DiskFault) -> bool {
+/// One attempt to end a disk fault; see [`writer_loop`]. Returns why it goes on if it
+/// does.
+fn heal(
+    store: &dyn Store,
+    durable: &mut Durable,
+    publish: &Publish,
+    fault: &DiskFault,
+) -> std::result::Result<(), String> {
     let recovered = match store.recover() {
         Ok(r) => r,
-        Err(e) => {
-            tracing::debug!("the disk still refuses writes: {e}");
-            return false;
-        }
+        Err(StorageError::NotApplied(e)) => return Err(e),
+        Err(e) => return Err(e.to_string()),
     };
     if recovered == Recovery::Reopened {
         let reloaded = match Durable::load(store, &durable.addr, None) {
             Ok(d) => d,
-            Err(e) => {
-                tracing::warn!("reloading the node's state after reopening the store: {e}");
-                return false;
-            }
+            Err(e) => return Err(format!("reloading the node's state after a reopen: {e}")),
         };
         let (was, now) = (durable.layout(), reloaded.layout());
         if was.view.as_ref().map(|v| v.epoch) != now.view.as_ref().map(|v| v.epoch)
@@ -576,7 +592,7 @@ fn heal(store: &dyn Store, durable: &mut Durable, publish: &Publish, fault: &Dis
         reopened = recovered == Recovery::Reopened,
         "disk takes writes again: this node takes writes again"
     );
-    true
+    Ok(())
 }
 
 /// The result of one command of a batch, sent to its requester after the commit.
