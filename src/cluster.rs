@@ -16,11 +16,18 @@
 //! * **Outcomes of real traffic.** Any answered call is a sign of life; a peer with
 //!   [`SUSPECT_AFTER_FAILURES`] consecutive transport failures is **suspected** for
 //!   [`SUSPECT_FOR_MS`] (faster than waiting for phi when a request just failed), and a
-//!   peer never heard from is dead after [`DEAD_AFTER_FAILURES`] failures.
+//!   peer with no heartbeat history yet (never heard from, or heard only through other
+//!   calls) is dead after [`DEAD_AFTER_FAILURES`] consecutive failures.
 //!
 //! [`Liveness::order`] turns a replica list into the order in which to try them: healthy
 //! peers first, starting at a rotation chosen by the caller (spreading load), suspected
 //! and dead ones last, so a request still goes out when everyone is in doubt.
+//!
+//! A third piece of evidence concerns writes only: a peer's answer to a heartbeat says
+//! whether its disk refuses writes ([`Liveness::record_disk`]). Such a peer is alive and
+//! serves reads, but [`Liveness::order_for_writes`] puts it after the replicas whose disks
+//! take writes (and before suspected and dead ones: it answers at once, with a retryable
+//! refusal, should everyone else fail).
 //!
 //! # Caveats
 //!
@@ -55,7 +62,7 @@ pub const MAX_SAMPLE_MS: u64 = 4 * HEARTBEAT_INTERVAL_MS;
 /// Consecutive failures after which a peer is routed around.
 pub const SUSPECT_AFTER_FAILURES: u32 = 2;
 
-/// Consecutive failures after which a peer never heard from is considered dead.
+/// Consecutive failures after which a peer with no heartbeat history is considered dead.
 pub const DEAD_AFTER_FAILURES: u32 = 3;
 
 /// How long a suspected peer is skipped before it is tried again. Short, because a
@@ -91,6 +98,8 @@ struct PeerState {
     /// Last answered heartbeat, and the intervals between answered heartbeats.
     last_beat_ms: Option<u64>,
     intervals: VecDeque<u64>,
+    /// The peer said, in its last heartbeat answer, that its disk refuses writes.
+    disk_degraded: bool,
 }
 
 impl PeerState {
@@ -123,6 +132,8 @@ pub struct PeerReport {
     /// Time since the peer last answered anything, `None` if it never did.
     pub silent_ms: Option<u64>,
     pub failures: u32,
+    /// Whether its last heartbeat answer said its disk refuses writes.
+    pub disk_degraded: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -152,6 +163,19 @@ impl Liveness {
             }
         }
         s.last_beat_ms = Some(now_ms);
+    }
+
+    /// `peer` told (answering a heartbeat) whether its disk refuses writes.
+    pub fn record_disk(&mut self, peer: &str, degraded: bool) {
+        self.peers
+            .entry(peer.to_string())
+            .or_default()
+            .disk_degraded = degraded;
+    }
+
+    /// Whether `peer` last said its disk refuses writes.
+    pub fn is_disk_degraded(&self, peer: &str) -> bool {
+        self.peers.get(peer).is_some_and(|s| s.disk_degraded)
     }
 
     /// A call to `peer` failed in transport (refused, timed out, reset).
@@ -187,7 +211,9 @@ impl Liveness {
         };
         let dead = match self.phi(peer, now_ms) {
             Some(phi) => phi >= PHI_DEAD,
-            None => s.last_heard_ms.is_none() && s.failures >= DEAD_AFTER_FAILURES,
+            // No heartbeat history to judge a silence by (never answered a ping, or
+            // heard only through other calls): consecutive failures decide.
+            None => s.failures >= DEAD_AFTER_FAILURES,
         };
         if dead {
             Health::Dead
@@ -213,6 +239,23 @@ impl Liveness {
         trusted.into_iter().chain(suspected).cloned().collect()
     }
 
+    /// Like [`Liveness::order`], for a write: among the healthy peers, those whose disks
+    /// refuse writes go after the others (still before suspected and dead ones).
+    pub fn order_for_writes(
+        &self,
+        candidates: &[String],
+        start: usize,
+        now_ms: u64,
+    ) -> Vec<String> {
+        let ordered = self.order(candidates, start, now_ms);
+        let (healthy, rest): (Vec<String>, Vec<String>) = ordered
+            .into_iter()
+            .partition(|c| !self.is_suspected(c, now_ms));
+        let (writable, degraded): (Vec<String>, Vec<String>) =
+            healthy.into_iter().partition(|c| !self.is_disk_degraded(c));
+        writable.into_iter().chain(degraded).chain(rest).collect()
+    }
+
     /// What this node believes about each of `peers`, in that order.
     pub fn report(&self, peers: &[String], now_ms: u64) -> Vec<PeerReport> {
         peers
@@ -227,6 +270,7 @@ impl Liveness {
                         .and_then(|s| s.last_heard_ms)
                         .map(|t| now_ms.saturating_sub(t)),
                     failures: s.map_or(0, |s| s.failures),
+                    disk_degraded: s.is_some_and(|s| s.disk_degraded),
                 }
             })
             .collect()
@@ -287,6 +331,17 @@ mod tests {
         assert_eq!(l.health("b", 60_000), Health::Dead);
         l.record_heartbeat("b", 60_100);
         assert_eq!(l.health("b", 60_100), Health::Alive);
+    }
+
+    #[test]
+    fn a_peer_heard_only_through_other_calls_is_dead_after_repeated_failures() {
+        // It answered a call, then died before its first heartbeat was answered.
+        let mut l = Liveness::default();
+        l.record_ok("b", 0);
+        for t in 1..=DEAD_AFTER_FAILURES as u64 {
+            l.record_failure("b", t * 250);
+        }
+        assert_eq!(l.health("b", 60_000), Health::Dead);
     }
 
     #[test]
@@ -368,6 +423,28 @@ mod tests {
         assert_eq!(l.order(&names(), 1, 0), vec!["b", "c", "a"]);
         assert_eq!(l.order(&names(), 5, 0), vec!["c", "a", "b"]);
         assert!(l.order(&[], 3, 0).is_empty());
+    }
+
+    #[test]
+    fn writes_go_to_degraded_disks_after_healthy_ones_reads_do_not_care() {
+        let mut l = Liveness::default();
+        l.record_disk("a", true);
+        // Reads: rotation only.
+        assert_eq!(l.order(&names(), 0, 0), vec!["a", "b", "c"]);
+        // Writes: the degraded disk after the healthy ones, whatever the rotation.
+        assert_eq!(l.order_for_writes(&names(), 0, 0), vec!["b", "c", "a"]);
+        assert_eq!(l.order_for_writes(&names(), 2, 0), vec!["c", "b", "a"]);
+        // A suspected peer still comes after the degraded one.
+        l.record_failure("b", 100);
+        l.record_failure("b", 200);
+        assert_eq!(l.order_for_writes(&names(), 0, 300), vec!["c", "a", "b"]);
+        assert!(l.report(&names(), 300)[0].disk_degraded);
+        // Healed: back in the rotation.
+        l.record_disk("a", false);
+        assert_eq!(
+            l.order_for_writes(&names(), 0, 300 + SUSPECT_FOR_MS),
+            vec!["a", "b", "c"]
+        );
     }
 
     #[test]

@@ -22,10 +22,16 @@ pub enum ErrorKind {
     /// The request conflicts with the cluster's state (e.g. adding a node that is
     /// already a member); retrying it unchanged will fail again.
     Conflict,
-    /// Nobody who can answer is reachable now; retrying later may work.
+    /// Nobody who can answer is reachable now; retrying later may work. For a write:
+    /// it was certainly not applied, so another replica may be asked to take it.
     Unavailable,
     /// A bug or a broken disk.
     Internal,
+    /// A write whose outcome is unknown: it may have been applied (its record may be on
+    /// a replica's disk, or a replica may have received it and not answered) or not.
+    /// Never retried on another replica: applied twice, the late copy could win over the
+    /// client's later writes. The client may retry (a retry is a new write).
+    OutcomeUnknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -60,8 +66,17 @@ impl Error {
 }
 
 impl From<StorageError> for Error {
+    /// A disk that refuses writes or cannot serve now is retryable elsewhere; a commit
+    /// that failed half way has an unknown outcome; the rest are bugs or corruption.
     fn from(e: StorageError) -> Self {
-        Self::internal(e.to_string())
+        let kind = match e {
+            StorageError::NotApplied(_) | StorageError::Degraded(_) => ErrorKind::Unavailable,
+            StorageError::OutcomeUnknown(_) => ErrorKind::OutcomeUnknown,
+            StorageError::Engine(_) | StorageError::Corrupt { .. } | StorageError::Damaged(_) => {
+                ErrorKind::Internal
+            }
+        };
+        Self::new(kind, e.to_string())
     }
 }
 

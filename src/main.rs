@@ -19,7 +19,7 @@ use tracing_subscriber::EnvFilter;
 use kvs::placement::{parse_addr, parse_view_list, View};
 use kvs::rpc::HttpTransport;
 use kvs::server::{Node, NodeConfig};
-use kvs::storage::{MemoryStore, RedbStore, Store};
+use kvs::storage::{MemoryStore, RedbStore, StorageError, Store};
 
 #[derive(Parser)]
 #[command(
@@ -104,6 +104,18 @@ struct ServeArgs {
     /// `Authorization: Bearer <token>`; set the same on every node.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// If the data directory holds damaged data (a damaged write-ahead log, a corrupt
+    /// record), move it aside (to <dir>.damaged-<unix seconds>; nothing is deleted) and
+    /// start empty, so this replica refills from its peers. A directory that opens, or
+    /// fails for another reason (a full disk), is left alone. With K=1 there is no peer
+    /// to refill from.
+    #[arg(
+        long,
+        env = "KVS_REBUILD",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    rebuild: bool,
 }
 
 /// Used when CLUSTER_SECRET is not set, so the seeds' `docker run` lines work unchanged.
@@ -302,6 +314,74 @@ fn seed_aliases(
     Ok(args)
 }
 
+/// Opens the node's store in `dir`; with `rebuild`, a directory that refuses to open is
+/// moved aside and the node starts empty (see `--rebuild`).
+fn open_store(
+    dir: &std::path::Path,
+    cache: usize,
+    rebuild: bool,
+    k: Option<usize>,
+) -> Result<RedbStore, String> {
+    match RedbStore::open_with_cache(dir, cache) {
+        Ok(store) => {
+            if rebuild {
+                tracing::warn!(
+                    "--rebuild: the data directory {} opens; it is kept (the flag only acts on \
+                     damaged data)",
+                    dir.display()
+                );
+            }
+            Ok(store)
+        }
+        Err(e @ (StorageError::Damaged(_) | StorageError::Corrupt { .. })) if rebuild => {
+            tracing::warn!("--rebuild: data directory {}: {e}", dir.display());
+            move_aside(dir, k)?;
+            RedbStore::open_with_cache(dir, cache)
+                .map_err(|e| format!("data directory {}: {e}", dir.display()))
+        }
+        Err(e @ (StorageError::Damaged(_) | StorageError::Corrupt { .. })) => Err(format!(
+            "data directory {}: {e}. If this node's partition has other replicas (K > 1), \
+             start it with --rebuild (KVS_REBUILD=1): its data directory is moved aside, \
+             kept, and the node refills from its peers",
+            dir.display()
+        )),
+        Err(e) => Err(format!("data directory {}: {e}", dir.display())),
+    }
+}
+
+/// `--rebuild`: moves the data directory aside so the node starts empty.
+fn move_aside(dir: &std::path::Path, k: Option<usize>) -> Result<(), String> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match kvs::storage::move_aside(dir, secs) {
+        Ok(Some(to)) => tracing::warn!(
+            "--rebuild: moved the data directory {} aside to {}; starting empty, the replica \
+             refills from its peers",
+            dir.display(),
+            to.display()
+        ),
+        Ok(None) => tracing::warn!(
+            "--rebuild: there is no data directory {}; starting empty",
+            dir.display()
+        ),
+        Err(e) => {
+            return Err(format!(
+                "--rebuild: cannot move the data directory {} aside: {e}",
+                dir.display()
+            ))
+        }
+    }
+    if k == Some(1) {
+        tracing::warn!(
+            "--rebuild with K=1: this node's partition has no other replica, so nothing \
+             refills it; its keys are only in the directory moved aside"
+        );
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let args = seed_aliases(args, |name| std::env::var(name).ok())?;
     let addr = parse_addr(
@@ -330,10 +410,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("kvs-data").join(addr.replace([':', '[', ']'], "_")));
-        Arc::new(
-            RedbStore::open_with_cache(&dir, args.cache_mb.saturating_mul(1024 * 1024))
-                .map_err(|e| format!("data directory {}: {e}", dir.display()))?,
-        )
+        Arc::new(open_store(
+            &dir,
+            args.cache_mb.saturating_mul(1024 * 1024),
+            args.rebuild,
+            args.k,
+        )?)
     };
     let secret = args.cluster_secret.unwrap_or_else(|| {
         tracing::info!(
@@ -393,6 +475,7 @@ mod tests {
             cache_mb: 256,
             cluster_secret: None,
             admin_token: None,
+            rebuild: false,
         }
     }
 

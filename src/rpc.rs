@@ -55,6 +55,10 @@ pub const MEMBER_HEADER: &str = "x-kvs-member";
 /// Header carrying [`PROTOCOL_VERSION`].
 pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// Bump on any incompatible change to the messages below.
+/// 3: the member proof header and the key exchange (`Request::KeyRequest`,
+/// `Request::KeyDelivery`, `Response::Key`), `Response::DiskFault` (a ping's answer while
+/// the node's disk refuses writes), `ErrorKind::Unauthorized` and
+/// `ErrorKind::OutcomeUnknown`.
 pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
@@ -72,7 +76,8 @@ pub struct Envelope {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// Liveness probe; answered with [`Response::Ok`].
+    /// Liveness probe; answered with [`Response::Ok`], or [`Response::DiskFault`] while
+    /// the node's disk refuses writes.
     Ping,
     /// "Send me what my `have` vector lacks": answered with [`Response::Sync`]. Also tells
     /// the receiver how far the sender is, which decides log trimming.
@@ -150,6 +155,9 @@ pub enum Response {
     Key(KeyAnswer),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
+    /// The answer to a ping from a node whose disk refuses writes, and why (its peers
+    /// then send it writes last).
+    DiskFault(String),
 }
 
 /// What a node reports about itself.

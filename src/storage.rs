@@ -40,24 +40,57 @@
 //!
 //! So every batch readers can see is already in the WAL. Once [`CHECKPOINT_INTERVAL`]
 //! has passed, or the WAL holds [`CHECKPOINT_BYTES`], a batch is committed durably
-//! instead (a checkpoint): redb writes the pages of every commit since the last checkpoint once,
-//! records the sequence number of the batch (`wal.seq` in `meta`) and the WAL is
-//! emptied. At open, the records the durable redb state lacks (sequence numbers above
-//! `wal.seq`) are applied again, in order, and checkpointed. Replaying is exact because
-//! records carry results (the states written, the keys deleted), not the commands that
-//! produced them. A clean close checkpoints, leaving the WAL empty.
+//! instead (a checkpoint): its record is appended first like any other, then redb writes
+//! the pages of every commit since the last checkpoint once, records the sequence number
+//! of the batch (`wal.seq` in `meta`) and the WAL is emptied. At open, the records the
+//! durable redb state lacks (sequence numbers above `wal.seq`) are applied again, in
+//! order, and checkpointed. Replaying is exact because records carry results (the states
+//! written, the keys deleted), not the commands that produced them. A clean close
+//! checkpoints, leaving the WAL empty.
 //!
 //! Measured on the benchmark machine, this raised the PUT throughput of a 3-node K=3
 //! cluster by about 30 % (BENCHMARKS.md).
+//!
+//! The WAL is checked at open (see `wal`): a torn last record (a crash) is dropped, but
+//! damage with valid records after it makes `open` fail with [`StorageError::Damaged`]
+//! unless every record it could hide is already in the checkpoint. Opening anyway would
+//! lose acknowledged writes; the node's `--rebuild` moves such a directory aside.
+//!
+//! # Disk faults
+//!
+//! A failed commit says what became of its batch:
+//!
+//! * [`StorageError::NotApplied`]: the WAL append failed (a full disk, an I/O error) and
+//!   was cut back. Nothing of the batch is anywhere; redb is untouched and keeps serving
+//!   reads. The store reports the fault ([`Store::disk_fault`]) until a probe write
+//!   succeeds ([`Store::recover`]) or a later append does.
+//! * [`StorageError::OutcomeUnknown`]: the record may be in the WAL (the cut-back failed,
+//!   or redb's commit failed after the append, or a checkpoint's durable commit failed).
+//!   redb latches an I/O error: every later transaction of that `redb::Database` fails
+//!   until it is reopened, and the batch is not visible in it. The store then refuses
+//!   every batch ([`StorageError::Degraded`]): a later batch must never be visible without
+//!   an earlier one readers could not see. [`Store::recover`] probes the disk, closes the
+//!   database (readers hold it only to begin a transaction, so closing does not wait for
+//!   them; their open transactions end with an error), opens it again and replays the WAL,
+//!   exactly as at a start: the batch is then applied if its record was whole on disk,
+//!   and not otherwise.
+//!
+//! Reads go on while redb is healthy or serves them from its cache; others fail with
+//! [`StorageError::Degraded`] (retryable: the node asks a peer).
 //!
 //! [`MemoryStore`] implements the same trait without a disk for tests and `--memory`.
 //!
 //! # Caveats
 //!
 //! * redb allows one write transaction at a time; that suits the single writer task.
-//! * If a redb commit fails after its WAL record was written, the store refuses further
-//!   writes until the node restarts and replays the record: a later batch must never be
-//!   committed without an earlier one that readers could not see.
+//! * After a commit with an unknown outcome the store takes no batch until
+//!   [`Store::recover`] reopened it (the writer probes once a second); from the first
+//!   reopen attempt until one succeeds (the disk needs room for the replay's checkpoint),
+//!   reads fail too.
+//! * An I/O error redb meets on a read latches it like a failed commit; the store notices
+//!   when the writer next asks ([`Store::disk_fault`], after a failed batch).
+//! * A probe write ([`PROBE_BYTES`]) that succeeds does not promise the next batch
+//!   fits: a disk that fills up again degrades the node again.
 //! * Between checkpoints, redb cannot reuse the pages of the last durable state that
 //!   later commits replaced, so the file can grow by up to one copy of the tree before a
 //!   checkpoint frees them. Pages written and replaced between checkpoints are reused at
@@ -70,8 +103,8 @@
 //! * Values are stored inside the key state; very large values make rewriting a key's
 //!   state (on every update) cost proportionally.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -79,19 +112,49 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Dot, ReplicaId};
 use crate::replica::KeyState;
-use crate::wal::Wal;
+use crate::wal::{AppendError, OpenError, Wal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// An engine error that is not the disk's: a bug, or a misuse.
     #[error("storage engine error: {0}")]
     Engine(String),
     #[error("corrupt record in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    /// The data directory was damaged in a way that would lose acknowledged writes if the
+    /// store opened anyway (see `wal`): it refuses to open.
+    #[error("{0}")]
+    Damaged(String),
+    /// The disk refused the batch (its WAL record was cut back): it was not applied.
+    #[error("this node's disk refuses writes: {0}; the write was not applied")]
+    NotApplied(String),
+    /// The disk failed after the batch's WAL record may have reached it: it may be
+    /// applied (at the reopen that replays the WAL) or not.
+    #[error(
+        "this node's disk failed during the write ({0}); the write's outcome is unknown: \
+         it may still be applied"
+    )]
+    OutcomeUnknown(String),
+    /// The engine cannot serve now: a disk error, or it is being reopened after one.
+    #[error("this node's storage is unavailable after a disk error ({0}); its peers serve")]
+    Degraded(String),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
-fn engine<E: std::fmt::Display>(e: E) -> StorageError {
+/// A redb error: the disk's (I/O, or the engine refusing after an earlier I/O error until
+/// it is reopened) or the engine's own.
+fn engine<E: Into<redb::Error>>(e: E) -> StorageError {
+    match e.into() {
+        e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+            StorageError::Degraded(e.to_string())
+        }
+        e => StorageError::Engine(e.to_string()),
+    }
+}
+
+/// An encoding error (a bug: every value here serializes).
+fn codec(e: postcard::Error) -> StorageError {
     StorageError::Engine(e.to_string())
 }
 
@@ -151,6 +214,16 @@ pub trait WriteTxn: ReadTxn {
 pub trait Store: Send + Sync + 'static {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>>;
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>>;
+    /// Why the store takes no writes now, if it does not: a disk error it met. Called by
+    /// the writer between batches (it may begin a write transaction to check the engine).
+    fn disk_fault(&self) -> Option<String> {
+        None
+    }
+    /// Tries to end a disk fault: checks that the disk takes writes and, if the engine
+    /// needs it, reopens it and replays the WAL. Called by the writer between batches.
+    fn recover(&self) -> Result<Recovery> {
+        Ok(Recovery::Healthy)
+    }
 }
 
 fn decode_state(bytes: &[u8]) -> Result<KeyState> {
@@ -224,11 +297,18 @@ enum WalOp {
 /// The durable engine: one redb file, `kvs.redb`, and its write-ahead log, `kvs.wal`, in
 /// the data directory.
 pub struct RedbStore {
-    db: redb::Database,
+    dir: PathBuf,
+    cache_bytes: usize,
+    /// The open database; `None` while it is being reopened after a disk fault. Readers
+    /// clone the `Arc` only to begin a transaction, so dropping this one closes it.
+    db: RwLock<Option<Arc<redb::Database>>>,
     wal: Mutex<WalState>,
     /// When to checkpoint: [`CHECKPOINT_BYTES`] and [`CHECKPOINT_INTERVAL`] but in tests.
     checkpoint_bytes: u64,
     checkpoint_interval: Duration,
+    /// Tests only: make the next redb commit fail after its WAL record was written.
+    #[cfg(test)]
+    fail_next_commit: std::sync::atomic::AtomicBool,
 }
 
 struct WalState {
@@ -237,10 +317,49 @@ struct WalState {
     next_seq: u64,
     /// When the redb state was last made durable.
     checkpointed: Instant,
-    /// Set when a commit failed after its WAL record was written: redb lacks a batch the
-    /// WAL holds, so no later batch may be committed before a restart replays it.
-    failed: Option<String>,
+    /// Set by a disk error, cleared by [`Store::recover`] (or a later successful append,
+    /// for [`Fault::Refusing`]).
+    fault: Option<Fault>,
 }
+
+/// What a disk error left the store in.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// A WAL append failed and was cut back: nothing is half-applied, but the disk
+    /// refuses writes.
+    Refusing(String),
+    /// redb lacks, or may lack, a batch the WAL holds (its commit failed after the
+    /// append, or the append's cut-back failed), or redb itself latched an I/O error. No
+    /// later batch may be committed until the store is reopened and the WAL replayed:
+    /// the later batch would be visible without the earlier one.
+    Broken(String),
+}
+
+impl Fault {
+    fn message(&self) -> &str {
+        match self {
+            Fault::Refusing(e) | Fault::Broken(e) => e,
+        }
+    }
+}
+
+/// What [`Store::recover`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// There was no fault.
+    Healthy,
+    /// The disk takes writes again; nothing had to be reloaded.
+    Resumed,
+    /// The engine was reopened and the WAL replayed: the store may now hold a batch whose
+    /// outcome was reported as unknown, so in-memory state derived from it must be
+    /// loaded again.
+    Reopened,
+}
+
+/// Bytes [`Store::recover`] writes (and syncs, and deletes) to check that the disk takes
+/// writes again: more than a typical batch's WAL record, so a disk that takes it will
+/// likely take the next batch; small enough to try once a second.
+pub const PROBE_BYTES: usize = 256 * 1024;
 
 /// Default size of redb's page cache. redb's own default is 1 GiB, which lets a node's
 /// memory grow with its data set up to that much; the B-tree's interior pages of a
@@ -258,26 +377,78 @@ fn seq_meta(seq: u64) -> WalOp {
     }
 }
 
-impl RedbStore {
-    /// Opens (or creates) the store in `dir` with the default page cache.
-    pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
-    }
+/// Writes [`PROBE_BYTES`] to a scratch file in `dir`, syncs and deletes it.
+fn probe_disk(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("kvs.probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_data()
+    });
+    let removed = std::fs::remove_file(&path);
+    written.and(removed)
+}
 
-    /// Opens (or creates) the store in `dir` with a page cache of at most `cache_bytes`,
-    /// replaying the WAL records that the durable redb state lacks.
-    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(dir.join("kvs.redb"))
-            .map_err(engine)?;
-        let wal_path = dir.join("kvs.wal");
-        let (mut wal, records) =
-            Wal::open(&wal_path).map_err(|e| io_error("opening", &wal_path, e))?;
-        // Opening the tables creates them, so read transactions can always open them.
-        let mut txn = RedbTxn::begin(&db)?;
-        let durable_seq = match txn.meta(WAL_SEQ_META)? {
+/// Moves the data directory `dir` aside, for a node to rebuild its data from its peers:
+/// renamed to `<dir>.damaged-<unix_secs>` (`-2`, `-3`, ... appended if that exists), or,
+/// when `dir` cannot be renamed (a mount point, as a container volume is), its contents
+/// moved into `<dir>/damaged-<unix_secs>`. Nothing is deleted. Returns where the data
+/// went, `None` if there was no directory.
+pub fn move_aside(dir: &Path, unix_secs: u64) -> std::io::Result<Option<PathBuf>> {
+    /// Names tried before giving up (several rebuilds within one second).
+    const ATTEMPTS: u32 = 100;
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let free = |base: &dyn Fn(u32) -> PathBuf| {
+        (1..=ATTEMPTS)
+            .map(base)
+            .find(|p| !p.exists())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "no free name to move it to",
+                )
+            })
+    };
+    let suffix = |n: u32| {
+        if n == 1 {
+            format!("damaged-{unix_secs}")
+        } else {
+            format!("damaged-{unix_secs}-{n}")
+        }
+    };
+    if let Some(name) = dir.file_name() {
+        let name = name.to_string_lossy().into_owned();
+        let to = free(&|n| dir.with_file_name(format!("{name}.{}", suffix(n))))?;
+        if std::fs::rename(dir, &to).is_ok() {
+            return Ok(Some(to));
+        }
+    }
+    let to = free(&|n| dir.join(suffix(n)))?;
+    std::fs::create_dir(&to)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("damaged-") {
+            continue;
+        }
+        std::fs::rename(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(Some(to))
+}
+
+/// Opens the engine in `dir` and replays the WAL records the durable redb state lacks;
+/// returns the database, the emptied WAL and the next sequence number.
+fn open_engine(dir: &Path, cache_bytes: usize) -> Result<(redb::Database, Wal, u64)> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+    let db = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(dir.join("kvs.redb"))
+        .map_err(engine)?;
+    // Opening the tables creates them, so read transactions can always open them.
+    let mut txn = RedbTxn::begin(&db)?;
+    let durable_seq =
+        match txn.meta(WAL_SEQ_META)? {
             Some(bytes) => u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
                 StorageError::Corrupt {
                     table: "meta",
@@ -286,122 +457,199 @@ impl RedbStore {
             })?),
             None => 0,
         };
-        let mut last = durable_seq;
-        let mut replayed = 0usize;
-        for (seq, payload) in records {
-            if seq <= durable_seq {
-                continue;
-            }
-            if seq != last + 1 {
-                return Err(StorageError::Corrupt {
-                    table: "wal",
-                    detail: format!("record {seq} follows record {last}"),
-                });
-            }
-            let ops: Vec<WalOp> =
-                postcard::from_bytes(&payload).map_err(|e| StorageError::Corrupt {
-                    table: "wal",
-                    detail: format!("record {seq}: {e}"),
-                })?;
-            for op in &ops {
-                txn.apply(op)?;
-            }
-            last = seq;
-            replayed += 1;
+    let wal_path = dir.join("kvs.wal");
+    let (mut wal, records) = Wal::open(&wal_path, durable_seq).map_err(|e| match e {
+        OpenError::Io(e) => io_error("opening", &wal_path, e),
+        OpenError::Damaged(d) => StorageError::Damaged(d),
+    })?;
+    let mut last = durable_seq;
+    let mut replayed = 0usize;
+    for (seq, payload) in records {
+        if seq <= durable_seq {
+            continue;
         }
-        txn.apply(&seq_meta(last))?;
-        let format = txn.meta(FORMAT_META)?;
-        let empty = txn.with_dependent(|_, t| t.kv.is_empty().map_err(engine))?;
-        match format {
-            Some(f) if READABLE_FORMATS.contains(&f.as_slice()) => {}
-            None if empty => {}
-            other => {
-                let found: String =
-                    other.map_or("1".into(), |f| String::from_utf8_lossy(&f).into());
-                return Err(StorageError::Engine(format!(
-                    "{} holds data in storage format {found}; this build reads formats 2 and 3. \
-                     Move the directory away (the node rebuilds its data from its peers) \
-                     or run the build that wrote it",
-                    dir.display(),
-                )));
-            }
+        if seq != last + 1 {
+            return Err(StorageError::Damaged(format!(
+                "{}: record {seq} follows record {last}; the records between are missing",
+                wal_path.display()
+            )));
         }
-        txn.apply(&WalOp::SetMeta {
-            name: FORMAT_META.to_string(),
-            value: FORMAT.to_vec(),
-        })?;
-        txn.commit(true)?;
-        wal.reset()
-            .map_err(|e| io_error("emptying", &wal_path, e))?;
-        if replayed > 0 {
-            tracing::info!(
-                "{}: replayed {replayed} committed batches from the write-ahead log",
-                dir.display()
-            );
+        let ops: Vec<WalOp> =
+            postcard::from_bytes(&payload).map_err(|e| StorageError::Corrupt {
+                table: "wal",
+                detail: format!("record {seq}: {e}"),
+            })?;
+        for op in &ops {
+            txn.apply(op)?;
         }
+        last = seq;
+        replayed += 1;
+    }
+    txn.apply(&seq_meta(last))?;
+    let format = txn.meta(FORMAT_META)?;
+    let empty = txn.with_dependent(|_, t| t.kv.is_empty().map_err(engine))?;
+    match format {
+        Some(f) if READABLE_FORMATS.contains(&f.as_slice()) => {}
+        None if empty => {}
+        other => {
+            let found: String = other.map_or("1".into(), |f| String::from_utf8_lossy(&f).into());
+            return Err(StorageError::Engine(format!(
+                "{} holds data in storage format {found}; this build reads formats 2 and 3. \
+                 Move the directory away (the node rebuilds its data from its peers) \
+                 or run the build that wrote it",
+                dir.display(),
+            )));
+        }
+    }
+    txn.apply(&WalOp::SetMeta {
+        name: FORMAT_META.to_string(),
+        value: FORMAT.to_vec(),
+    })?;
+    txn.commit(true)?;
+    wal.reset()
+        .map_err(|e| io_error("emptying", &wal_path, e))?;
+    if replayed > 0 {
+        tracing::info!(
+            "{}: replayed {replayed} committed batches from the write-ahead log",
+            dir.display()
+        );
+    }
+    Ok((db, wal, last + 1))
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in `dir` with the default page cache.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir` with a page cache of at most `cache_bytes`,
+    /// replaying the WAL records that the durable redb state lacks. Refuses to open
+    /// ([`StorageError::Damaged`]) if the WAL is damaged where records the durable state
+    /// lacks may be.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self> {
+        let (db, wal, next_seq) = open_engine(dir, cache_bytes)?;
         Ok(Self {
-            db,
+            dir: dir.to_path_buf(),
+            cache_bytes,
+            db: RwLock::new(Some(Arc::new(db))),
             wal: Mutex::new(WalState {
                 wal,
-                next_seq: last + 1,
+                next_seq,
                 checkpointed: Instant::now(),
-                failed: None,
+                fault: None,
             }),
             checkpoint_bytes: CHECKPOINT_BYTES,
             checkpoint_interval: CHECKPOINT_INTERVAL,
+            #[cfg(test)]
+            fail_next_commit: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     fn wal(&self) -> std::sync::MutexGuard<'_, WalState> {
         // A panic mid-commit poisons the lock; the state it guards is still whole (the
-        // `failed` flag covers a commit that went half way).
+        // `fault` flag covers a commit that went half way).
         self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes a transaction's changes durable. Usually that is one WAL record (a
-    /// sequential append and an fdatasync) and a redb commit that stays in memory; once
-    /// the WAL is big or old enough, a durable redb commit instead (a checkpoint), which
-    /// covers every earlier commit and lets the WAL be emptied.
+    /// The open database, or why there is none.
+    fn db(&self) -> Result<Arc<redb::Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StorageError::Degraded(
+                    "the storage engine is closed until the disk takes writes again".into(),
+                )
+            })
+    }
+
+    /// Makes a transaction's changes durable: the batch is appended to the WAL as one
+    /// record (a sequential append and an fdatasync), then committed to redb, in memory
+    /// only, or, once the WAL is big or old enough, durably (a checkpoint, which covers
+    /// every earlier commit and lets the WAL be emptied).
+    ///
+    /// Failures say what happened to the batch: [`StorageError::NotApplied`] (the append
+    /// failed and was cut back: it is not in the WAL, nor in redb), or
+    /// [`StorageError::OutcomeUnknown`] (the record may be in the WAL: the cut-back
+    /// failed, or redb's commit failed after the append), after which the store refuses
+    /// every batch until [`Store::recover`] reopened it.
     fn commit(&self, mut txn: RedbTxn, ops: Vec<WalOp>) -> Result<()> {
         let mut w = self.wal();
-        if let Some(e) = &w.failed {
-            return Err(StorageError::Engine(format!(
-                "the store refuses writes since a commit failed ({e}); restart the node to \
-                 replay its write-ahead log"
+        if let Some(Fault::Broken(e)) = &w.fault {
+            return Err(StorageError::Degraded(format!(
+                "{e}; no write is taken until the store is reopened"
             )));
         }
         let seq = w.next_seq;
-        if w.wal.len() >= self.checkpoint_bytes
-            || w.checkpointed.elapsed() >= self.checkpoint_interval
-        {
+        let checkpoint = w.wal.len() >= self.checkpoint_bytes
+            || w.checkpointed.elapsed() >= self.checkpoint_interval;
+        if checkpoint {
             txn.apply(&seq_meta(seq))?;
-            txn.commit(true)?;
-            w.next_seq = seq + 1;
+        }
+        let payload = postcard::to_stdvec(&ops).map_err(codec)?;
+        // The record first, checkpoints included: readers see the batch as soon as redb
+        // commits it, so it must be durable by then, and a checkpoint whose durable commit
+        // fails is then in the WAL like any other batch (replayed at the reopen).
+        match w.wal.append(seq, &payload) {
+            Ok(()) => {}
+            Err(AppendError::NotWritten(e)) => {
+                let e = e.to_string();
+                w.fault = Some(Fault::Refusing(e.clone()));
+                return Err(StorageError::NotApplied(e));
+            }
+            Err(AppendError::Unknown(e)) => {
+                let e = format!("appending to the write-ahead log: {e}");
+                tracing::error!("{e}; the record may be on disk, the store reopens to find out");
+                w.fault = Some(Fault::Broken(e.clone()));
+                return Err(StorageError::OutcomeUnknown(e));
+            }
+        }
+        w.next_seq = seq + 1;
+        if matches!(w.fault, Some(Fault::Refusing(_))) {
+            w.fault = None;
+        }
+        #[cfg(test)]
+        if self
+            .fail_next_commit
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            drop(txn);
+            w.fault = Some(Fault::Broken("injected commit failure".into()));
+            return Err(StorageError::OutcomeUnknown(
+                "injected commit failure".into(),
+            ));
+        }
+        if let Err(e) = txn.commit(checkpoint) {
+            let e = format!("committing after the WAL append: {e}");
+            tracing::error!("{e}; the store reopens to replay the record");
+            w.fault = Some(Fault::Broken(e.clone()));
+            return Err(StorageError::OutcomeUnknown(e));
+        }
+        if checkpoint {
             w.checkpointed = Instant::now();
             if let Err(e) = w.wal.reset() {
                 // Harmless: the records left are all covered by the checkpoint, and the
                 // replay skips them.
                 tracing::warn!("could not empty the write-ahead log after a checkpoint: {e}");
             }
-            return Ok(());
         }
-        let payload = postcard::to_stdvec(&ops).map_err(engine)?;
-        // The record first: readers see the batch as soon as redb commits it, and it
-        // must be durable by then.
-        w.wal
-            .append(seq, &payload)
-            .map_err(|e| StorageError::Engine(format!("appending to the write-ahead log: {e}")))?;
-        match txn.commit(false) {
-            Ok(()) => {
-                w.next_seq = seq + 1;
-                Ok(())
-            }
-            Err(e) => {
-                w.failed = Some(e.to_string());
-                tracing::error!("a commit failed after its WAL record was written: {e}");
-                Err(e)
-            }
-        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl RedbStore {
+    /// Tests: the next WAL append fails (and is cut back): as a full disk does.
+    pub(crate) fn inject_append_failure(&self) {
+        self.wal().wal.fail_next_append = Some(true);
+    }
+
+    /// Tests: the next redb commit fails after its WAL record was written.
+    pub(crate) fn inject_commit_failure(&self) {
+        self.fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -409,11 +657,12 @@ impl Drop for RedbStore {
     /// A clean close leaves everything in redb and the WAL empty.
     fn drop(&mut self) {
         let mut w = self.wal();
-        if w.failed.is_some() || w.wal.is_empty() {
+        if matches!(w.fault, Some(Fault::Broken(_))) || w.wal.is_empty() {
             return;
         }
         let last = w.next_seq - 1;
-        let checkpoint = RedbTxn::begin(&self.db).and_then(|mut txn| {
+        let checkpoint = self.db().and_then(|db| {
+            let mut txn = RedbTxn::begin(&db)?;
             txn.apply(&seq_meta(last))?;
             txn.commit(true)
         });
@@ -797,18 +1046,66 @@ impl WriteTxn for RedbWrite<'_> {
 
 impl Store for RedbStore {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        // The transaction outlives this handle on the database: closing the database
+        // (to reopen it) must not wait for readers.
+        let txn = self.db()?.begin_read().map_err(engine)?;
         Ok(Box::new(RedbRead {
-            txn: self.db.begin_read().map_err(engine)?,
+            txn,
             kv: std::cell::OnceCell::new(),
         }))
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
+        let txn = RedbTxn::begin(&*self.db()?)?;
         Ok(Box::new(RedbWrite {
-            txn: RedbTxn::begin(&self.db)?,
+            txn,
             ops: Vec::new(),
             store: self,
         }))
+    }
+
+    fn disk_fault(&self) -> Option<String> {
+        let mut w = self.wal();
+        if let Some(f) = &w.fault {
+            return Some(f.message().to_string());
+        }
+        // redb latches an I/O error met anywhere (a read too): every later transaction
+        // fails until the database is reopened.
+        let latched = self
+            .db()
+            .and_then(|db| db.begin_write().map_err(engine).map(drop));
+        match latched {
+            Ok(()) => None,
+            Err(e) => {
+                let e = e.to_string();
+                w.fault = Some(Fault::Broken(e.clone()));
+                Some(e)
+            }
+        }
+    }
+
+    fn recover(&self) -> Result<Recovery> {
+        let mut w = self.wal();
+        let Some(fault) = w.fault.clone() else {
+            return Ok(Recovery::Healthy);
+        };
+        probe_disk(&self.dir).map_err(|e| StorageError::NotApplied(e.to_string()))?;
+        if let Fault::Refusing(_) = fault {
+            w.fault = None;
+            return Ok(Recovery::Resumed);
+        }
+        // Closing the database releases its file lock (redb ends the read transactions
+        // still open on it); a reader holding the handle for a moment delays it to the
+        // next attempt.
+        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+        let (db, wal, next_seq) = open_engine(&self.dir, self.cache_bytes)?;
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        w.wal = wal;
+        w.next_seq = next_seq;
+        w.checkpointed = Instant::now();
+        w.fault = None;
+        Ok(Recovery::Reopened)
     }
 }
 
@@ -1299,9 +1596,154 @@ mod tests {
             std::fs::metadata(dir.path().join("kvs.wal"))
                 .expect("stat")
                 .len(),
-            0
+            crate::wal::FILE_HEADER as u64,
+            "only the WAL's file header is left"
         );
         check_batches(&RedbStore::open(dir.path()).expect("reopen"), 0);
+    }
+
+    /// One batch putting `key` (slot 1) = `value`.
+    fn put_one(store: &RedbStore, key: &str, value: &str) -> Result<()> {
+        let mut w = store.write()?;
+        w.put(1, key, &state_of(Some(value)))?;
+        w.commit()
+    }
+
+    fn has(store: &RedbStore, key: &str) -> bool {
+        store
+            .read()
+            .expect("read")
+            .get(1, key)
+            .expect("get")
+            .is_some()
+    }
+
+    #[test]
+    fn mid_log_damage_refuses_to_open_and_names_the_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path()).expect("open");
+        write_batches(&store);
+        let image = crash_image(dir.path());
+        drop(store);
+        let wal = image.path().join("kvs.wal");
+        let mut bytes = std::fs::read(&wal).expect("read");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        std::fs::write(&wal, &bytes).expect("write");
+        let err = RedbStore::open(image.path()).err().expect("refused");
+        assert!(matches!(err, StorageError::Damaged(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("kvs.wal") && msg.contains("bytes "), "{msg}");
+        assert!(msg.contains("were acknowledged"), "{msg}");
+        // Nothing was cut or replayed: undoing the flip recovers every batch.
+        bytes[middle] ^= 1;
+        std::fs::write(&wal, &bytes).expect("write");
+        check_batches(&RedbStore::open(image.path()).expect("recover"), 0);
+    }
+
+    #[test]
+    fn a_refused_append_applies_nothing_and_the_store_resumes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path()).expect("open");
+        put_one(&store, "before", "x").expect("commit");
+        store.wal().wal.fail_next_append = Some(true);
+        let err = put_one(&store, "refused", "x").expect_err("the disk refuses it");
+        assert!(matches!(err, StorageError::NotApplied(_)), "{err}");
+        assert_eq!(
+            crate::error::Error::from(err).kind,
+            crate::error::ErrorKind::Unavailable
+        );
+        assert!(!has(&store, "refused") && has(&store, "before"));
+        assert!(store.disk_fault().is_some());
+        assert_eq!(store.recover().expect("probe"), Recovery::Resumed);
+        assert!(store.disk_fault().is_none());
+        put_one(&store, "after", "x").expect("commit");
+        let image = crash_image(dir.path());
+        drop(store);
+        let recovered = RedbStore::open(image.path()).expect("recover");
+        assert!(has(&recovered, "before") && has(&recovered, "after"));
+        assert!(!has(&recovered, "refused"));
+    }
+
+    #[test]
+    fn a_commit_with_an_unknown_outcome_blocks_later_ones_until_the_reopen_replays_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path()).expect("open");
+        put_one(&store, "before", "x").expect("commit");
+        store
+            .fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = put_one(&store, "unknown", "x").expect_err("redb failed");
+        assert!(matches!(err, StorageError::OutcomeUnknown(_)), "{err}");
+        assert_eq!(
+            crate::error::Error::from(err).kind,
+            crate::error::ErrorKind::OutcomeUnknown
+        );
+        // Readers never see it before the reopen, and no later batch commits.
+        assert!(!has(&store, "unknown"));
+        let later = put_one(&store, "later", "x").expect_err("refused");
+        assert!(matches!(later, StorageError::Degraded(_)), "{later}");
+        assert!(store.disk_fault().is_some());
+        // The reopen replays the record: the write was applied after all.
+        assert_eq!(store.recover().expect("reopen"), Recovery::Reopened);
+        assert!(has(&store, "unknown") && has(&store, "before"));
+        assert!(!has(&store, "later"));
+        assert!(store.disk_fault().is_none());
+        put_one(&store, "after", "x").expect("commit");
+        assert_eq!(store.recover().expect("healthy"), Recovery::Healthy);
+        let image = crash_image(dir.path());
+        drop(store);
+        let recovered = RedbStore::open(image.path()).expect("recover");
+        for key in ["before", "unknown", "after"] {
+            assert!(has(&recovered, key), "{key}");
+        }
+    }
+
+    #[test]
+    fn an_append_not_cut_back_is_settled_by_the_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path()).expect("open");
+        put_one(&store, "before", "x").expect("commit");
+        store.wal().wal.fail_next_append = Some(false);
+        let err = put_one(&store, "torn", "x").expect_err("append failed");
+        assert!(matches!(err, StorageError::OutcomeUnknown(_)), "{err}");
+        assert!(put_one(&store, "later", "x").is_err());
+        // Half the record is on disk: a torn tail, dropped at the reopen.
+        assert_eq!(store.recover().expect("reopen"), Recovery::Reopened);
+        assert!(has(&store, "before") && !has(&store, "torn"));
+        put_one(&store, "after", "x").expect("commit");
+        assert!(has(&store, "after"));
+    }
+
+    #[test]
+    fn checkpoints_go_through_the_wal_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = RedbStore::open(dir.path()).expect("open");
+        store.checkpoint_bytes = 0;
+        put_one(&store, "a", "x").expect("commit");
+        store
+            .fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = put_one(&store, "checkpointed", "x").expect_err("the checkpoint failed");
+        assert!(matches!(err, StorageError::OutcomeUnknown(_)), "{err}");
+        assert_eq!(store.recover().expect("reopen"), Recovery::Reopened);
+        assert!(has(&store, "checkpointed"), "its WAL record was replayed");
+    }
+
+    #[test]
+    fn move_aside_renames_and_never_deletes() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("node");
+        assert_eq!(move_aside(&dir, 7).expect("nothing there"), None);
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("kvs.wal"), b"w").expect("write");
+        let first = move_aside(&dir, 7).expect("moved").expect("a directory");
+        assert_eq!(first, root.path().join("node.damaged-7"));
+        assert_eq!(std::fs::read(first.join("kvs.wal")).expect("read"), b"w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let second = move_aside(&dir, 7).expect("moved").expect("a directory");
+        assert_eq!(second, root.path().join("node.damaged-7-2"));
+        assert!(!dir.exists() && first.exists());
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        // Retryable by the client, like an unavailable node (a retry is a new write).
+        ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -564,5 +566,10 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(status_of(ErrorKind::Conflict), StatusCode::CONFLICT);
+        assert_eq!(status_of(ErrorKind::Unauthorized), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            status_of(ErrorKind::OutcomeUnknown),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

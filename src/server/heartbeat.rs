@@ -2,13 +2,17 @@
 //! view (and of the view it is moving to), and feeds the answers to the failure
 //! detector (`cluster::Liveness`), which routing consults. At most one ping per peer is
 //! in flight, so a silent peer costs one pending call, not a pile of them.
+//!
+//! A ping's answer also says whether the peer's disk refuses writes (`Response::DiskFault`);
+//! forwarded writes then try that peer last (`Liveness::order_for_writes`). This node's
+//! own disk health and what it believes of each peer's are in `/api/v1/status`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{Health, HEARTBEAT_INTERVAL_MS};
-use crate::rpc::{CallError, Request};
+use crate::rpc::{CallError, Request, Response};
 
 use super::{lock, monotonic_ms, Node};
 
@@ -46,9 +50,23 @@ impl Node {
                     "phi": r.phi.filter(|p| p.is_finite()).map(|p| (p * 100.0).round() / 100.0),
                     "silent_ms": r.silent_ms,
                     "failures": r.failures,
+                    // What its last heartbeat answer said of its disk.
+                    "disk": if r.disk_degraded { "refuses writes" } else { "ok" },
                 })
             })
             .collect()
+    }
+
+    /// This node's own disk health, for the status endpoint.
+    pub(super) fn disk_health(&self) -> serde_json::Value {
+        match self.disk_fault() {
+            None => serde_json::json!({ "writable": true }),
+            Some(f) => serde_json::json!({
+                "writable": false,
+                "error": f.error,
+                "since_ms": f.since_ms,
+            }),
+        }
     }
 }
 
@@ -76,7 +94,12 @@ pub(super) async fn heartbeat_loop(node: Arc<Node>) {
                 // cluster key (or holding another one) is alive, and must be declared
                 // dead by the usual rule if it stops answering.
                 match node.send(&peer, &env, PING_TIMEOUT).await {
-                    Ok(_) | Err(CallError::Refused(..)) => {
+                    Ok(resp) => {
+                        let mut liveness = node.liveness();
+                        liveness.record_heartbeat(&peer, monotonic_ms());
+                        liveness.record_disk(&peer, matches!(resp, Response::DiskFault(_)));
+                    }
+                    Err(CallError::Refused(..)) => {
                         node.liveness().record_heartbeat(&peer, monotonic_ms())
                     }
                     Err(_) => {}

@@ -93,6 +93,7 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
             "to_epoch": t.to().epoch,
         })),
         "view_change": node.progress(),
+        "disk": node.disk_health(),
         "peers": node.peer_health(),
     });
     (StatusCode::OK, Json(body)).into_response()

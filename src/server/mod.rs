@@ -40,7 +40,8 @@
 //! # Caveats
 //!
 //! * A forwarded write whose replica may have received it but did not answer (timeout,
-//!   connection lost) is not retried elsewhere: the client gets a 503 and the write may
+//!   connection lost), or that answered `ErrorKind::OutcomeUnknown` (its disk failed
+//!   during the commit), is not retried elsewhere: the client gets a 503 and the write may
 //!   still be applied later, as a sibling concurrent with the client's later writes (see
 //!   `Node::forward` for why a retry would be worse). The nemesis found this: a retried
 //!   write applied a second time after a partition healed brought an old value back.
@@ -64,7 +65,7 @@ use tokio::task::JoinSet;
 pub use http::{router, serve};
 pub use keys::{Keys, Refusal, KEY_WAIT};
 pub use reconfig::{ChangeOutcome, Progress};
-pub use writer::ReplicaStatus;
+pub use writer::{DiskFault, ReplicaStatus};
 
 use crate::auth::ClusterKey;
 use crate::clock::{CausalToken, PartitionUid, ReplicaId, VersionVector};
@@ -252,6 +253,8 @@ pub struct Node {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     replica_status: watch::Receiver<Option<Arc<ReplicaStatus>>>,
     local_writes: watch::Receiver<u64>,
+    /// Set by the writer while this node's disk refuses writes.
+    disk: watch::Receiver<Option<Arc<DiskFault>>>,
     /// Plain lock: held to clone or swap an `Arc`, never across an await.
     current: RwLock<Arc<Current>>,
     /// Plain mutex: held for a map lookup or update, never across an await.
@@ -306,11 +309,13 @@ impl Node {
         let acceptor = durable.acceptor.clone();
         let (replica_tx, replica_rx) = watch::channel(durable.replica_status().map(Arc::new));
         let (writes_tx, writes_rx) = watch::channel(0u64);
+        let (disk_tx, disk_rx) = watch::channel(None);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer_store = store.clone();
         let publish = Publish {
             replica: replica_tx,
             local_writes: writes_tx,
+            disk: disk_tx,
         };
         let handle = std::thread::Builder::new()
             .name("kvs-writer".into())
@@ -331,6 +336,7 @@ impl Node {
             writer_thread: Mutex::new(Some(handle)),
             replica_status: replica_rx,
             local_writes: writes_rx,
+            disk: disk_rx,
             current: RwLock::new(Arc::new(Current {
                 view: None,
                 transition: None,
@@ -381,6 +387,11 @@ impl Node {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Why this node's disk refuses writes, while it does.
+    pub fn disk_fault(&self) -> Option<Arc<DiskFault>> {
+        self.disk.borrow().clone()
     }
 
     /// The node's view, or `None` while it is in no cluster.
@@ -600,9 +611,14 @@ impl Node {
                         .write_local(&view, r, key, value.clone(), token.clone())
                         .await
                     {
-                        // This replica is leaving its partition, or was replaced: its
-                        // peers take the write.
-                        Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
+                        // This replica is leaving its partition, was replaced, or its
+                        // disk refuses writes: its peers take the write (with none, its
+                        // own refusal says best why the write failed).
+                        Err(e)
+                            if e.kind == ErrorKind::Unavailable
+                                && may_forward
+                                && !r.peers.is_empty() =>
+                        {
                             self.forward_put(&view, p, key, value.clone(), token.clone(), true)
                                 .await
                         }
@@ -646,6 +662,10 @@ impl Node {
         value: Option<Vec<u8>>,
         token: CausalToken,
     ) -> Result<WriteReply> {
+        // A disk that refuses writes makes waiting pointless: its peers take the write.
+        if let Some(fault) = self.disk_fault() {
+            return Err(fault.refusal());
+        }
         // The replica must reflect what the client saw in this partition before it
         // accepts the write (see `Replica::accepts_write`): wait for the peers to supply
         // it, then give up; the caller tries another replica, which may have it.
@@ -816,7 +836,8 @@ impl Node {
     /// client's later writes and could win over them, bringing an overwritten value back.
     /// So a write moves on only when the first replica certainly did not act on it (no
     /// connection, or it refused); otherwise its outcome is unknown and the client gets a
-    /// 503 saying so.
+    /// 503 saying so (`ErrorKind::OutcomeUnknown`, also what a replica answers whose disk
+    /// failed during the write). Writes try the replicas whose disks take writes first.
     async fn forward(
         &self,
         view: &View,
@@ -837,11 +858,14 @@ impl Node {
             .cloned()
             .collect();
         let start = self.next_peer.fetch_add(1, Ordering::Relaxed);
-        let mut order = self
-            .liveness()
-            .order(&replicas, start, monotonic_ms())
-            .into_iter();
         let is_write = matches!(req, Request::Put { .. });
+        let mut order = if is_write {
+            self.liveness()
+                .order_for_writes(&replicas, start, monotonic_ms())
+        } else {
+            self.liveness().order(&replicas, start, monotonic_ms())
+        }
+        .into_iter();
         let env = self.envelope(req);
         let env = &env;
         let ask = |peer: String| async move {
@@ -880,6 +904,7 @@ impl Node {
             tokio::select! {
                 Some((peer, out)) = asked.next() => match out {
                     // A replica that cannot serve now, or whose disk fails: try the next.
+                    // (Not after `OutcomeUnknown`: that write may be applied there.)
                     Ok(Response::Error(e))
                         if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
                     {
@@ -888,9 +913,10 @@ impl Node {
                     Ok(Response::Error(e)) => return Err(e),
                     Ok(resp) => return Ok(resp),
                     Err(e) if is_write && e.maybe_delivered() => {
-                        return Err(Error::unavailable(format!(
-                            "the write's outcome is unknown: {e}; it may still be applied"
-                        )))
+                        return Err(Error::new(
+                            ErrorKind::OutcomeUnknown,
+                            format!("the write's outcome is unknown: {e}; it may still be applied"),
+                        ))
                     }
                     Err(e) => last = e.to_string(),
                 },
@@ -962,16 +988,21 @@ impl Node {
             Request::Status | Request::KeyRequest { .. } | Request::KeyDelivery { .. }
         );
         if !open && cur.view.is_some() && !known {
-            return Response::Error(Error::bad_request(format!(
-                "{} is not a member of this node's view",
-                env.from
+            // Retryable: a member removed while it was away still routes by its old
+            // view; the request it forwards for a client may succeed elsewhere.
+            return Response::Error(Error::unavailable(format!(
+                "{} is not a member of this node's view (epoch {})",
+                env.from,
+                cur.epoch()
             )));
         }
         if known {
             self.note_peer_epoch(&env.from, env.epoch);
         }
         let result = match env.body {
-            Request::Ping => Ok(Response::Ok),
+            Request::Ping => Ok(self
+                .disk_fault()
+                .map_or(Response::Ok, |f| Response::DiskFault(f.error.clone()))),
             Request::Poke { partition } => {
                 if let Some(r) = cur.local(partition) {
                     if let Some((_, n)) = r.peers.iter().find(|(a, _)| *a == env.from) {
@@ -1145,13 +1176,64 @@ mod tests {
         }
         let result = result.expect("the silent replica was asked first once");
         let err = result.expect_err("the write's outcome is unknown");
-        assert_eq!(err.kind, ErrorKind::Unavailable);
+        assert_eq!(err.kind, ErrorKind::OutcomeUnknown);
         assert!(err.message.contains("outcome is unknown"), "{err:?}");
         assert_eq!(
             *lock(&transport.calls),
             vec![(first, "put")],
             "no second replica may be asked"
         );
+        node.shutdown().await;
+    }
+
+    /// A write answered "outcome unknown" by the first replica stops there; one answered
+    /// "unavailable" (certainly not applied: a disk that refuses writes) moves on.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_stops_at_an_unknown_outcome_and_moves_on_after_a_refusal() {
+        let (node, transport, view) = proxy_with_silent_replica();
+        let (first, second) = (
+            view.partitions[0].replicas[0].clone(),
+            view.partitions[0].replicas[1].clone(),
+        );
+        let accepted = Response::Put(WriteReply {
+            partition: view.partitions[0].uid,
+            index: 0,
+            created: true,
+            timestamp_ms: 1,
+            token: CausalToken::default(),
+        });
+        lock(&transport.answers).insert(second.clone(), Some(accepted));
+        for (answer, moves_on) in [
+            (
+                Error::new(ErrorKind::OutcomeUnknown, "disk failed mid-commit"),
+                false,
+            ),
+            (Error::unavailable("this node's disk refuses writes"), true),
+        ] {
+            let kind = answer.kind;
+            lock(&transport.answers).insert(first.clone(), Some(Response::Error(answer)));
+            let mut seen = false;
+            for _ in 0..view.partitions[0].replicas.len() {
+                lock(&transport.calls).clear();
+                let r = node
+                    .put("key", b"v".to_vec(), CausalToken::default(), true)
+                    .await;
+                let calls = lock(&transport.calls).clone();
+                if calls.first().map(|c| &c.0) != Some(&first) {
+                    continue;
+                }
+                seen = true;
+                if moves_on {
+                    assert!(r.is_ok(), "{kind:?}: {r:?}");
+                    assert_eq!(calls.len(), 2, "{kind:?}: {calls:?}");
+                } else {
+                    assert_eq!(r.expect_err("unknown").kind, ErrorKind::OutcomeUnknown);
+                    assert_eq!(calls.len(), 1, "{kind:?}: no second replica: {calls:?}");
+                }
+                break;
+            }
+            assert!(seen, "{kind:?}: the first replica was never asked first");
+        }
         node.shutdown().await;
     }
 

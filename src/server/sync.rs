@@ -62,6 +62,11 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
             }
         }
         first = false;
+        // While this node's disk refuses writes, pages could not be applied: the writer
+        // probes the disk, and the next round after it heals catches up.
+        if node.disk_fault().is_some() {
+            continue;
+        }
         for _ in 0..MAX_PAGES_PER_ROUND {
             let Some(status) = node.status_of(&r) else {
                 return;

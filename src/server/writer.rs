@@ -11,9 +11,33 @@
 //! Because view-change steps go through the same queue as client writes, ordering comes
 //! for free: when a `Learn` freezes slots, every write queued before it is already in the
 //! vector the learn reports, and none queued after it can touch a frozen slot.
+//!
+//! # Disk faults
+//!
+//! A commit that fails on a disk error makes the writer *degraded* (see [`writer_loop`]):
+//! it publishes the fault (`Node::disk_fault`: its heartbeat answers tell the peers, which
+//! then send it writes last; `/api/v1/status` shows it), refuses every command at once
+//! with a retryable error (nothing of it applied: the entry node forwards a client write
+//! to the partition's other replicas, the pullers retry their pages), and every
+//! [`PROBE_INTERVAL`] asks the store to recover. Once the disk takes writes again it
+//! goes on by itself, without a restart; if the store had to be reopened (a commit whose
+//! outcome was unknown), it first reloads its durable state from the store, since the
+//! replay may have applied the batch the in-memory state was rolled back from (and must
+//! not hand out that batch's dots again). One line is logged when it degrades and one
+//! when it heals.
+//!
+//! # Caveats
+//!
+//! * A view-change step in a batch whose outcome was unknown and that the replay applied
+//!   reaches the node's routing only when the change is driven again (`reconfig` re-drives
+//!   a stalled change; installing a view the node already has returns its layout).
+//! * While degraded, the pullers keep fetching pages the writer refuses (logged by the
+//!   sync tasks each time), so the node catches up as soon as it heals.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::ClusterKey;
@@ -21,13 +45,20 @@ use crate::clock::{PartitionUid, ReplicaId, VersionVector};
 use crate::error::{Error, Result};
 use crate::placement::{Role, SlotSet, View};
 use crate::replica::{Claim, KeyState, Replica, SyncResponse, WriteOutcome, WriteRequest};
-use crate::storage::{ReadTxn, Store, WriteTxn};
+use crate::storage::{ReadTxn, Recovery, StorageError, Store, WriteTxn};
 use crate::viewchange::{duties, Acceptor, PullKey, PullProgress, Transition};
 
 use super::Layout;
 
 /// Commands per transaction.
 pub const MAX_BATCH: usize = 512;
+/// How often a degraded writer checks whether the disk takes writes again. Each check
+/// writes and syncs `storage::PROBE_BYTES`; once a second puts the node back in service
+/// within a second of the disk's recovery without wearing anything.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a degraded writer looks at its queue: it answers every command at once (a
+/// refusal) instead of blocking on the queue, so it can probe between them.
+const DEGRADED_POLL: Duration = Duration::from_millis(20);
 
 /// Meta-table names of the node's durable state.
 pub const META_VIEW: &str = "view.v2";
@@ -372,14 +403,61 @@ fn legacy_replica(txn: &dyn ReadTxn, view: Option<&View>, addr: &str) -> Result<
     Ok(Some(Replica::from_parts(id, uid, meta.applied, meta.known)))
 }
 
+/// Why this node's disk refuses writes, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskFault {
+    pub error: String,
+    /// Unix milliseconds.
+    pub since_ms: u64,
+}
+
+impl DiskFault {
+    /// What a write refused meanwhile is told (a retryable refusal: nothing was applied).
+    pub fn refusal(&self) -> Error {
+        Error::unavailable(format!(
+            "this node's disk refuses writes: {}; the write was not applied",
+            self.error
+        ))
+    }
+}
+
 /// Channels the writer publishes on.
 pub(super) struct Publish {
     pub replica: watch::Sender<Option<Arc<ReplicaStatus>>>,
     /// Bumped after every commit with local writes: what wakes the pokers.
     pub local_writes: watch::Sender<u64>,
+    /// Set while the disk refuses writes (see [`writer_loop`]).
+    pub disk: watch::Sender<Option<Arc<DiskFault>>>,
+}
+
+impl Publish {
+    fn replica_status(&self, durable: &Durable) {
+        let status = durable.replica_status();
+        self.replica.send_if_modified(|cur| {
+            let changed = cur.as_deref() != status.as_ref();
+            if changed {
+                *cur = status.map(Arc::new);
+            }
+            changed
+        });
+    }
 }
 
 /// The writer thread. See the module doc.
+///
+/// # Disk faults
+///
+/// A batch whose commit fails on a disk error (the store says so, `Store::disk_fault`)
+/// makes the writer *degraded*: it logs one line, publishes the fault (the node then
+/// tells its peers, which send it writes last, and shows it in its status), and answers
+/// every later command at once with a retryable refusal, without touching the disk.
+/// Every [`PROBE_INTERVAL`] it asks the store to recover (`Store::recover`: a probe
+/// write, and a reopen and WAL replay if the engine needs one). Once that works it
+/// reloads the durable state if the store was reopened (the replay may have applied the
+/// batch whose outcome was unknown, which the in-memory state was rolled back from),
+/// republishes, logs one line and takes commands again. The store itself refuses every
+/// batch after one whose outcome is unknown until it was reopened, so a later batch is
+/// never committed without an earlier one readers could not see.
 pub(super) fn writer_loop(
     store: Arc<dyn Store>,
     mut durable: Durable,
@@ -388,7 +466,48 @@ pub(super) fn writer_loop(
 ) {
     let mut trimmed = VersionVector::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    let mut degraded: Option<Arc<DiskFault>> = None;
+    let mut probed = Instant::now();
+    loop {
+        let first = match &degraded {
+            None => match rx.blocking_recv() {
+                Some(cmd) => cmd,
+                None => break,
+            },
+            Some(fault) => {
+                if probed.elapsed() >= PROBE_INTERVAL {
+                    probed = Instant::now();
+                    match heal(&*store, &mut durable, &publish, fault) {
+                        Ok(()) => {
+                            degraded = None;
+                            publish.disk.send_replace(None);
+                            continue;
+                        }
+                        // A new reason (the reopen found the WAL damaged, say): logged
+                        // once and shown, not once a second.
+                        Err(error) if error != fault.error => {
+                            tracing::warn!("the disk fault goes on, now: {error}");
+                            let fault = Arc::new(DiskFault {
+                                error,
+                                since_ms: fault.since_ms,
+                            });
+                            publish.disk.send_replace(Some(fault.clone()));
+                            degraded = Some(fault);
+                            continue;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                match rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(TryRecvError::Empty) => {
+                        std::thread::sleep(DEGRADED_POLL);
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -397,6 +516,16 @@ pub(super) fn writer_loop(
             }
         }
         let stop = batch.iter().any(|c| matches!(c, WriterCmd::Stop));
+        if let Some(fault) = &degraded {
+            let refusal = fault.refusal();
+            for cmd in batch.drain(..) {
+                answer(cmd, Outcome::Failed(refusal.clone()));
+            }
+            if stop {
+                break;
+            }
+            continue;
+        }
         let before = durable.clone();
         let trimmed_before = trimmed.clone();
         match run_batch(&*store, &mut durable, &mut trimmed, &batch) {
@@ -404,14 +533,7 @@ pub(super) fn writer_loop(
                 // Committed: only now may anyone learn of the writes. The vector goes
                 // out first, so a client that reads right after its ack finds this
                 // replica caught up instead of waking the pullers for nothing.
-                let status = durable.replica_status();
-                publish.replica.send_if_modified(|cur| {
-                    let changed = cur.as_deref() != status.as_ref();
-                    if changed {
-                        *cur = status.map(Arc::new);
-                    }
-                    changed
-                });
+                publish.replica_status(&durable);
                 let mut local_writes = false;
                 for (cmd, outcome) in batch.drain(..).zip(outcomes) {
                     local_writes |= matches!(outcome, Outcome::Write(_));
@@ -422,10 +544,32 @@ pub(super) fn writer_loop(
                 }
             }
             Err(e) => {
-                tracing::error!("commit failed, {} requests fail with it: {e}", batch.len());
-                // Nothing was committed: forget the in-memory effects too.
+                // Nothing was committed (or, if its outcome is unknown, nothing readers
+                // can see before a reopen): forget the in-memory effects too.
                 durable = before;
                 trimmed = trimmed_before;
+                let failed = batch.len();
+                // The fault is published before anyone hears of the failure, so a request
+                // that follows one refused finds the node degraded.
+                match store.disk_fault() {
+                    Some(error) => {
+                        tracing::error!(
+                            "disk fault, this node takes no writes until its disk does \
+                             (its peers take them; probing every {PROBE_INTERVAL:?}): {error}; \
+                             {failed} requests failed: {e}"
+                        );
+                        let fault = Arc::new(DiskFault {
+                            error,
+                            since_ms: super::now_ms(),
+                        });
+                        publish.disk.send_replace(Some(fault.clone()));
+                        degraded = Some(fault);
+                        probed = Instant::now();
+                    }
+                    None => {
+                        tracing::error!("commit failed, {failed} requests fail with it: {e}")
+                    }
+                }
                 for cmd in batch.drain(..) {
                     answer(cmd, Outcome::Failed(e.clone()));
                 }
@@ -435,6 +579,46 @@ pub(super) fn writer_loop(
             break;
         }
     }
+}
+
+/// One attempt to end a disk fault; see [`writer_loop`]. Returns why it goes on if it
+/// does.
+fn heal(
+    store: &dyn Store,
+    durable: &mut Durable,
+    publish: &Publish,
+    fault: &DiskFault,
+) -> std::result::Result<(), String> {
+    let recovered = match store.recover() {
+        Ok(r) => r,
+        Err(StorageError::NotApplied(e)) => return Err(e),
+        Err(e) => return Err(e.to_string()),
+    };
+    if recovered == Recovery::Reopened {
+        let reloaded = match Durable::load(store, &durable.addr, None) {
+            Ok(d) => d,
+            Err(e) => return Err(format!("reloading the node's state after a reopen: {e}")),
+        };
+        let (was, now) = (durable.layout(), reloaded.layout());
+        if was.view.as_ref().map(|v| v.epoch) != now.view.as_ref().map(|v| v.epoch)
+            || was.replica != now.replica
+            || was.transition.as_ref().map(|t| &t.proposal)
+                != now.transition.as_ref().map(|t| &t.proposal)
+        {
+            tracing::warn!(
+                "the write-ahead log replay applied a view-change step whose outcome was \
+                 unknown; the node takes it up when the change is driven again"
+            );
+        }
+        *durable = reloaded;
+        publish.replica_status(durable);
+    }
+    tracing::info!(
+        after_ms = super::now_ms().saturating_sub(fault.since_ms),
+        reopened = recovered == Recovery::Reopened,
+        "disk takes writes again: this node takes writes again"
+    );
+    Ok(())
 }
 
 /// The result of one command of a batch, sent to its requester after the commit.
@@ -930,6 +1114,98 @@ mod tests {
             token,
             now_ms: 0,
         }
+    }
+
+    /// Waits (bounded) until the writer publishes that the disk fault ended.
+    fn wait_healed(disk: &watch::Receiver<Option<Arc<DiskFault>>>) {
+        let deadline = Instant::now() + 10 * PROBE_INTERVAL;
+        while disk.borrow().is_some() {
+            assert!(Instant::now() < deadline, "never healed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_disk_fault_degrades_the_writer_until_a_probe_heals_it() {
+        use crate::clock::CausalToken;
+        use crate::error::ErrorKind;
+        use crate::placement::slot_of;
+        use crate::storage::RedbStore;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(RedbStore::open(dir.path()).expect("open"));
+        let durable = Durable::load(&*store, &addr(1), Some(view(1, 1))).expect("loads");
+        let (id, partition) = {
+            let r = durable.replica.as_ref().expect("a replica");
+            (r.id(), r.partition())
+        };
+        let (replica_tx, replica_rx) = watch::channel(None);
+        let (writes_tx, _writes_rx) = watch::channel(0);
+        let (disk_tx, disk_rx) = watch::channel(None);
+        let (tx, rx) = mpsc::channel(16);
+        let writer_store: Arc<dyn Store> = store.clone();
+        let thread = std::thread::spawn(move || {
+            let publish = Publish {
+                replica: replica_tx,
+                local_writes: writes_tx,
+                disk: disk_tx,
+            };
+            writer_loop(writer_store, durable, rx, publish)
+        });
+        let write = |key: &str| -> Result<WriteOutcome> {
+            let (reply, answer) = oneshot::channel();
+            let req = WriteRequest {
+                slot: slot_of(key),
+                key: key.into(),
+                value: Some(b"v".to_vec()),
+                token: CausalToken::default(),
+                now_ms: 1,
+            };
+            tx.blocking_send(WriterCmd::Write {
+                req,
+                partition,
+                tx: reply,
+            })
+            .expect("the writer runs");
+            answer.blocking_recv().expect("an answer")
+        };
+        let has = |key: &str| {
+            store
+                .read()
+                .and_then(|r| r.get(slot_of(key), key))
+                .expect("read")
+                .is_some()
+        };
+        write("a").expect("healthy");
+
+        // A refused append: not applied, retryable, and the writer degrades.
+        store.inject_append_failure();
+        let e = write("b").expect_err("the disk refuses it");
+        assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+        assert!(e.message.contains("disk refuses writes"), "{e:?}");
+        assert!(disk_rx.borrow().is_some(), "the fault is published");
+        let e = write("c").expect_err("refused while degraded");
+        assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+        wait_healed(&disk_rx);
+        write("d").expect("healed");
+        assert!(!has("b") && !has("c"));
+
+        // A commit whose outcome is unknown: the reopen replays it, and the writer's
+        // state follows (the next write gets the next dot, not the unknown one's).
+        store.inject_commit_failure();
+        let e = write("e").expect_err("the commit failed");
+        assert_eq!(e.kind, ErrorKind::OutcomeUnknown, "{e:?}");
+        wait_healed(&disk_rx);
+        assert!(has("e"), "the replay applied it");
+        write("f").expect("healed");
+        let applied = replica_rx
+            .borrow()
+            .as_ref()
+            .map(|s| s.applied.get(id))
+            .expect("published");
+        assert_eq!(applied, 4, "a, d, e and f, each its own dot");
+        tx.blocking_send(WriterCmd::Stop).expect("stop");
+        thread.join().expect("the writer ends");
     }
 
     #[test]

@@ -136,6 +136,17 @@ impl Cluster {
         Cluster::start_full(test_id, n, spares, k, DEFAULT_SECRET, env).await
     }
 
+    /// Like [`Cluster::start`], with the data directory of some nodes given: `dirs` holds
+    /// `(node index, directory)` pairs (e.g. a directory on a small file system).
+    pub async fn start_with_data_dirs(
+        test_id: u8,
+        n: usize,
+        k: usize,
+        dirs: &[(usize, PathBuf)],
+    ) -> Cluster {
+        Cluster::start_full_with_dirs(test_id, n, 0, k, DEFAULT_SECRET, &[], dirs).await
+    }
+
     async fn start_full(
         test_id: u8,
         n: usize,
@@ -143,6 +154,18 @@ impl Cluster {
         k: usize,
         secret: &str,
         env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::start_full_with_dirs(test_id, n, spares, k, secret, env, &[]).await
+    }
+
+    async fn start_full_with_dirs(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        k: usize,
+        secret: &str,
+        env: &[(&str, &str)],
+        dirs: &[(usize, PathBuf)],
     ) -> Cluster {
         assert!(
             (1..=250).contains(&(n + spares)),
@@ -164,7 +187,11 @@ impl Cluster {
             .map(|(i, addr)| Node {
                 addr: addr.clone(),
                 initial: i < n,
-                data_dir: tmp.path().join(format!("node{i}")),
+                data_dir: dirs
+                    .iter()
+                    .find(|(d, _)| *d == i)
+                    .map(|(_, dir)| dir.clone())
+                    .unwrap_or_else(|| tmp.path().join(format!("node{i}"))),
                 log_path: tmp.path().join(format!("node{i}.log")),
                 child: Mutex::new(None),
                 starts: Mutex::new(0),
@@ -362,6 +389,47 @@ impl Cluster {
                 panic!(
                     "node {i} ({}) not ready within the deadline\n{}",
                     node.addr,
+                    self.log_tail(i)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The data directory of node `i`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].data_dir.clone()
+    }
+
+    /// The whole log of node `i` (every start of it).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read(&self.nodes[i].log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Starts node `i` when it is expected to refuse to start: waits (up to `limit`) for
+    /// the process to exit, and returns its exit status. Panics if it is still running
+    /// then.
+    pub async fn start_expecting_exit(
+        &self,
+        i: usize,
+        limit: Duration,
+    ) -> std::process::ExitStatus {
+        self.spawn(i);
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let mut guard = lock(&self.nodes[i].child);
+                let child = guard.as_mut().expect("spawned above");
+                if let Ok(Some(status)) = child.try_wait() {
+                    guard.take();
+                    return status;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {i} still runs {limit:?} after its start, expected it to exit\n{}",
                     self.log_tail(i)
                 );
             }
