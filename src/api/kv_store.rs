@@ -27,9 +27,12 @@
 //! another configuration, 404 for removing a non-member, 503 for an unreachable node or
 //! a change that cannot complete now.
 //!
-//! Form fields are percent-decoded as `application/x-www-form-urlencoded` says
-//! (malformed escapes are kept as they are); a name or value that is not UTF-8 once
-//! decoded is refused with 400 naming the field, never stored altered.
+//! Every request is admitted through the node's client gate (`api::body`): its body is
+//! read first, at most [`MAX_BODY_BYTES`] (413, at once when `Content-Length` says so)
+//! within [`body::BODY_TIMEOUT`] (408), and only then does it take one of the node's in-flight
+//! permits. Form fields are percent-decoded as `application/x-www-form-urlencoded`
+//! says (malformed escapes are kept as they are); a name or value that is not UTF-8
+//! once decoded is refused with 400 naming the field, never stored altered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,12 +44,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
-use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
+use crate::api::body::{self, Limits};
 use crate::error::{Error, ErrorKind};
 use crate::placement::{parse_addr, Change, Role};
 use crate::rpc::WriteReply;
@@ -55,9 +57,14 @@ use crate::server::{Node, MAX_VALUE_BYTES};
 /// Largest request body accepted. Percent-encoding can triple a value's size, so this
 /// leaves room for a [`MAX_VALUE_BYTES`] value (2 MiB) however it is encoded.
 pub const MAX_BODY_BYTES: usize = 3 * MAX_VALUE_BYTES + 64 * 1024;
-/// How long a client may take to send its body; a trickling client would otherwise
-/// hold one of the [`MAX_CLIENT_REQUESTS`] slots for ever.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// What this dialect allows a request body: [`MAX_BODY_BYTES`], within
+/// [`body::BODY_TIMEOUT`].
+const BODY_LIMITS: Limits = Limits {
+    max_bytes: MAX_BODY_BYTES,
+    deadline: body::BODY_TIMEOUT,
+};
+/// Longest field name quoted back in an error.
+const QUOTED_NAME_CHARS: usize = 64;
 /// Names under `/kv-store/` that are endpoints; they cannot be used as keys.
 const RESERVED: [&str; 4] = [
     "get_partition_id",
@@ -67,11 +74,6 @@ const RESERVED: [&str; 4] = [
 ];
 /// Longest key accepted.
 pub const MAX_KEY_CHARS: usize = 200;
-/// Longest field name quoted back in an error.
-const QUOTED_NAME_CHARS: usize = 64;
-/// Client requests handled at once; more wait on their connection (backpressure). With
-/// [`MAX_BODY_BYTES`] this bounds request bodies in memory to 2 GiB at the very worst.
-pub const MAX_CLIENT_REQUESTS: usize = 256;
 
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
@@ -91,9 +93,6 @@ pub fn router() -> Router<Arc<Node>> {
                 .delete(empty_key)
                 .fallback(method_not_allowed),
         )
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            MAX_CLIENT_REQUESTS,
-        ))
 }
 
 /// The one place where errors become status codes in this dialect.
@@ -134,41 +133,34 @@ pub async fn unknown_path() -> Response {
     error_response(Error::new(ErrorKind::NotFound, "no such endpoint"))
 }
 
-/// Form fields from the query string and the body (the body wins).
-async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, String>, Error> {
-    use http_body::Body as _;
-    if query.is_none() && body.is_end_stream() {
-        // A bare GET: no timer to arm, no body to collect, nothing to parse.
-        return Ok(HashMap::new());
-    }
-    let collected =
-        tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect())
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
-                )
-            })?;
-    let bytes = match collected {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            ))
-        }
-        Err(e) => {
-            return Err(Error::bad_request(format!(
-                "could not read the request body: {e}"
-            )))
-        }
-    };
+/// A request past the node's gate (`api::body`): its form fields, the body budget they
+/// stand for and its in-flight permit, all held until the request is answered.
+struct Admitted {
+    fields: HashMap<String, String>,
+    _budget: body::Lease<'static>,
+    _in_flight: body::InFlight<'static>,
+}
+
+/// Reads the body (bounded in size, time and node-wide memory), parses the form fields
+/// of the query string and the body (the body wins), and only then waits for a permit
+/// of the in-flight limit. A bare GET takes only the permit.
+async fn admit(query: Option<String>, body: Body) -> Result<Admitted, Error> {
+    let gate = &body::CLIENTS;
+    let buffered = gate.read(body, BODY_LIMITS).await?;
     let mut fields = HashMap::new();
-    for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
-        parse_form(source, &mut fields)?;
+    if let Some(query) = &query {
+        parse_form(query.as_bytes(), &mut fields)?;
     }
-    Ok(fields)
+    parse_form(buffered.bytes(), &mut fields)?;
+    // The fields are no larger than the body (decoding only shrinks), so the body's
+    // budget stands for them.
+    let budget = buffered.into_lease();
+    let in_flight = gate.enter().await;
+    Ok(Admitted {
+        fields,
+        _budget: budget,
+        _in_flight: in_flight,
+    })
 }
 
 /// Adds the pairs of the form-encoded `source` to `fields`, decoded as
@@ -343,7 +335,8 @@ async fn get_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let fields = form(query, body).await?;
+        let request = admit(query, body).await?;
+        let fields = &request.fields;
         match name.as_str() {
             "get_partition_id" => {
                 let view = view_of(&node)?;
@@ -399,9 +392,10 @@ async fn put_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let mut fields = form(query, body).await?;
+        let mut request = admit(query, body).await?;
+        let fields = &mut request.fields;
         if name == "update_view" {
-            return update_view(&node, &fields).await;
+            return update_view(&node, fields).await;
         }
         check_key(&name)?;
         if RESERVED.contains(&name.as_str()) {
@@ -433,7 +427,8 @@ async fn delete_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let fields = form(query, body).await?;
+        let request = admit(query, body).await?;
+        let fields = &request.fields;
         check_key(&name)?;
         if RESERVED.contains(&name.as_str()) {
             return Ok(method_not_allowed().await);
