@@ -16,6 +16,8 @@
 //!   (`proto/h1/conn.rs::poll_read_head`), so it closes idle connections as well as
 //!   ones that stall, or trickle, mid-header. Bodies have their own deadline
 //!   (`api::body::BODY_TIMEOUT`).
+//! * **The size of a head**: [`MAX_HEAD_BYTES`], which is also what hyper buffers for a
+//!   connection at most.
 //! * **Time a response write may stall**: [`WRITE_STALL_TIMEOUT`]. A client that stops
 //!   reading its response would otherwise hold the connection and the response for
 //!   ever. A client that reads slowly but steadily is not cut off.
@@ -25,9 +27,15 @@
 //! closed. Each request carries its peer's address (`ConnectInfo<SocketAddr>`), which the
 //! internal endpoint checks.
 //!
-//! Caveat: the connection cap is one pool for clients and peers alike. Someone able to
-//! open [`MAX_CONNECTIONS`] connections can keep peers' calls waiting until the idle
-//! timeout closes them; a per-address cap would be the next step.
+//! Caveats:
+//!
+//! * The connection cap is one pool for clients and peers alike. Someone able to open
+//!   [`MAX_CONNECTIONS`] connections can keep peers' calls waiting until the idle timeout
+//!   closes them; a per-address cap would be the next step.
+//! * hyper allocates and registers the head timer afresh for every request (about a
+//!   thousand instructions, a few per cent of a GET's cost in `bench/callgrind.sh`).
+//! * The internal endpoint reads its body with its own size limit but without the
+//!   client gate's deadline and budget.
 
 use std::future::Future;
 use std::io;
@@ -84,6 +92,14 @@ pub const IDLE_TIMEOUT_ENV: &str = "KVS_IDLE_TIMEOUT_MS";
 /// to send its next request, and even a 4 MiB sync page over a slow link makes progress
 /// far more often.
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (request line and headers) accepted; hyper answers 431 past
+/// it. It is also about the most hyper buffers for a connection (its `max_buf_size`,
+/// which a read can overshoot by what one read brings), so heads being received hold
+/// about 64 KiB × [`MAX_CONNECTIONS`] (640 MiB) at most however slowly they come, where
+/// hyper's default (~400 KiB, unchecked until a head fails to parse) allowed 4 GiB. Real heads are a few hundred
+/// bytes; 64 KiB leaves room for long query strings, and bodies are still read 64 KiB
+/// per system call.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause of the accept loop after an error that is not one connection's own (out of file
 /// descriptors, say): retrying at once would spin, and waiting lets connections close.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(250);
@@ -109,7 +125,9 @@ pub async fn serve(
     let app = router(node);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout());
+        .header_read_timeout(idle_timeout())
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES);
     let cap = connection_cap();
     tracing::debug!(cap, idle = ?idle_timeout(), "accepting connections");
     let slots = Arc::new(Semaphore::new(cap));
