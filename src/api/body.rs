@@ -37,11 +37,13 @@
 //!
 //! * A body's budget is taken as its bytes arrive, not reserved up front, so large
 //!   bodies arriving together while the budget is spent wait on each other until some
-//!   finish or time out (408); the budget is sized for dozens of maximum-size bodies so
+//!   finish or time out (408); the budget is sized for twenty maximum-size bodies so
 //!   that this takes a deliberate flood.
 //! * A body that comes in several chunks is copied into one buffer, whose capacity (at
-//!   most twice what arrived, or the allocator's 8-byte minimum) is what it is charged
-//!   for.
+//!   most twice what arrived) is what it is charged for, before it grows. A chunk is
+//!   already in memory when it is charged (hyper has read it): a read waiting for budget
+//!   holds one such chunk, at most what hyper reads at once (`MAX_HEAD_BYTES` in
+//!   `server/http.rs`, 64 KiB), outside the budget.
 //! * The budget covers request bodies and the dialect's parse of them, not copies made
 //!   further down (the value handed to storage and replication), which the in-flight
 //!   limit and the writer's queue bound.
@@ -218,36 +220,38 @@ impl Gate {
                 continue;
             }
             let held = first.as_ref().map_or(0, Bytes::len) + joined.len();
-            if held + data.len() > max {
+            let need = held + data.len();
+            if need > max {
                 return Err(too_large);
             }
-            // Charge for what this chunk makes the request hold: the chunk itself while
-            // it is the only one, then the capacity of the buffer the chunks are joined in.
-            let charge = match first.take() {
-                None if joined.is_empty() => {
-                    first = Some(data);
-                    held + first.as_ref().map_or(0, Bytes::len)
-                }
-                taken => {
-                    let before = joined.capacity();
-                    let need = held + data.len();
-                    if need > before {
-                        // Doubling, but never past the limit: at most twice what arrived.
-                        let target = need.max(2 * before).min(max);
-                        joined.reserve_exact(target - joined.len());
-                    }
-                    if let Some(first) = taken {
-                        joined.extend_from_slice(&first);
-                    }
-                    joined.extend_from_slice(&data);
-                    joined.capacity()
-                }
+            // What the request holds once this chunk is kept: the chunk itself while it is
+            // the only one, then the capacity of the buffer the chunks are joined in
+            // (doubled as it fills, never past the limit: at most twice what arrived).
+            // Charged before the buffer grows.
+            let (charge, grow_to) = if held == 0 {
+                (data.len(), None)
+            } else if need > joined.capacity() {
+                let target = need.max(2 * joined.capacity()).min(max);
+                (target, Some(target))
+            } else {
+                (joined.capacity(), None)
             };
             let more = charge.saturating_sub(lease.bytes());
             if more > 0 {
                 self.take_budget(&mut lease, more, &mut timer, deadline)
                     .await
                     .map_err(|()| timeout.clone())?;
+            }
+            if held == 0 {
+                first = Some(data);
+            } else {
+                if let Some(target) = grow_to {
+                    joined.reserve_exact(target - joined.len());
+                }
+                if let Some(only) = first.take() {
+                    joined.extend_from_slice(&only);
+                }
+                joined.extend_from_slice(&data);
             }
             if body.is_end_stream() {
                 break;
