@@ -27,6 +27,13 @@
 //! another configuration, 404 for removing a non-member, 503 for an unreachable node or
 //! a change that cannot complete now, 401 for an `update_view` without the admin token
 //! when the node has one (`ADMIN_TOKEN`, sent as `Authorization: Bearer <token>`).
+//!
+//! Every request is admitted through the node's client gate (`api::body`): its body is
+//! read first, at most [`MAX_BODY_BYTES`] (413, at once when `Content-Length` says so)
+//! within [`body::BODY_TIMEOUT`] (408), and only then does it take one of the node's in-flight
+//! permits. Form fields are percent-decoded as `application/x-www-form-urlencoded`
+//! says (malformed escapes are kept as they are); a name or value that is not UTF-8
+//! once decoded is refused with 400 naming the field, never stored altered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,12 +45,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
-use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
+use crate::api::body::{self, Limits};
 use crate::error::{Error, ErrorKind};
 use crate::placement::{parse_addr, Change, Role};
 use crate::rpc::WriteReply;
@@ -52,9 +58,14 @@ use crate::server::{Node, MAX_VALUE_BYTES};
 /// Largest request body accepted. Percent-encoding can triple a value's size, so this
 /// leaves room for a [`MAX_VALUE_BYTES`] value (2 MiB) however it is encoded.
 pub const MAX_BODY_BYTES: usize = 3 * MAX_VALUE_BYTES + 64 * 1024;
-/// How long a client may take to send its body; a trickling client would otherwise
-/// hold one of the [`MAX_CLIENT_REQUESTS`] slots for ever.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// What this dialect allows a request body: [`MAX_BODY_BYTES`], within
+/// [`body::BODY_TIMEOUT`].
+const BODY_LIMITS: Limits = Limits {
+    max_bytes: MAX_BODY_BYTES,
+    deadline: body::BODY_TIMEOUT,
+};
+/// Longest field name quoted back in an error.
+const QUOTED_NAME_CHARS: usize = 64;
 /// Names under `/kv-store/` that are endpoints; they cannot be used as keys.
 const RESERVED: [&str; 4] = [
     "get_partition_id",
@@ -64,9 +75,6 @@ const RESERVED: [&str; 4] = [
 ];
 /// Longest key accepted.
 pub const MAX_KEY_CHARS: usize = 200;
-/// Client requests handled at once; more wait on their connection (backpressure). With
-/// [`MAX_BODY_BYTES`] this bounds request bodies in memory to 2 GiB at the very worst.
-pub const MAX_CLIENT_REQUESTS: usize = 256;
 
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
@@ -86,9 +94,6 @@ pub fn router() -> Router<Arc<Node>> {
                 .delete(empty_key)
                 .fallback(method_not_allowed),
         )
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            MAX_CLIENT_REQUESTS,
-        ))
 }
 
 /// The one place where errors become status codes in this dialect.
@@ -132,65 +137,86 @@ pub async fn unknown_path() -> Response {
     error_response(Error::new(ErrorKind::NotFound, "no such endpoint"))
 }
 
-/// Form fields from the query string and the body (the body wins).
-async fn form(query: Option<String>, body: Body) -> Result<HashMap<String, String>, Error> {
-    use http_body::Body as _;
-    if query.is_none() && body.is_end_stream() {
-        // A bare GET: no timer to arm, no body to collect, nothing to parse.
-        return Ok(HashMap::new());
-    }
-    let collected =
-        tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect())
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
-                )
-            })?;
-    let bytes = match collected {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            ))
-        }
-        Err(e) => {
-            return Err(Error::bad_request(format!(
-                "could not read the request body: {e}"
-            )))
-        }
-    };
-    // Percent-decoding never fails: malformed escapes stay as they are and invalid UTF-8
-    // becomes U+FFFD, as browsers and serde_urlencoded do.
+/// A request past the node's gate (`api::body`): its form fields, the body budget they
+/// stand for and its in-flight permit, all held until the request is answered.
+struct Admitted {
+    fields: HashMap<String, String>,
+    _budget: body::Lease<'static>,
+    _in_flight: body::InFlight<'static>,
+}
+
+/// Reads the body (bounded in size, time and node-wide memory), parses the form fields
+/// of the query string and the body (the body wins), and only then waits for a permit
+/// of the in-flight limit. A bare GET takes only the permit.
+async fn admit(query: Option<String>, body: Body) -> Result<Admitted, Error> {
+    let gate = &body::CLIENTS;
+    let buffered = gate.read(body, BODY_LIMITS).await?;
     let mut fields = HashMap::new();
-    for source in [query.unwrap_or_default().as_bytes(), &bytes[..]] {
-        parse_form(source, &mut fields);
+    if let Some(query) = &query {
+        parse_form(query.as_bytes(), &mut fields)?;
     }
-    Ok(fields)
+    parse_form(buffered.bytes(), &mut fields)?;
+    // The fields are no larger than the body (decoding only shrinks), so the body's
+    // budget stands for them.
+    let budget = buffered.into_lease();
+    let in_flight = gate.enter().await;
+    Ok(Admitted {
+        fields,
+        _budget: budget,
+        _in_flight: in_flight,
+    })
 }
 
 /// Adds the pairs of the form-encoded `source` to `fields`, decoded as
-/// `form_urlencoded::parse` decodes them (a later pair wins).
-fn parse_form(source: &[u8], fields: &mut HashMap<String, String>) {
-    if source.iter().any(|&b| b == b'%' || b == b'+') {
-        fields
-            .extend(form_urlencoded::parse(source).map(|(k, v)| (k.into_owned(), v.into_owned())));
-        return;
-    }
-    // Nothing to decode, the common case (`val=` and plain characters): only split,
-    // which is several times cheaper than decoding byte by byte.
+/// `form_urlencoded::parse` decodes them (a later pair wins; malformed escapes stay as
+/// they are), except that a name or value that is not UTF-8 once decoded is refused
+/// (400, naming the field) rather than altered.
+fn parse_form(source: &[u8], fields: &mut HashMap<String, String>) -> Result<(), Error> {
     for pair in source.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &[][..]),
         };
-        fields.insert(
-            String::from_utf8_lossy(k).into_owned(),
-            String::from_utf8_lossy(v).into_owned(),
-        );
+        let name = decode(name).ok_or_else(|| {
+            let shown: String = String::from_utf8_lossy(name)
+                .chars()
+                .take(QUOTED_NAME_CHARS)
+                .collect();
+            Error::bad_request(format!(
+                "a form field name is not valid UTF-8 once percent-decoded: {shown:?}"
+            ))
+        })?;
+        let value = decode(value).ok_or_else(|| {
+            let shown: String = name.chars().take(QUOTED_NAME_CHARS).collect();
+            Error::bad_request(format!(
+                "form field {shown:?} is not valid UTF-8 once percent-decoded"
+            ))
+        })?;
+        fields.insert(name, value);
     }
+    Ok(())
+}
+
+/// One form-encoded name or value: `+` is a space, `%XX` a byte (malformed escapes stay
+/// as they are); `None` when the result is not UTF-8.
+fn decode(raw: &[u8]) -> Option<String> {
+    if !raw.iter().any(|&b| b == b'%' || b == b'+') {
+        // Nothing to decode, the common case (`val=` and plain characters): only
+        // validate, which is several times cheaper than decoding byte by byte.
+        return std::str::from_utf8(raw).ok().map(str::to_owned);
+    }
+    let spaced: std::borrow::Cow<'_, [u8]> = if raw.contains(&b'+') {
+        raw.iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        raw.into()
+    };
+    percent_encoding::percent_decode(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// The key (or endpoint name) from the path, with the dialect's error envelope when the
@@ -318,7 +344,8 @@ async fn get_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let fields = form(query, body).await?;
+        let request = admit(query, body).await?;
+        let fields = &request.fields;
         match name.as_str() {
             "get_partition_id" => {
                 let view = view_of(&node)?;
@@ -377,10 +404,11 @@ async fn put_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let mut fields = form(query, body).await?;
+        let mut request = admit(query, body).await?;
+        let fields = &mut request.fields;
         if name == "update_view" {
             node.authorize_admin(super::admin_credential(&headers))?;
-            return update_view(&node, &fields).await;
+            return update_view(&node, fields).await;
         }
         check_key(&name)?;
         if RESERVED.contains(&name.as_str()) {
@@ -414,7 +442,8 @@ async fn delete_endpoint(
 ) -> Response {
     let result = async {
         let name = path_name(path)?;
-        let fields = form(query, body).await?;
+        let request = admit(query, body).await?;
+        let fields = &request.fields;
         check_key(&name)?;
         if RESERVED.contains(&name.as_str()) {
             return Ok(method_not_allowed().await);
@@ -481,7 +510,11 @@ async fn update_view(
 mod tests {
     use super::*;
 
-    /// The split-only fast path decodes forms exactly as form_urlencoded does.
+    /// Forms decode exactly as form_urlencoded decodes them, on the split-only fast path
+    /// and through percent-decoding alike, when every field is UTF-8 once decoded; any
+    /// field that is not is an error. This alphabet cannot spell U+FFFD (its escapes
+    /// decode to `"`, `*`, 0xa2 and 0xaa), so a U+FFFD in form_urlencoded's lossy
+    /// output marks exactly the forms that must be refused.
     #[test]
     fn forms_parse_as_form_urlencoded_parses_them() {
         use proptest::prelude::*;
@@ -493,16 +526,50 @@ mod tests {
             Just(b'2'),
             Just(b'a'),
             Just(0xc3u8),
+            Just(0xa9u8),
             Just(0xffu8),
         ];
         proptest!(|(source in proptest::collection::vec(alphabet, 0..24))| {
-            let mut fast = HashMap::new();
-            parse_form(&source, &mut fast);
-            let slow: HashMap<String, String> = form_urlencoded::parse(&source)
+            let mut parsed = HashMap::new();
+            let result = parse_form(&source, &mut parsed);
+            let pairs: Vec<(String, String)> = form_urlencoded::parse(&source)
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
-            prop_assert_eq!(fast, slow);
+            if pairs.iter().any(|(k, v)| k.contains('\u{fffd}') || v.contains('\u{fffd}')) {
+                let e = result.expect_err("a form with invalid UTF-8 must be refused");
+                prop_assert_eq!(e.kind, ErrorKind::BadRequest);
+            } else {
+                prop_assert!(result.is_ok(), "{:?}", result);
+                prop_assert_eq!(parsed, pairs.into_iter().collect::<HashMap<_, _>>());
+            }
         });
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_field_is_refused_naming_the_field() {
+        for source in [
+            &b"val=\xff"[..],
+            b"causal_payload=&val=%FF",
+            b"val=caf%C3",
+            b"val=\xc3+",
+        ] {
+            let e = parse_form(source, &mut HashMap::new()).expect_err("refused");
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains("\"val\""), "{}", e.message);
+        }
+        let e = parse_form(b"v%FFl=1", &mut HashMap::new()).expect_err("refused");
+        assert!(e.message.contains("name"), "{}", e.message);
+        let mut fields = HashMap::new();
+        parse_form(
+            "val=caf\u{e9}&x=caf%C3%A9+%EF%BF%BD".as_bytes(),
+            &mut fields,
+        )
+        .expect("valid UTF-8");
+        assert_eq!(fields["val"], "caf\u{e9}");
+        assert_eq!(fields["x"], "caf\u{e9} \u{fffd}");
+        // Malformed escapes are left as they are, as before.
+        parse_form(b"val=%zz%2", &mut fields).expect("malformed escapes are kept");
+        assert_eq!(fields["val"], "%zz%2");
     }
 
     /// The hand-written key answer is byte for byte what serde_json writes for the same
