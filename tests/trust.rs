@@ -159,6 +159,9 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
                 "{what} to {target} as {claimed} from {from_ip}: {a:?}"
             );
             assert!(a.response.is_none(), "{what}: answered {a:?}");
+            if i == 0 {
+                println!("{what}... as {claimed} from {from_ip}: {}", a.status);
+            }
         }
         // A forged key delivery is refused (no request of the node quotes it) ...
         let a = attack(
@@ -197,6 +200,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
         }
     }
 
+    println!("forged key delivery and key requests: refused, nothing handed out");
     // Nothing changed: same views, every key with its value on every node, the
     // honest client's token still good, no node removed itself.
     assert_eq!(futures_join(c).await, epoch_before, "views changed");
@@ -215,6 +219,10 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
     // The cluster still works for honest clients.
     client.write(1, "after_attack", "fine").await;
     assert_eq!(client.read(2, "after_attack").await, "fine");
+    println!(
+        "after the attacks: same views, all {} keys on all 3 nodes, writes still work",
+        keys.len()
+    );
 }
 
 /// `(epoch, members)` of every node.
@@ -273,6 +281,9 @@ async fn tokens_of_a_wiped_and_reformed_cluster_and_forged_tokens_are_refused() 
         for i in 0..3 {
             let (status, body) = c.put(i, "k2", "v", &forged).await;
             assert_eq!(status, 400, "forged token at node {i}: {body}");
+            if i == 0 {
+                println!("token forged with the old derivable key: {status} {body}");
+            }
             let (status, body) = c.get(i, "k", &forged).await;
             assert_eq!(status, 400, "forged token at node {i}: {body}");
         }
@@ -287,6 +298,9 @@ async fn tokens_of_a_wiped_and_reformed_cluster_and_forged_tokens_are_refused() 
         for i in 0..3 {
             let (status, body) = c.get(i, "k", &old_token).await;
             assert_eq!(status, 400, "old token at node {i}: {body}");
+            if i == 0 {
+                println!("token of the wiped cluster, GET at the re-formed one: {status} {body}");
+            }
             common::assert_error(&body);
             let (status, body) = c.put(i, "k", "v2", &old_token).await;
             assert_eq!(status, 400, "old token at node {i}: {body}");
@@ -314,6 +328,7 @@ async fn a_write_depending_on_unobtainable_writes_is_refused_not_stored() {
 
         let (status, body) = carrier.put(1, "second", "b").await;
         assert_eq!(status, 503, "depends on a write only node 0 has: {body}");
+        println!("write depending on a write only a downed replica holds: {status} {body}");
         common::assert_error(&body);
         // Nothing was stored: other clients neither see the write nor inherit its
         // dependency, and keep working on this partition.

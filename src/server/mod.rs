@@ -537,7 +537,9 @@ impl Node {
                 Some(r) => match self.read_local(&view, r, key, &token).await {
                     Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
                         // We could not catch up; a peer may already have what the client saw.
-                        self.forward_get(&view, p, key, token.clone(), true).await
+                        self.forward_get(&view, p, key, token.clone(), true)
+                            .await
+                            .map_err(|other| with_local_reason(&e, other))
                     }
                     other => other,
                 },
@@ -621,6 +623,7 @@ impl Node {
                         {
                             self.forward_put(&view, p, key, value.clone(), token.clone(), true)
                                 .await
+                                .map_err(|other| with_local_reason(&e, other))
                         }
                         other => other,
                     }
@@ -1079,6 +1082,18 @@ impl Node {
             self.addr
         ))
     }
+}
+
+/// The error of a request this replica could not serve and its peers could not either:
+/// both reasons, the local one first (it is usually why the client's request failed).
+fn with_local_reason(local: &Error, peers: Error) -> Error {
+    if peers.kind != ErrorKind::Unavailable {
+        return peers;
+    }
+    Error::unavailable(format!(
+        "{}; and the other replicas could not serve it: {}",
+        local.message, peers.message
+    ))
 }
 
 fn unexpected(resp: &Response) -> Error {
