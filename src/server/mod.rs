@@ -1114,6 +1114,9 @@ mod tests {
         answers: Mutex<BTreeMap<String, Option<Response>>>,
         /// (peer, "get" | "put") of every forwarded client request, in order.
         calls: Mutex<Vec<(String, &'static str)>>,
+        /// Whether heartbeats are answered (so every peer stays alive however slowly a
+        /// test runs); otherwise they find no one.
+        pings: std::sync::atomic::AtomicBool,
     }
 
     impl Transport for Scripted {
@@ -1124,7 +1127,11 @@ mod tests {
                 _ => None,
             };
             let to = to.to_string();
+            let pong = matches!(envelope.body, Request::Ping) && self.pings.load(Ordering::Relaxed);
             Box::pin(async move {
+                if pong {
+                    return Ok(Response::Ok);
+                }
                 let Some(kind) = kind else {
                     return Err(CallError::NotSent(to, "scripted: nobody there".into()));
                 };
@@ -1206,6 +1213,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_write_stops_at_an_unknown_outcome_and_moves_on_after_a_refusal() {
         let (node, transport, view) = proxy_with_silent_replica();
+        // The replicas must stay alive to be asked in turn, however slow this run is.
+        transport.pings.store(true, Ordering::Relaxed);
         let (first, second) = (
             view.partitions[0].replicas[0].clone(),
             view.partitions[0].replicas[1].clone(),
