@@ -154,23 +154,9 @@ async fn a_damaged_replica_refuses_then_rebuilds_from_its_peers() {
         c.set_env("KVS_REBUILD", "1");
         c.restart(2).await;
         c.unset_env("KVS_REBUILD");
-        let dir = c.data_dir(2);
-        let name = dir
-            .file_name()
-            .expect("a name")
-            .to_string_lossy()
-            .into_owned();
-        let aside: Vec<_> = std::fs::read_dir(dir.parent().expect("a parent"))
-            .expect("list")
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{name}.damaged-"))
-            })
-            .collect();
+        let aside = moved_aside(&c.data_dir(2));
         assert_eq!(aside.len(), 1, "one directory moved aside");
-        let kept = std::fs::read(aside[0].path().join("kvs.wal")).expect("the old WAL");
+        let kept = std::fs::read(aside[0].join("kvs.wal")).expect("the old WAL");
         assert_eq!(kept, damaged, "the damaged WAL is kept as it was");
 
         let t0 = Instant::now();

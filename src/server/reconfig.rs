@@ -791,6 +791,17 @@ impl Node {
             PullKey::Move { from } => from,
             PullKey::Copy { uid } => uid,
         };
+        // Data comes only from a replica of that partition in the change's old view,
+        // whoever names the source.
+        if !t
+            .from()
+            .replicas_of(partition)
+            .is_some_and(|r| r.contains(&source))
+        {
+            return Err(Error::bad_request(format!(
+                "{source} is not a replica of the partition {key:?} copies from"
+            )));
+        }
         let req = Request::Snapshot(SnapshotRequest {
             partition,
             epoch: Some(t.from().epoch),
