@@ -63,6 +63,15 @@ pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
+/// Largest internal message accepted from a caller without a valid member proof: the key
+/// exchange, and what a node in no cluster receives before it has a key (statuses,
+/// learns and installs carry one or two views of about 20 KiB each). Anyone can send
+/// these, so they stay small.
+pub const MAX_UNPROVEN_RPC_BYTES: usize = 256 * 1024;
+/// Time an internal message's body may take to arrive: ample for [`MAX_RPC_BYTES`]
+/// between nodes, and a bound on how long a caller that trickles one holds its
+/// connection.
+pub const RPC_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One internal call.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -201,6 +201,20 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
     }
 
     println!("forged key delivery and key requests: refused, nothing handed out");
+    // Without the member proof, a large internal message is not even read.
+    let a = attack(
+        c.addr(0),
+        &outsider,
+        &stranger,
+        secret,
+        Request::Put {
+            key: "big".into(),
+            value: Some(vec![b'x'; 1 << 20]),
+            token: CausalToken::default(),
+        },
+    )
+    .await;
+    assert_eq!(a.status, 413, "{a:?}");
     // Nothing changed: same views, every key with its value on every node, the
     // honest client's token still good, no node removed itself.
     assert_eq!(futures_join(c).await, epoch_before, "views changed");

@@ -399,10 +399,31 @@ async fn rpc_endpoint(
         )
             .into_response();
     }
-    let bytes = match Limited::new(body, rpc::MAX_RPC_BYTES).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
+    // Members' calls may be large (sync pages); anyone else's must be small, and every
+    // body must arrive in time, so that callers without the cluster key hold little
+    // memory and no connection for long.
+    let proof = headers.get(rpc::MEMBER_HEADER).map(|v| v.as_bytes());
+    let limit = if node.proves_membership(proof) {
+        rpc::MAX_RPC_BYTES
+    } else {
+        rpc::MAX_UNPROVEN_RPC_BYTES
+    };
+    let bytes = match tokio::time::timeout(
+        rpc::RPC_BODY_TIMEOUT,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => {
             return (StatusCode::PAYLOAD_TOO_LARGE, "internal message too large").into_response()
+        }
+        Err(_) => {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                "internal message body too slow",
+            )
+                .into_response()
         }
     };
     let env: Envelope = match rpc::decode(&bytes) {
@@ -411,7 +432,6 @@ async fn rpc_endpoint(
             return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
         }
     };
-    let proof = headers.get(rpc::MEMBER_HEADER).map(|v| v.as_bytes());
     match node.admit(&env, proof) {
         Ok(()) => {}
         Err(Refusal::NotAMember(why)) => return (StatusCode::FORBIDDEN, why).into_response(),

@@ -162,6 +162,15 @@ impl Node {
         }
     }
 
+    /// Whether `proof` is this cluster's member proof (false while the node holds no
+    /// key). Decides how large a body the internal endpoint reads before admission.
+    pub fn proves_membership(&self, proof: Option<&[u8]>) -> bool {
+        match (self.keys(), proof) {
+            (Some(keys), Some(p)) => auth::secrets_match(p, keys.proof.as_bytes()),
+            _ => false,
+        }
+    }
+
     /// Whether a call may be handled at all; see the module doc. `proof` is the member
     /// proof the call carried.
     pub fn admit(&self, env: &Envelope, proof: Option<&[u8]>) -> std::result::Result<(), Refusal> {
@@ -176,8 +185,8 @@ impl Node {
             return Ok(());
         }
         match self.keys() {
-            Some(keys) => {
-                if proof.is_some_and(|p| auth::secrets_match(p, keys.proof.as_bytes())) {
+            Some(_) => {
+                if self.proves_membership(proof) {
                     Ok(())
                 } else {
                     Err(Refusal::NotAMember(format!(
