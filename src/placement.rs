@@ -476,14 +476,16 @@ impl View {
                 if !self.is_member(r) {
                     return bad(format!("replica {r} is not a member"));
                 }
-                if self
+                // Counted per listing, not per partition: a partition that names a
+                // replica twice has fewer than K replicas, and `apply` would turn it into
+                // a view with the wrong number of partitions.
+                let listed: usize = self
                     .partitions
                     .iter()
-                    .filter(|q| q.replicas.contains(r))
-                    .count()
-                    != 1
-                {
-                    return bad(format!("{r} is in more than one partition"));
+                    .map(|q| q.replicas.iter().filter(|x| *x == r).count())
+                    .sum();
+                if listed != 1 {
+                    return bad(format!("{r} is listed as a replica {listed} times"));
                 }
             }
         }
@@ -813,6 +815,20 @@ mod tests {
         let mut v = View::bootstrap(addrs(4), 2).expect("valid");
         v.slots[7] = 9;
         assert!(v.check().is_err());
+    }
+
+    /// Found by the `envelope` fuzz target: a view whose partition named one replica
+    /// twice passed `check`, and removing a replica of another partition from it (the
+    /// proxy taking its place) made a view with the wrong number of partitions.
+    #[test]
+    fn a_partition_naming_a_replica_twice_is_inconsistent() {
+        let mut v = View::bootstrap(addrs(6), 2).expect("valid");
+        v.partitions[2].replicas = vec![addr(6), addr(6)];
+        assert!(
+            matches!(v.check(), Err(ViewError::Inconsistent(m)) if m.contains("2 times")),
+            "{:?}",
+            v.check()
+        );
     }
 
     #[test]

@@ -30,8 +30,61 @@ const MAX_INPUT: usize = 64 * 1024;
 const MAX_EDITS: u64 = 8;
 
 /// Inputs that once broke a target (found by the fuzzers; see fuzz/README.md), run before
-/// the mutations: `(target, input)`.
-const REGRESSIONS: &[(&str, &[u8])] = &[];
+/// the mutations: `(target, input)`. Built from values rather than kept as bytes: the
+/// smallest of them carries a view, whose slot table alone is 4 KB.
+fn regressions() -> Vec<(&'static str, Vec<u8>)> {
+    use kvs::clock::{Dot, VersionVector};
+    use kvs::placement::{Change, View};
+    use kvs::replica::{KeyState, Version};
+    use kvs::rpc::{Envelope, Request};
+    let addr = |i: usize| format!("10.0.0.{}:8080", 20 + i);
+    let mut out = Vec::new();
+
+    // `envelope`, cargo fuzz, 2026-12-03: `View::check` passed a view whose partition
+    // named one replica twice (here 6 members, K = 2, partitions [1,2] [3,4] [6,6], 5 a
+    // proxy); removing 2 then made `View::apply` build a view of 3 partitions for 5
+    // members, and its `debug_assert!` panicked. Fixed in `View::check`.
+    let mut view = View::bootstrap((1..=6).map(addr).collect(), 2).expect("view");
+    view.partitions[2].replicas = vec![addr(6), addr(6)];
+    let proposal = kvs::viewchange::Proposal {
+        change: Change::Remove(addr(2)),
+        from: view.clone(),
+        to: view.clone(),
+    };
+    for body in [Request::Learn(proposal), Request::Install(view)] {
+        let env = Envelope {
+            from: addr(1),
+            epoch: 1,
+            body,
+        };
+        out.push(("envelope", kvs::rpc::encode(&env)));
+    }
+
+    // `response`, cargo fuzz, 2026-12-03: a sync page's key state with two versions of
+    // one dot (w1 and w2): merged into an empty state it keeps w2 and y (y supersedes
+    // w1, which superseded p); merged again, p is new and nothing supersedes it. Honest
+    // states never share a dot, so the target now checks idempotence only without.
+    let version = |replica: u64, vv: &[(u64, u64)]| Version {
+        dot: Dot {
+            replica,
+            counter: 1,
+        },
+        vv: vv.iter().copied().collect::<VersionVector>(),
+        deps: Default::default(),
+        timestamp_ms: 1,
+        value: Some(b"v".to_vec()),
+    };
+    let state = KeyState {
+        versions: vec![
+            version(1, &[(1, 1), (2, 1)]), // w1
+            version(1, &[(1, 1), (3, 1)]), // w2
+            version(2, &[(2, 1)]),         // p
+            version(3, &[(3, 1), (1, 1)]), // y
+        ],
+    };
+    out.push(("key_state", postcard::to_stdvec(&state).expect("serialize")));
+    out
+}
 
 /// xorshift64*: tiny, deterministic, good enough to pick edits.
 struct Rng(u64);
@@ -169,7 +222,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// Runs `target` on its regressions, its seeds and the mutations; prints the counts.
 fn fuzz_target(target: &str) {
     let started = std::time::Instant::now();
-    for (_, input) in REGRESSIONS.iter().filter(|(t, _)| *t == target) {
+    let regressions: Vec<Vec<u8>> = regressions()
+        .into_iter()
+        .filter(|(t, _)| *t == target)
+        .map(|(_, input)| input)
+        .collect();
+    for input in &regressions {
         assert!(fuzz::run(target, input));
     }
     let seeds = fuzz::seeds(target);
@@ -199,7 +257,7 @@ fn fuzz_target(target: &str) {
         }
     }
     let decoded = fuzz::take_decoded();
-    let regressions = REGRESSIONS.iter().filter(|(t, _)| *t == target).count();
+    let regressions = regressions.len();
     println!(
         "fuzz {target}: {} inputs ({regressions} regressions, {} seeds, {inputs} mutations \
          of {bytes} bytes, {decoded} of them decoded) in {:.1?}",
@@ -334,4 +392,21 @@ fn write_seed_corpus() {
             std::fs::write(dir.join(format!("seed-{i:02}")), seed).expect("seed file");
         }
     }
+}
+
+/// Replays one input through one target in a debug build:
+/// `KVS_FUZZ_REPLAY=TARGET:FILE cargo test --test fuzz replay -- --ignored --nocapture`
+/// (an artifact of `fuzz/`, say, with a full backtrace under `RUST_BACKTRACE=1`).
+#[test]
+#[ignore = "replays the input KVS_FUZZ_REPLAY names"]
+fn replay() {
+    let Some(spec) = std::env::var("KVS_FUZZ_REPLAY").ok() else {
+        panic!("set KVS_FUZZ_REPLAY=TARGET:FILE");
+    };
+    let Some((target, file)) = spec.split_once(':') else {
+        panic!("KVS_FUZZ_REPLAY is TARGET:FILE, not {spec:?}");
+    };
+    let input = std::fs::read(file).expect("read the input");
+    assert!(fuzz::run(target, &input), "no target {target:?}");
+    println!("{target}: {} bytes ran without a finding", input.len());
 }
