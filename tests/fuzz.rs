@@ -60,6 +60,31 @@ fn regressions() -> Vec<(&'static str, Vec<u8>)> {
         out.push(("envelope", kvs::rpc::encode(&env)));
     }
 
+    // `envelope`, hand-made while reading `View::apply`, 2026-12-03: a base view whose
+    // epoch (or partition-uid counter, for a change that forms a partition) is at its
+    // maximum made `apply` overflow, which panics where overflow checks are on (debug
+    // builds, `cargo fuzz`). Fixed in `View::apply`.
+    let mut view = View::bootstrap((1..=5).map(addr).collect(), 2).expect("view");
+    view.epoch = u64::MAX;
+    let mut full = View::bootstrap((1..=5).map(addr).collect(), 2).expect("view");
+    full.next_uid = u32::MAX;
+    for (from, change) in [
+        (view, Change::Remove(addr(5))),
+        (full, Change::Add(addr(6))),
+    ] {
+        let proposal = kvs::viewchange::Proposal {
+            change,
+            from: from.clone(),
+            to: from,
+        };
+        let env = Envelope {
+            from: addr(1),
+            epoch: 1,
+            body: Request::Learn(proposal),
+        };
+        out.push(("envelope", kvs::rpc::encode(&env)));
+    }
+
     // `response`, cargo fuzz, 2026-12-03: a sync page's key state with two versions of
     // one dot (w1 and w2): merged into an empty state it keeps w2 and y (y supersedes
     // w1, which superseded p); merged again, p is new and nothing supersedes it. Honest
