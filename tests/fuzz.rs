@@ -19,9 +19,9 @@ use kvs::fuzz;
 #[global_allocator]
 static ALLOC: fuzz::CountingAlloc = fuzz::CountingAlloc;
 
-/// Mutated inputs per target by default: the slowest target (`envelope`, whose seeds
-/// carry views of 4,096 slots) runs them in about ten seconds in a debug build on the
-/// project's 2-core machine, alongside the others.
+/// Mutated inputs per target by default: the slowest targets (`envelope`, whose seeds
+/// carry views of 4,096 slots, and `wal`, which scans each file three times) run them in
+/// 2-5 s in a debug build on the project's 2-core machine, alongside the others.
 const DEFAULT_INPUTS: u64 = 10_000;
 /// Largest input the mutator makes: above the largest seed (a view change envelope,
 /// about 9 KB), small enough that quadratic checks stay fast.
