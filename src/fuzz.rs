@@ -1226,7 +1226,10 @@ fn wal_files() -> Vec<Vec<u8>> {
             }
         }
         drop(wal);
-        let bytes = std::fs::read(&path).unwrap_or_default();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("reading the seed WAL {}: {e}", path.display()),
+        };
         let _ = std::fs::remove_file(&path);
         bytes
     };
