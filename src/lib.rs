@@ -23,6 +23,8 @@ pub mod bench;
 pub mod clock;
 pub mod cluster;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod local;
 pub mod placement;
 pub mod replica;

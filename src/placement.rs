@@ -150,6 +150,10 @@ pub enum ChangeError {
         "removing {addr} would leave {n} nodes, fewer than K = {k}: no partition could hold the data"
     )]
     TooFewNodes { addr: String, n: usize, k: usize },
+    /// The view's epoch or partition-uid counter is at its maximum (no real cluster gets
+    /// there; a view from a broken peer or disk may say so).
+    #[error("the view's {0} counter is at its maximum: no view can follow it")]
+    Exhausted(&'static str),
 }
 
 /// Parses and normalizes an `ip:port` address (`10.0.0.1:8080`, `[::1]:8080`).
@@ -476,14 +480,16 @@ impl View {
                 if !self.is_member(r) {
                     return bad(format!("replica {r} is not a member"));
                 }
-                if self
+                // Counted per listing, not per partition: a partition that names a
+                // replica twice has fewer than K replicas, and `apply` would turn it into
+                // a view with the wrong number of partitions.
+                let listed: usize = self
                     .partitions
                     .iter()
-                    .filter(|q| q.replicas.contains(r))
-                    .count()
-                    != 1
-                {
-                    return bad(format!("{r} is in more than one partition"));
+                    .map(|q| q.replicas.iter().filter(|x| *x == r).count())
+                    .sum();
+                if listed != 1 {
+                    return bad(format!("{r} is listed as a replica {listed} times"));
                 }
             }
         }
@@ -570,7 +576,12 @@ impl View {
     /// The view that follows this one after `change` (epoch + 1). See the module doc.
     pub fn apply(&self, change: &Change) -> Result<View, ChangeError> {
         let mut next = self.clone();
-        next.epoch += 1;
+        // Checked: a view from a peer or the disk may carry any counter (`check` does
+        // not bound them), and an overflow would panic where overflow checks are on.
+        next.epoch = self
+            .epoch
+            .checked_add(1)
+            .ok_or(ChangeError::Exhausted("epoch"))?;
         match change {
             Change::Add(addr) => {
                 if self.is_member(addr) {
@@ -583,7 +594,10 @@ impl View {
                         uid: next.next_uid,
                         replicas: proxies[..next.k].to_vec(),
                     });
-                    next.next_uid += 1;
+                    next.next_uid = next
+                        .next_uid
+                        .checked_add(1)
+                        .ok_or(ChangeError::Exhausted("partition uid"))?;
                     rebalance(&mut next.slots, &next.partitions);
                 }
             }
@@ -813,6 +827,42 @@ mod tests {
         let mut v = View::bootstrap(addrs(4), 2).expect("valid");
         v.slots[7] = 9;
         assert!(v.check().is_err());
+    }
+
+    /// Found by the `envelope` fuzz target on a hand-made input: counters at their
+    /// maximum made `apply` overflow (a panic where overflow checks are on).
+    #[test]
+    fn apply_refuses_to_overflow_the_counters() {
+        let mut v = View::bootstrap(addrs(5), 2).expect("valid");
+        v.epoch = u64::MAX;
+        assert_eq!(
+            v.apply(&Change::Remove(addr(5))),
+            Err(ChangeError::Exhausted("epoch"))
+        );
+        let mut v = View::bootstrap(addrs(5), 2).expect("valid");
+        v.next_uid = u32::MAX;
+        assert_eq!(
+            v.apply(&Change::Add(addr(6))),
+            Err(ChangeError::Exhausted("partition uid"))
+        );
+        // A change that forms no partition needs no uid.
+        let mut v = View::bootstrap(addrs(4), 2).expect("valid");
+        v.next_uid = u32::MAX;
+        assert!(v.apply(&Change::Add(addr(5))).is_ok());
+    }
+
+    /// Found by the `envelope` fuzz target: a view whose partition named one replica
+    /// twice passed `check`, and removing a replica of another partition from it (the
+    /// proxy taking its place) made a view with the wrong number of partitions.
+    #[test]
+    fn a_partition_naming_a_replica_twice_is_inconsistent() {
+        let mut v = View::bootstrap(addrs(6), 2).expect("valid");
+        v.partitions[2].replicas = vec![addr(6), addr(6)];
+        assert!(
+            matches!(v.check(), Err(ViewError::Inconsistent(m)) if m.contains("2 times")),
+            "{:?}",
+            v.check()
+        );
     }
 
     #[test]

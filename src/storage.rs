@@ -226,7 +226,8 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-fn decode_state(bytes: &[u8]) -> Result<KeyState> {
+/// Decodes a stored key state (`pub(crate)` for the fuzz target `fuzz::key_state`).
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<KeyState> {
     postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
         table: "kv",
         detail: e.to_string(),
@@ -262,9 +263,10 @@ pub const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// ...or the last checkpoint is this old (see the caveats for the trade-off).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// One change of a write transaction, as the WAL records it.
+/// One change of a write transaction, as the WAL records it. `pub(crate)` for the fuzz
+/// target `fuzz::wal_payload`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum WalOp {
+pub(crate) enum WalOp {
     Put {
         slot: u32,
         key: String,
@@ -437,6 +439,12 @@ pub fn move_aside(dir: &Path, unix_secs: u64) -> std::io::Result<Option<PathBuf>
     Ok(Some(to))
 }
 
+/// The changes one WAL record carries, decoded as the replay decodes them (`pub(crate)`
+/// for the fuzz target `fuzz::wal_payload`).
+pub(crate) fn decode_ops(payload: &[u8]) -> std::result::Result<Vec<WalOp>, postcard::Error> {
+    postcard::from_bytes(payload)
+}
+
 /// Opens the engine in `dir` and replays the WAL records the durable redb state lacks;
 /// returns the database, the emptied WAL and the next sequence number.
 fn open_engine(dir: &Path, cache_bytes: usize) -> Result<(redb::Database, Wal, u64)> {
@@ -474,11 +482,10 @@ fn open_engine(dir: &Path, cache_bytes: usize) -> Result<(redb::Database, Wal, u
                 wal_path.display()
             )));
         }
-        let ops: Vec<WalOp> =
-            postcard::from_bytes(&payload).map_err(|e| StorageError::Corrupt {
-                table: "wal",
-                detail: format!("record {seq}: {e}"),
-            })?;
+        let ops = decode_ops(&payload).map_err(|e| StorageError::Corrupt {
+            table: "wal",
+            detail: format!("record {seq}: {e}"),
+        })?;
         for op in &ops {
             txn.apply(op)?;
         }

@@ -73,7 +73,7 @@ use std::path::{Path, PathBuf};
 
 /// Bytes before a record's payload: length, CRC, sequence number. Also the smallest
 /// record, which bounds how many records a damaged region can hide.
-const HEADER: usize = 16;
+pub(crate) const HEADER: usize = 16;
 /// First bytes of a file of this layout.
 const MAGIC: [u8; 8] = *b"kvs-wal\x02";
 /// Bytes of the file header: magic, salt, CRC of both.
@@ -184,8 +184,9 @@ pub struct Wal {
     pub(crate) fail_next_append: Option<bool>,
 }
 
-/// What the start of the file is.
-enum Start {
+/// What the start of the file is. (This and the pure readers below are `pub(crate)` for
+/// the fuzz target `fuzz::wal`, which runs what [`Wal::open`] runs over any bytes.)
+pub(crate) enum Start {
     /// A header of this layout with this salt.
     Salted(u64),
     /// Records of the previous layout from offset 0.
@@ -387,7 +388,7 @@ fn header_bytes(salt: u64) -> [u8; FILE_HEADER] {
     h
 }
 
-fn start_of(bytes: &[u8]) -> Start {
+pub(crate) fn start_of(bytes: &[u8]) -> Start {
     if let Some(h) = bytes.get(..FILE_HEADER) {
         let salt = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
         if h[..8] == MAGIC && header_bytes(salt) == h {
@@ -400,7 +401,7 @@ fn start_of(bytes: &[u8]) -> Start {
     Start::Invalid
 }
 
-fn crc(salt: Option<u64>, seq: u64, payload: &[u8]) -> u32 {
+pub(crate) fn crc(salt: Option<u64>, seq: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     if let Some(salt) = salt {
         h.update(&salt.to_le_bytes());
@@ -411,24 +412,24 @@ fn crc(salt: Option<u64>, seq: u64, payload: &[u8]) -> u32 {
 }
 
 /// A region between good records that holds none (byte offsets).
-struct Gap {
-    offset: usize,
-    len: usize,
-    after: Option<u64>,
-    before: u64,
+pub(crate) struct Gap {
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+    pub(crate) after: Option<u64>,
+    pub(crate) before: u64,
 }
 
 /// What [`scan`] found.
-struct Scan {
-    records: Vec<Record>,
-    gaps: Vec<Gap>,
+pub(crate) struct Scan {
+    pub(crate) records: Vec<Record>,
+    pub(crate) gaps: Vec<Gap>,
     /// End of the last good record: where a torn tail starts, if anything follows.
-    end: usize,
+    pub(crate) end: usize,
 }
 
 /// Reads records from `start`; at a record that does not check, looks for the next one
 /// that can follow (see the module doc) and records the gap.
-fn scan(bytes: &[u8], start: usize, salt: Option<u64>, durable: u64) -> Scan {
+pub(crate) fn scan(bytes: &[u8], start: usize, salt: Option<u64>, durable: u64) -> Scan {
     let mut records = Vec::new();
     let mut gaps = Vec::new();
     let mut at = start;
@@ -477,7 +478,7 @@ fn seq_at(bytes: &[u8], at: usize) -> Option<u64> {
 
 /// The record at `at`, if a whole one with a matching CRC is there: its sequence number,
 /// payload and the offset after it.
-fn parse(bytes: &[u8], at: usize, salt: Option<u64>) -> Option<(u64, &[u8], usize)> {
+pub(crate) fn parse(bytes: &[u8], at: usize, salt: Option<u64>) -> Option<(u64, &[u8], usize)> {
     let header = bytes.get(at..at.checked_add(HEADER)?)?;
     let length = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
     let sum = u32::from_le_bytes(header[4..8].try_into().ok()?);

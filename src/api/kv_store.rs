@@ -170,8 +170,9 @@ async fn admit(query: Option<String>, body: Body) -> Result<Admitted, Error> {
 /// Adds the pairs of the form-encoded `source` to `fields`, decoded as
 /// `form_urlencoded::parse` decodes them (a later pair wins; malformed escapes stay as
 /// they are), except that a name or value that is not UTF-8 once decoded is refused
-/// (400, naming the field) rather than altered.
-fn parse_form(source: &[u8], fields: &mut HashMap<String, String>) -> Result<(), Error> {
+/// (400, naming the field) rather than altered. `pub(crate)` for the fuzz target
+/// `fuzz::form`.
+pub(crate) fn parse_form(source: &[u8], fields: &mut HashMap<String, String>) -> Result<(), Error> {
     for pair in source.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),

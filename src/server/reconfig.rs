@@ -123,6 +123,7 @@ fn change_error(e: ChangeError) -> Error {
         ChangeError::AlreadyMember(_) => Error::conflict(e.to_string()),
         ChangeError::NotMember(_) => Error::not_found(e.to_string()),
         ChangeError::TooFewNodes { .. } => Error::bad_request(e.to_string()),
+        ChangeError::Exhausted(_) => Error::conflict(e.to_string()),
     }
 }
 
