@@ -31,8 +31,8 @@
 //! * A view-change step in a batch whose outcome was unknown and that the replay applied
 //!   reaches the node's routing only when the change is driven again (`reconfig` re-drives
 //!   a stalled change; installing a view the node already has returns its layout).
-//! * While degraded, the pullers keep fetching pages the writer refuses (logged by the
-//!   sync tasks each time), so the node catches up as soon as it heals.
+//! * While degraded, the pullers pause (their pages could not be applied) and catch up
+//!   at their first round after the node heals, within `server::SYNC_INTERVAL`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
