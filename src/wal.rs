@@ -601,6 +601,13 @@ mod tests {
         std::fs::write(path, &bytes).expect("write");
     }
 
+    /// Cuts the last `bytes` bytes off the file: an append a crash interrupted.
+    fn tear(path: &Path, bytes: u64) {
+        let full = std::fs::metadata(path).expect("stat").len();
+        let f = OpenOptions::new().write(true).open(path).expect("open");
+        f.set_len(full - bytes).expect("cut");
+    }
+
     fn damage_of(path: &Path, durable: u64) -> String {
         match Wal::open(path, durable) {
             Err(OpenError::Damaged(d)) => d,
@@ -716,10 +723,7 @@ mod tests {
         let (_dir, path) = written(&[(1, b"one"), (2, &payload)]);
         // The record carrying it is torn (cut in its second half): a torn tail, not
         // damage followed by "record 3".
-        let full = std::fs::metadata(&path).expect("stat").len();
-        let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.set_len(full - 20).expect("cut");
-        drop(f);
+        tear(&path, 20);
         let (_, records) = Wal::open(&path, 0).expect("a torn tail");
         assert_eq!(records, vec![(1, b"one".to_vec())]);
     }
@@ -741,10 +745,7 @@ mod tests {
         let mut payload = vec![0u8; 3];
         payload.extend_from_slice(&cells);
         let (_dir, path) = written(&[(1, b"one"), (2, b"two"), (3, b"three"), (4, &payload)]);
-        let full = std::fs::metadata(&path).expect("stat").len();
-        let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.set_len(full - 1).expect("tear the last record");
-        drop(f);
+        tear(&path, 1);
         let before = std::fs::read(&path).expect("read");
         let started = std::time::Instant::now();
         let err = Wal::open(&path, 0).err().expect("refused");
@@ -758,10 +759,7 @@ mod tests {
 
         // The same size of ordinary bytes is a torn tail, cut as always.
         let (_dir, path) = written(&[(1, b"one"), (2, &vec![7u8; size])]);
-        let full = std::fs::metadata(&path).expect("stat").len();
-        let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.set_len(full - 1).expect("tear the last record");
-        drop(f);
+        tear(&path, 1);
         let (_, records) = Wal::open(&path, 0).expect("a torn tail");
         assert_eq!(records, vec![(1, b"one".to_vec())]);
     }
