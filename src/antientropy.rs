@@ -18,7 +18,7 @@
 //! another peer to supply it, then copies the peer's whole state ([`Transfer`]) and claims
 //! the vectors of the transfer's first page.
 //!
-//! Both the server (`server::sync`) and the deterministic simulator (`sim`) drive these
+//! Both the server (`node::sync`) and the deterministic simulator (`sim`) drive these
 //! types, so the simulator tests the decisions the server makes.
 
 use crate::clock::{PartitionUid, VersionVector};

@@ -22,7 +22,7 @@
 //! * the **cluster id** ([`ClusterKey::id`]) that tokens carry: a cluster re-formed on
 //!   wiped disks draws a new key, so tokens of its predecessor are refused as foreign.
 //!
-//! The key travels only to a member's own listening address (see `server::keys`): a node
+//! The key travels only to a member's own listening address (see `node::keys`): a node
 //! asks a member for it with a nonce, and the member delivers it by calling the asker's
 //! address from the view, quoting the nonce. Whoever forges a member's source address
 //! gets nothing (the delivery goes to the real member), and a delivery not quoting a

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     /// Never retried on another replica: applied twice, the late copy could win over the
     /// client's later writes. The client may retry (a retry is a new write).
     OutcomeUnknown,
+    /// The path exists but not for this method.
+    MethodNotAllowed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -39,6 +41,11 @@ pub enum ErrorKind {
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    /// The view change the node refused, when that is the error: dialects that word
+    /// refusals their own way (seed 002's "Socket address already exists in the view")
+    /// read it. Local only: never sent to peers.
+    #[serde(skip)]
+    pub refused: Option<crate::placement::ChangeError>,
 }
 
 impl Error {
@@ -46,7 +53,13 @@ impl Error {
         Self {
             kind,
             message: message.into(),
+            refused: None,
         }
+    }
+    /// This error, marked as the refusal of `change`.
+    pub fn refusing(mut self, change: crate::placement::ChangeError) -> Self {
+        self.refused = Some(change);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::BadRequest, message)

@@ -12,8 +12,9 @@
 //! | [`cluster`] | liveness of peers | pure |
 //! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
-//! | [`api`] | client dialects (`/kv-store`) | thin |
-//! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
+//! | [`node`] | the service every dialect calls, and its I/O: routing, writer, sync, heartbeats, view changes | I/O |
+//! | [`api`] | client dialects (`/kv-store`), one file each | thin |
+//! | [`http`] | one router, the body gate, the internal and status endpoints, the connection loop | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
 pub mod antientropy;
@@ -25,11 +26,12 @@ pub mod cluster;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod http;
 pub mod local;
+pub mod node;
 pub mod placement;
 pub mod replica;
 pub mod rpc;
-pub mod server;
 pub mod sim;
 pub mod storage;
 pub mod viewchange;

@@ -142,7 +142,7 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
     let mut stdin_open = true;
     let outcome = loop {
         tokio::select! {
-            _ = crate::server::shutdown_signal() => break Ok(()),
+            _ = crate::node::shutdown_signal() => break Ok(()),
             (addr, status) = exited(&mut procs) => {
                 break Err(format!("node {addr} exited unexpectedly ({status})"));
             }

@@ -16,9 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
+use kvs::node::{Node, NodeConfig};
 use kvs::placement::{parse_addr, parse_view_list, View};
 use kvs::rpc::HttpTransport;
-use kvs::server::{Node, NodeConfig};
 use kvs::storage::{MemoryStore, RedbStore, StorageError, Store};
 
 #[derive(Parser)]
@@ -455,7 +455,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             "kvs node serving, in no cluster yet: add it with PUT /kv-store/update_view?type=add&ip_port={addr} on a member"
         ),
     }
-    let served = kvs::server::serve(listener, node.clone(), kvs::server::shutdown_signal()).await;
+    let served = kvs::http::serve(listener, node.clone(), kvs::node::shutdown_signal()).await;
     tracing::info!("shutting down");
     node.shutdown().await;
     served.map_err(|e| format!("server error: {e}"))

@@ -19,7 +19,7 @@
 //!   misreading each other.
 //!
 //! Past that gate, the node also refuses state-changing calls from senders that are not
-//! members of its view or of the change in progress (`server::keys` has the rules).
+//! members of its view or of the change in progress (`node::keys` has the rules).
 //!
 //! [`Transport`] is a trait so that tests and a simulator can carry messages without
 //! sockets; [`HttpTransport`] is the real one.
@@ -61,7 +61,7 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// `ErrorKind::OutcomeUnknown`.
 pub const PROTOCOL_VERSION: &str = "3";
 /// Largest internal message accepted. Sync pages are bounded well below this
-/// (`server::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
+/// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
 /// Largest internal message accepted from a caller without a valid member proof: the key
 /// exchange, and what a node in no cluster receives before it has a key (statuses,

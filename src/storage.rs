@@ -22,7 +22,7 @@
 //! bounded number of keys per transaction.
 //!
 //! A [`WriteTxn`] is atomic; its `commit` returns only once the data is on disk. Callers
-//! batch many writes into one transaction (group commit, see `server::writer`) so one
+//! batch many writes into one transaction (group commit, see `node::writer`) so one
 //! fsync serves many clients.
 //!
 //! # The write-ahead log

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 /// Overall limit per scenario (the cluster start has its own deadline on top).
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
-/// The server's body deadline (`api::body::BODY_TIMEOUT`).
+/// The server's body deadline (`http::body::BODY_TIMEOUT`).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that trickle a PUT body: more than the node's 256 in-flight permits.
 const TRICKLERS: usize = 300;

@@ -1,12 +1,76 @@
-//! Client dialects. Each module owns its routes, its wire types and the one place where
-//! its errors become status codes. They all call the same [`crate::server::Node`], and
-//! all admit their requests through the one gate of [`body`] (bodies read under a size
-//! limit, a deadline and a memory budget, then a node-wide in-flight limit).
+//! Client dialects. Each file is one dialect: its [`Dialect`] entry (the paths it owns,
+//! how its bodies are encoded, its largest body), its `Endpoint` enum, its wire types and
+//! the one place where its errors become status codes and messages. They all call the
+//! same [`crate::node::Node`] in dialect-neutral types.
+//!
+//! The HTTP layer (`crate::http`) reads and decodes every request before a dialect sees
+//! it (one gate, one in-flight limit for the whole node) and hands it over as a
+//! [`Request`]; a dialect never touches a socket or a body stream.
 
-pub mod body;
 pub mod kv_store;
 
-use axum::http::HeaderMap;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, Method};
+use axum::response::Response;
+
+use crate::error::Error;
+use crate::node::Node;
+
+/// Every dialect the node serves, in the order their paths are matched.
+const DIALECTS: [&Dialect; 1] = [&kv_store::DIALECT];
+
+/// How a dialect's request bodies are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/x-www-form-urlencoded`, merged with the query string's fields.
+    Form,
+    /// One JSON document; the query string's fields are kept apart.
+    Json,
+}
+
+/// A client request as a dialect receives it: read, bounded and decoded.
+pub struct Request {
+    pub method: Method,
+    /// The path as sent (still percent-encoded).
+    pub path: String,
+    pub headers: HeaderMap,
+    /// Form fields: the query string's, and for [`BodyFormat::Form`] the body's (which
+    /// win).
+    pub fields: HashMap<String, String>,
+    /// The body of a [`BodyFormat::Json`] dialect (`Null` when empty).
+    pub json: serde_json::Value,
+}
+
+/// The future a dialect's handler returns.
+pub type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// One client dialect, as the HTTP layer sees it.
+pub struct Dialect {
+    pub name: &'static str,
+    /// Whether a path belongs to this dialect.
+    pub owns: fn(&str) -> bool,
+    pub format: BodyFormat,
+    /// Largest body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    pub handle: fn(Arc<Node>, Request) -> Answer,
+    /// The dialect's answer for an error found before its handler ran.
+    pub error: fn(Error) -> Response,
+}
+
+/// The dialect that owns `path`, if any.
+pub fn dialect_of(path: &str) -> Option<&'static Dialect> {
+    DIALECTS.into_iter().find(|d| (d.owns)(path))
+}
+
+/// The answer for a path no dialect owns. It keeps the envelope `/kv-store` always gave
+/// it (a JSON object with `"error"`), which suits the other dialects' clients too.
+pub fn unknown_path() -> Response {
+    kv_store::unknown_path()
+}
 
 /// The admin credential a request carries: the token of an `Authorization: Bearer`
 /// header (see `Node::authorize_admin`). Any dialect's admin endpoints pass it on.

@@ -8,7 +8,7 @@ use super::*;
 pub fn form(data: &[u8]) {
     let (parsed, peak) = peak_allocation(|| {
         let mut fields = HashMap::new();
-        crate::api::kv_store::parse_form(data, &mut fields).map(|()| fields)
+        crate::http::form::parse_form(data, &mut fields).map(|()| fields)
     });
     check_alloc("form", data.len(), peak);
     match (parsed, form_oracle(data)) {

@@ -4,9 +4,9 @@
 //!
 //! | target | input | reaches it | decoder under test |
 //! |---|---|---|---|
-//! | [`form`] | a `/kv-store` request body or query string, an `ip_port` or `VIEW` text, an `Authorization` header | any client; the operator | `api::kv_store::parse_form`, `placement::parse_addr`, `placement::parse_view_list`, `api::admin_credential` |
+//! | [`form`] | a `/kv-store` request body or query string, an `ip_port` or `VIEW` text, an `Authorization` header | any client; the operator | `http::form::parse_form`, `placement::parse_addr`, `placement::parse_view_list`, `api::admin_credential` |
 //! | [`token`] | `causal_payload` | any client: its postcard payload is decoded *before* the tag is checked | `clock::CausalToken::decode` |
-//! | [`envelope`] | the body of `POST /_internal/v1/rpc` | peers; with the public default secret, anyone: the body is decoded before the member proof is checked (`server::http::rpc_endpoint`) | `rpc::decode::<Envelope>`, then `View::check` and `Proposal::check` on what it carries |
+//! | [`envelope`] | the body of `POST /_internal/v1/rpc` | peers; with the public default secret, anyone: the body is decoded before the member proof is checked (`node::http::rpc_endpoint`) | `rpc::decode::<Envelope>`, then `View::check` and `Proposal::check` on what it carries |
 //! | [`response`] | a peer's answer to a call | peers (and whoever answers on their address) | `rpc::decode::<Response>`, the views, proposals and key states inside |
 //! | [`wal`] | the bytes of `kvs.wal` | the disk: a torn write, a flipped bit, a lost sector | the pure reader `Wal::open` runs (`wal::start_of`, `wal::scan`, `wal::parse`) |
 //! | [`wal_open`] | the same, as a file | the disk | `wal::Wal::open` itself, its cut-back, a reopen and an append |

@@ -47,9 +47,9 @@
 //!   write applied a second time after a partition healed brought an old value back.
 
 mod heartbeat;
-mod http;
 mod keys;
 mod reconfig;
+mod status;
 mod sync;
 mod writer;
 
@@ -62,7 +62,6 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-pub use http::{router, serve};
 pub use keys::{Keys, Refusal, KEY_WAIT};
 pub use reconfig::{ChangeOutcome, Progress};
 pub use writer::{DiskFault, ReplicaStatus};
@@ -185,8 +184,7 @@ impl Current {
     fn view(&self) -> Result<&Arc<View>> {
         self.view.as_ref().ok_or_else(|| {
             Error::unavailable(
-                "this node is not part of a cluster yet: add it with \
-                 PUT /kv-store/update_view?type=add on a member",
+                "this node is not part of a cluster yet: add it to the cluster through one of its members",
             )
         })
     }
@@ -785,7 +783,7 @@ impl Node {
             }
         }
         Err(Error::unavailable(
-            "this replica has not yet received writes the causal_payload depends on, and its peers did not supply them in time",
+            "this replica has not yet received writes the causal context depends on, and its peers did not supply them in time",
         ))
     }
 

@@ -47,7 +47,7 @@ pub(super) fn spawn_replica_tasks(
     tasks.spawn(trimmer(node.clone(), r.clone()));
 }
 
-/// Keeps this replica up to date with `peer`. See the module doc of `server`.
+/// Keeps this replica up to date with `peer`. See the module doc of `node`.
 async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<Notify>) {
     // The first round runs at once: a restarted replica catches up before anything else.
     let mut first = true;

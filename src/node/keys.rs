@@ -162,6 +162,12 @@ impl Node {
         }
     }
 
+    /// Whether `given` is this node's `CLUSTER_SECRET` (the outer gate of the internal
+    /// endpoint), compared in constant time.
+    pub fn secret_matches(&self, given: &[u8]) -> bool {
+        crate::auth::secrets_match(given, self.secret.as_bytes())
+    }
+
     /// Whether `proof` is this cluster's member proof (false while the node holds no
     /// key). Decides how large a body the internal endpoint reads before admission.
     pub fn proves_membership(&self, proof: Option<&[u8]>) -> bool {

@@ -1,5 +1,4 @@
-//! The HTTP surface of a node: the client dialects, the status endpoint and the
-//! internal endpoint peers call, and the loop that accepts and serves connections.
+//! The loop that accepts connections and serves each with hyper's HTTP/1 connection.
 //!
 //! # Connections
 //!
@@ -15,7 +14,7 @@
 //!   also while a keep-alive connection waits for its next request
 //!   (`proto/h1/conn.rs::poll_read_head`), so it closes idle connections as well as
 //!   ones that stall, or trickle, mid-header. Bodies have their own deadline
-//!   (`api::body::BODY_TIMEOUT`).
+//!   ([`super::body::BODY_TIMEOUT`]).
 //! * **The size of a head**: [`MAX_HEAD_BYTES`], which is also what hyper buffers for a
 //!   connection at most.
 //! * **Time a response write may stall**: [`WRITE_STALL_TIMEOUT`]. A client that stops
@@ -25,7 +24,7 @@
 //! On the shutdown signal the loop stops accepting, every connection finishes the
 //! request it is serving (idle ones close at once), and [`serve`] returns once all have
 //! closed. No handler needs the peer's address: internal calls are recognised by the
-//! member proof they carry (`server::keys`), not by where they come from.
+//! member proof they carry (`node::keys`), not by where they come from.
 //!
 //! Caveats:
 //!
@@ -44,29 +43,18 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, Request, StatusCode};
-use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use http_body_util::{BodyExt, Limited};
+use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
-use super::{Node, Refusal};
-use crate::placement::Role;
-use crate::rpc::{self, Envelope};
+use crate::node::Node;
 
-/// Path of the status endpoint (JSON; read-only, no secret needed).
-pub const STATUS_PATH: &str = "/api/v1/status";
 /// Connections open at once, clients and peers together. Each costs a file descriptor
 /// and, idle, about 10 KiB (hyper's state and its 8 KiB read buffer), so 10,000 is about
 /// 100 MiB and half of this machine's 20,000 descriptors, the other half left for the
@@ -104,16 +92,6 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// descriptors, say): retrying at once would spin, and waiting lets connections close.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(250);
 
-/// The whole HTTP surface of a node.
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route(rpc::RPC_PATH, post(rpc_endpoint))
-        .route(STATUS_PATH, get(status_endpoint))
-        .merge(crate::api::kv_store::router())
-        .fallback(crate::api::kv_store::unknown_path)
-        .with_state(node)
-}
-
 /// Serves `node` on `listener` until `shutdown` resolves, then lets the requests in
 /// flight finish and returns (see the module doc).
 pub async fn serve(
@@ -121,7 +99,7 @@ pub async fn serve(
     node: Arc<Node>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let app = router(node);
+    let app = super::router(node);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(idle_timeout())
@@ -318,133 +296,6 @@ impl AsyncWrite for StallGuard {
         let polled = Pin::new(&mut self.io).poll_shutdown(cx);
         self.check(cx, polled)
     }
-}
-
-/// `GET /api/v1/status`: whether the node is ready (a member holding the cluster key, or
-/// a node in no cluster), its view, role, transition, the progress of the view change it
-/// coordinates, and what its failure detector believes about each peer. What `kvs local`
-/// polls to show a rebalance.
-async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
-    let cur = node.current();
-    let keys = node
-        .store
-        .read()
-        .and_then(|t| t.key_count())
-        .map_err(|e| e.to_string());
-    let view = cur.view.as_ref().map(|v| {
-        json!({
-            "epoch": v.epoch,
-            "k": v.k,
-            "members": v.members,
-            "partitions": v.partitions.iter().enumerate().map(|(i, p)| json!({
-                "partition_id": i,
-                "uid": p.uid,
-                "members": p.replicas,
-                "slots": v.slots.iter().filter(|&&u| u == p.uid).count(),
-            })).collect::<Vec<_>>(),
-        })
-    });
-    let (role, partition_id) = match cur.view.as_ref().and_then(|v| v.role_of(&node.addr)) {
-        Some(Role::Replica(uid)) => (
-            "replica",
-            cur.view
-                .as_ref()
-                .and_then(|v| v.index_of(uid))
-                .map(i64::from),
-        ),
-        Some(Role::Proxy) => ("proxy", None),
-        None => ("none", None),
-    };
-    // A member is ready to serve once it holds the cluster key; a node in no cluster
-    // has nothing to wait for.
-    let ready = (cur.view.is_none() && cur.transition.is_none()) || node.keys().is_some();
-    let body = json!({
-        "node": node.addr,
-        "ready": ready,
-        "epoch": cur.epoch(),
-        "role": role,
-        "partition_id": partition_id,
-        "keys": keys.ok(),
-        "view": view,
-        "transition": cur.transition.as_ref().map(|t| json!({
-            "change": t.proposal.change.to_string(),
-            "from_epoch": t.from().epoch,
-            "to_epoch": t.to().epoch,
-        })),
-        "view_change": node.progress(),
-        "disk": node.disk_health(),
-        "peers": node.peer_health(),
-    });
-    (StatusCode::OK, Json(body)).into_response()
-}
-
-async fn rpc_endpoint(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Body,
-) -> HttpResponse {
-    let given = headers
-        .get(rpc::SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !crate::auth::secrets_match(given, node.secret.as_bytes()) {
-        return (StatusCode::UNAUTHORIZED, "bad or missing cluster secret").into_response();
-    }
-    if headers.get(rpc::PROTO_HEADER).map(|v| v.as_bytes())
-        != Some(rpc::PROTOCOL_VERSION.as_bytes())
-    {
-        return (
-            StatusCode::BAD_REQUEST,
-            "unsupported internal protocol version",
-        )
-            .into_response();
-    }
-    // Members' calls may be large (sync pages); anyone else's must be small, and every
-    // body must arrive in time, so that callers without the cluster key hold little
-    // memory and no connection for long.
-    let proof = headers.get(rpc::MEMBER_HEADER).map(|v| v.as_bytes());
-    let limit = if node.proves_membership(proof) {
-        rpc::MAX_RPC_BYTES
-    } else {
-        rpc::MAX_UNPROVEN_RPC_BYTES
-    };
-    let bytes = match tokio::time::timeout(
-        rpc::RPC_BODY_TIMEOUT,
-        Limited::new(body, limit).collect(),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(_)) => {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "internal message too large").into_response()
-        }
-        Err(_) => {
-            return (
-                StatusCode::REQUEST_TIMEOUT,
-                "internal message body too slow",
-            )
-                .into_response()
-        }
-    };
-    let env: Envelope = match rpc::decode(&bytes) {
-        Ok(env) => env,
-        Err(e) => {
-            return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
-        }
-    };
-    match node.admit(&env, proof) {
-        Ok(()) => {}
-        Err(Refusal::NotAMember(why)) => return (StatusCode::FORBIDDEN, why).into_response(),
-        Err(Refusal::NotReady(why)) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
-        }
-    }
-    let resp = node.handle_rpc(env).await;
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        rpc::encode(&resp),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -118,13 +118,15 @@ impl Progress {
     }
 }
 
+/// A refused change as an error: a neutral kind, and the refusal itself for the
+/// dialects that word it their own way.
 fn change_error(e: ChangeError) -> Error {
-    match e {
-        ChangeError::AlreadyMember(_) => Error::conflict(e.to_string()),
-        ChangeError::NotMember(_) => Error::not_found(e.to_string()),
-        ChangeError::TooFewNodes { .. } => Error::bad_request(e.to_string()),
-        ChangeError::Exhausted(_) => Error::conflict(e.to_string()),
-    }
+    let kind = match e {
+        ChangeError::AlreadyMember(_) | ChangeError::Exhausted(_) => ErrorKind::Conflict,
+        ChangeError::NotMember(_) => ErrorKind::NotFound,
+        ChangeError::TooFewNodes { .. } => ErrorKind::BadRequest,
+    };
+    Error::new(kind, e.to_string()).refusing(e)
 }
 
 /// Tracks whether a change still makes progress; see [`STALL_LIMIT`].
@@ -150,7 +152,7 @@ impl Stall {
         }
         Err(Error::unavailable(format!(
             "the view change to epoch {epoch} is waiting for {}; it resumes by itself when they are back \
-             (or re-issue update_view to drive it)",
+             (or re-issue a view change to drive it)",
             waiting_for()
         )))
     }
@@ -162,7 +164,7 @@ impl Node {
 
     /// Carries out `change` (an `update_view` request) and returns once every reachable
     /// node is in the new view and every moved key is on its new replicas.
-    pub async fn update_view(self: &Arc<Self>, change: Change) -> Result<ChangeOutcome> {
+    pub async fn change_view(self: &Arc<Self>, change: Change) -> Result<ChangeOutcome> {
         let _one = self.coordinating.lock().await;
         for _ in 0..MAX_CHANGE_ROUNDS {
             let cur = self.current();

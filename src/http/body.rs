@@ -74,7 +74,7 @@ pub const BODY_BUDGET_BYTES: usize = 128 * 1024 * 1024;
 /// Client requests handled at once, once their bodies are read; more wait for a permit
 /// (backpressure). One limit for the whole client surface, every dialect included. 256
 /// keeps a few hundred concurrent clients busy (forwards, writer batches) while bounding
-/// what a burst queues behind the node's own limits (`server::MAX_FORWARDS`, the
+/// what a burst queues behind the node's own limits (`node::MAX_FORWARDS`, the
 /// writer's queue).
 pub const MAX_IN_FLIGHT: usize = 256;
 

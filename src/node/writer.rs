@@ -32,7 +32,7 @@
 //!   reaches the node's routing only when the change is driven again (`reconfig` re-drives
 //!   a stalled change; installing a view the node already has returns its layout).
 //! * While degraded, the pullers pause (their pages could not be applied) and catch up
-//!   at their first round after the node heals, within `server::SYNC_INTERVAL`.
+//!   at their first round after the node heals, within `node::SYNC_INTERVAL`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,7 +175,7 @@ pub(super) struct Durable {
     pub transition: Option<Arc<Transition>>,
     pub acceptor: Arc<Acceptor>,
     pub removed: Option<(u64, u64)>,
-    /// The key of the cluster this node is in (or was last in); see `server::keys`.
+    /// The key of the cluster this node is in (or was last in); see `node::keys`.
     pub cluster_key: Option<ClusterKey>,
     /// Derived from `transition`: slots this replica no longer accepts writes to.
     frozen: SlotSet,
@@ -879,7 +879,7 @@ fn learn(d: &mut Durable, t: &Transition) -> Result<bool> {
     }
     if d.outside() {
         // A key held from an earlier cluster is not this one's: the node fetches the
-        // key of the cluster it is joining from its members (`server::keys`).
+        // key of the cluster it is joining from its members (`node::keys`).
         d.cluster_key = None;
     }
     d.transition = Some(Arc::new(t.clone()));

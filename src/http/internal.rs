@@ -1,0 +1,83 @@
+//! The internal endpoint peers call (`POST` [`rpc::RPC_PATH`]): the outer gate of the
+//! cluster secret and the protocol version, a body bounded by whether the caller proves
+//! membership, then the node's admission rules (`node::keys`) and its dispatch.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use http_body_util::{BodyExt, Limited};
+
+use crate::node::{Node, Refusal};
+use crate::rpc::{self, Envelope};
+
+pub(super) async fn rpc_endpoint(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResponse {
+    let given = headers
+        .get(rpc::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !node.secret_matches(given) {
+        return (StatusCode::UNAUTHORIZED, "bad or missing cluster secret").into_response();
+    }
+    if headers.get(rpc::PROTO_HEADER).map(|v| v.as_bytes())
+        != Some(rpc::PROTOCOL_VERSION.as_bytes())
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unsupported internal protocol version",
+        )
+            .into_response();
+    }
+    // Members' calls may be large (sync pages); anyone else's must be small, and every
+    // body must arrive in time, so that callers without the cluster key hold little
+    // memory and no connection for long.
+    let proof = headers.get(rpc::MEMBER_HEADER).map(|v| v.as_bytes());
+    let limit = if node.proves_membership(proof) {
+        rpc::MAX_RPC_BYTES
+    } else {
+        rpc::MAX_UNPROVEN_RPC_BYTES
+    };
+    let bytes = match tokio::time::timeout(
+        rpc::RPC_BODY_TIMEOUT,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "internal message too large").into_response()
+        }
+        Err(_) => {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                "internal message body too slow",
+            )
+                .into_response()
+        }
+    };
+    let env: Envelope = match rpc::decode(&bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
+        }
+    };
+    match node.admit(&env, proof) {
+        Ok(()) => {}
+        Err(Refusal::NotAMember(why)) => return (StatusCode::FORBIDDEN, why).into_response(),
+        Err(Refusal::NotReady(why)) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+        }
+    }
+    let resp = node.handle_rpc(env).await;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        rpc::encode(&resp),
+    )
+        .into_response()
+}

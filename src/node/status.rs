@@ -1,0 +1,65 @@
+//! The node's own account of itself: what `GET /api/v1/status` shows, what `kvs local`
+//! and the test harness poll, and what the seed dialects' view queries read.
+
+use serde_json::{json, Value};
+
+use super::Node;
+use crate::placement::Role;
+
+impl Node {
+    /// Whether the node is ready (a member holding the cluster key, or a node in no
+    /// cluster), its view, role, transition, the progress of the view change it
+    /// coordinates, and what its failure detector believes about each peer.
+    pub fn status_report(&self) -> Value {
+        let cur = self.current();
+        let keys = self
+            .store
+            .read()
+            .and_then(|t| t.key_count())
+            .map_err(|e| e.to_string());
+        let view = cur.view.as_ref().map(|v| {
+            json!({
+                "epoch": v.epoch,
+                "k": v.k,
+                "members": v.members,
+                "partitions": v.partitions.iter().enumerate().map(|(i, p)| json!({
+                    "partition_id": i,
+                    "uid": p.uid,
+                    "members": p.replicas,
+                    "slots": v.slots.iter().filter(|&&u| u == p.uid).count(),
+                })).collect::<Vec<_>>(),
+            })
+        });
+        let (role, partition_id) = match cur.view.as_ref().and_then(|v| v.role_of(&self.addr)) {
+            Some(Role::Replica(uid)) => (
+                "replica",
+                cur.view
+                    .as_ref()
+                    .and_then(|v| v.index_of(uid))
+                    .map(i64::from),
+            ),
+            Some(Role::Proxy) => ("proxy", None),
+            None => ("none", None),
+        };
+        // A member is ready to serve once it holds the cluster key; a node in no cluster
+        // has nothing to wait for.
+        let ready = (cur.view.is_none() && cur.transition.is_none()) || self.keys().is_some();
+        json!({
+            "node": self.addr,
+            "ready": ready,
+            "epoch": cur.epoch(),
+            "role": role,
+            "partition_id": partition_id,
+            "keys": keys.ok(),
+            "view": view,
+            "transition": cur.transition.as_ref().map(|t| json!({
+                "change": t.proposal.change.to_string(),
+                "from_epoch": t.from().epoch,
+                "to_epoch": t.to().epoch,
+            })),
+            "view_change": self.progress(),
+            "disk": self.disk_health(),
+            "peers": self.peer_health(),
+        })
+    }
+}
