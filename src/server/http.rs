@@ -334,7 +334,7 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> HttpResponse {
     let view = cur.view.as_ref().map(|v| {
         json!({
             "epoch": v.epoch,
-            "k": v.k,
+            "k": v.k(),
             "members": v.members,
             "partitions": v.partitions.iter().enumerate().map(|(i, p)| json!({
                 "partition_id": i,
