@@ -59,7 +59,10 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// `Request::KeyDelivery`, `Response::Key`), `Response::DiskFault` (a ping's answer while
 /// the node's disk refuses writes), `ErrorKind::Unauthorized` and
 /// `ErrorKind::OutcomeUnknown`.
-pub const PROTOCOL_VERSION: &str = "3";
+/// 4: views carry a `placement::Layout` where they carried `k` (every message with a
+/// view or a proposal: `Install`, `Learn`, `Accept`, `Status`, ...), and `Change` has
+/// `AddToShard` and `Reshard`.
+pub const PROTOCOL_VERSION: &str = "4";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;

@@ -21,8 +21,9 @@
 //!    slots away stop accepting writes to those slots ([`Duties::frozen`]) and report what
 //!    they have applied; a replica that leaves its partition stops accepting writes
 //!    altogether;
-//! 2. *drain*: per source partition, one replica catches up to the join of those reports,
-//!    so it holds every write ever acknowledged for the moving slots;
+//! 2. *drain*: per partition that gives slots away, loses a replica or gains one
+//!    ([`Plan::drained`]), one replica catches up to the join of those reports, so it
+//!    holds every write ever acknowledged for the moving slots;
 //! 3. *pull*: every replica of a receiving partition copies the moving slots from that
 //!    replica ([`PullKey::Move`]), and a member joining an existing partition copies the
 //!    partition's whole state ([`PullKey::Copy`]); each records its progress, so a crash
@@ -258,6 +259,106 @@ impl Transition {
     }
 }
 
+/// Proposals, transitions and acceptor states as kvs persisted them before views had a
+/// layout (their views were [`ViewV2`]), read from data directories of that version.
+/// Views are postcard-encoded, so a type that embeds one changes encoding with it; see
+/// `placement::legacy`.
+mod v2 {
+    use super::*;
+    use crate::placement::ViewV2;
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(Serialize))]
+    pub(super) struct ProposalV2 {
+        pub change: Change,
+        pub from: ViewV2,
+        pub to: ViewV2,
+    }
+
+    #[cfg(test)]
+    impl ProposalV2 {
+        pub fn of(p: &Proposal) -> Self {
+            ProposalV2 {
+                change: p.change.clone(),
+                from: p.from.v2(),
+                to: p.to.v2(),
+            }
+        }
+    }
+
+    impl From<ProposalV2> for Proposal {
+        fn from(p: ProposalV2) -> Self {
+            Proposal {
+                change: p.change,
+                from: p.from.into(),
+                to: p.to.into(),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(Serialize))]
+    pub(super) struct TransitionV2 {
+        pub proposal: ProposalV2,
+        pub pulls: BTreeMap<PullKey, PullProgress>,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(Serialize))]
+    pub(super) struct AcceptorV2 {
+        pub epoch: u64,
+        pub promised: Option<Ballot>,
+        pub accepted: Option<(Ballot, ProposalV2)>,
+    }
+}
+
+impl Transition {
+    /// This transition as persisted with v2 views (for migration tests; K mode only).
+    #[cfg(test)]
+    pub(crate) fn v2_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(&v2::TransitionV2 {
+            proposal: v2::ProposalV2::of(&self.proposal),
+            pulls: self.pulls.clone(),
+        })
+        .expect("serialization is infallible")
+    }
+
+    /// Decodes a transition persisted with v2 views (before layouts existed).
+    pub fn from_v2_bytes(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        let old: v2::TransitionV2 = postcard::from_bytes(bytes)?;
+        Ok(Transition {
+            proposal: old.proposal.into(),
+            pulls: old.pulls,
+        })
+    }
+}
+
+impl Acceptor {
+    /// This state as persisted with v2 views (for migration tests; K mode only).
+    #[cfg(test)]
+    pub(crate) fn v2_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(&v2::AcceptorV2 {
+            epoch: self.epoch,
+            promised: self.promised.clone(),
+            accepted: self
+                .accepted
+                .as_ref()
+                .map(|(b, p)| (b.clone(), v2::ProposalV2::of(p))),
+        })
+        .expect("serialization is infallible")
+    }
+
+    /// Decodes an acceptor state persisted with v2 views (before layouts existed).
+    pub fn from_v2_bytes(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        let old: v2::AcceptorV2 = postcard::from_bytes(bytes)?;
+        Ok(Acceptor {
+            epoch: old.epoch,
+            promised: old.promised,
+            accepted: old.accepted.map(|(b, p)| (b, p.into())),
+        })
+    }
+}
+
 /// What one node must do for a proposal. See the module doc.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Duties {
@@ -381,6 +482,140 @@ mod tests {
         }
         assert!(t.pulls_done(&addr(6)));
         assert!(t.pulls_done(&addr(1)), "a source owes no pull");
+    }
+
+    /// A node upgraded in the middle of a change still reads what it had persisted:
+    /// the learned transition and its acceptor state, whose views were v2 views.
+    #[test]
+    fn transitions_and_acceptors_with_v2_views_are_read() {
+        // K = 1: read as current bytes, its v2 views would say `Layout::Shards`.
+        let v = view(5, 1);
+        let p = Proposal::new(Change::Add(addr(6)), &v).expect("valid");
+        let mut t = Transition::new(p.clone());
+        t.pulls
+            .insert(PullKey::Move { from: 0 }, PullProgress::default());
+        assert_eq!(Transition::from_v2_bytes(&t.v2_bytes()), Ok(t.clone()));
+        let guessed: Result<Transition, _> = postcard::from_bytes(&t.v2_bytes());
+        assert!(guessed.map_or(true, |g| g != t));
+        let ballot = Ballot {
+            round: 3,
+            node: addr(2),
+        };
+        let mut a = Acceptor::new(2);
+        assert_eq!(a.on_accept(&ballot, &p), AcceptReply::Accepted);
+        assert_eq!(Acceptor::from_v2_bytes(&a.v2_bytes()), Ok(a));
+    }
+
+    /// A random change the view accepts, of any kind its layout knows.
+    fn random_change(v: &View, rng: &mut Rng, fresh: &mut usize) -> Option<(Change, View)> {
+        for _ in 0..20 {
+            let member = v.members[rng.next(v.members.len() as u64) as usize].clone();
+            let shards = v.partition_count() as u64;
+            let change = match rng.next(6) {
+                0 | 1 => {
+                    *fresh += 1;
+                    Change::Add(addr(*fresh))
+                }
+                2 => Change::Remove(member),
+                3 => Change::AddToShard {
+                    addr: member,
+                    shard: rng.next(shards) as u32,
+                },
+                4 => {
+                    *fresh += 1;
+                    Change::AddToShard {
+                        addr: addr(*fresh),
+                        shard: rng.next(shards) as u32,
+                    }
+                }
+                _ => Change::Reshard(1 + rng.next(5) as u32),
+            };
+            if let Ok(to) = v.apply(&change) {
+                return Some((change, to));
+            }
+        }
+        None
+    }
+
+    /// For changes of every kind in both layouts, the duties `plan` yields deliver every
+    /// slot of the new view to every one of its replicas (kept, moved in or copied), copy
+    /// only from partitions the coordinator drains, freeze every slot that changes hands
+    /// on every old replica, and stop every replica that leaves its partition.
+    #[test]
+    fn duties_deliver_every_slot_to_every_new_replica() {
+        for seed in 1..=100u64 {
+            let mut rng = Rng(seed);
+            let mut fresh = 100;
+            let n = 2 + rng.next(9) as usize;
+            let members: Vec<String> = (1..=n).map(addr).collect();
+            let mut v = if seed % 2 == 0 {
+                View::bootstrap(members, 1 + rng.next(n.min(3) as u64) as usize)
+            } else {
+                View::bootstrap_shards(members, 1 + rng.next((n / 2) as u64) as usize)
+            }
+            .expect("valid");
+            for _ in 0..8 {
+                let Some((change, to)) = random_change(&v, &mut rng, &mut fresh) else {
+                    break;
+                };
+                let p = Proposal::new(change.clone(), &v).expect("valid");
+                assert_eq!(p.to, to);
+                let plan = p.plan();
+                let drained = plan.drained();
+                for m in p.participants() {
+                    let d = duties(&p, &m);
+                    for (key, _) in &d.pulls {
+                        let source = match key {
+                            PullKey::Move { from } => *from,
+                            PullKey::Copy { uid } => *uid,
+                        };
+                        assert!(
+                            drained.contains(&source),
+                            "seed {seed} {change}: {key:?} undrained"
+                        );
+                        assert!(v.replicas_of(source).is_some_and(|r| !r.is_empty()));
+                    }
+                    if plan.leaves.iter().any(|l| l.node == m) {
+                        assert!(d.leaving, "seed {seed} {change}: {m} leaves but writes on");
+                    }
+                    if let Some(Role::Replica(old)) = v.role_of(&m) {
+                        if to.role_of(&m) != Some(Role::Replica(old)) {
+                            assert!(
+                                d.leaving,
+                                "seed {seed} {change}: {m} switches but writes on"
+                            );
+                        }
+                        for s in 0..crate::placement::SLOTS {
+                            if v.owner_of_slot(s) == old && to.owner_of_slot(s) != old {
+                                assert!(
+                                    d.frozen.contains(s),
+                                    "seed {seed} {change}: slot {s} not frozen"
+                                );
+                            }
+                        }
+                    }
+                    let Some(Role::Replica(uid)) = to.role_of(&m) else {
+                        continue;
+                    };
+                    let kept = v.role_of(&m) == Some(Role::Replica(uid));
+                    for s in to.slots_of(uid).iter() {
+                        let had = kept && v.owner_of_slot(s) == uid;
+                        let pulled = d.pulls.iter().any(|(key, set)| {
+                            set.contains(s)
+                                && match key {
+                                    PullKey::Move { from } => *from == v.owner_of_slot(s),
+                                    PullKey::Copy { uid: u } => *u == uid,
+                                }
+                        });
+                        assert!(
+                            had || pulled,
+                            "seed {seed} {change}: {m} gets no copy of slot {s}"
+                        );
+                    }
+                }
+                v = to;
+            }
+        }
     }
 
     /// Three proposers with different changes race over five acceptors through a

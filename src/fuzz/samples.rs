@@ -32,6 +32,26 @@ pub(super) fn sample_proposals() -> Vec<Proposal> {
             Err(e) => panic!("seed proposal: {e}"),
         }
     }
+    // Shard-count mode, so mutations reach its rules (`Proposal::check` applies them).
+    for (n, shards, change) in [
+        (6, 2, Change::Reshard(3)),
+        (
+            7,
+            3,
+            Change::AddToShard {
+                addr: addr(8),
+                shard: 1,
+            },
+        ),
+        (6, 3, Change::Remove(addr(1))),
+    ] {
+        let view = View::bootstrap_shards((1..=n).map(addr).collect(), shards);
+        match view.map(|v| Proposal::new(change, &v)) {
+            Ok(Ok(p)) => out.push(p),
+            Ok(Err(e)) => panic!("seed proposal: {e}"),
+            Err(e) => panic!("seed view: {e}"),
+        }
+    }
     out
 }
 

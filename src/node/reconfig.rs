@@ -122,9 +122,16 @@ impl Progress {
 /// dialects that word it their own way.
 fn change_error(e: ChangeError) -> Error {
     let kind = match e {
-        ChangeError::AlreadyMember(_) | ChangeError::Exhausted(_) => ErrorKind::Conflict,
-        ChangeError::NotMember(_) => ErrorKind::NotFound,
-        ChangeError::TooFewNodes { .. } => ErrorKind::BadRequest,
+        ChangeError::AlreadyMember(_)
+        | ChangeError::Exhausted(_)
+        | ChangeError::AlreadyInShard { .. }
+        | ChangeError::OnlyReplica { .. } => ErrorKind::Conflict,
+        ChangeError::NotMember(_) | ChangeError::NoSuchShard(_) => ErrorKind::NotFound,
+        ChangeError::TooFewNodes { .. }
+        | ChangeError::LastShard(_)
+        | ChangeError::NotEnoughNodes { .. }
+        | ChangeError::ZeroShards
+        | ChangeError::ShardModeOnly(_) => ErrorKind::BadRequest,
     };
     Error::new(kind, e.to_string()).refusing(e)
 }
@@ -209,8 +216,8 @@ impl Node {
             .filter(|m| **m != self.addr)
             .cloned()
             .collect();
-        if let Change::Add(a) = change {
-            targets.push(a.clone());
+        if let Some(a) = change.newcomer(view) {
+            targets.push(a.to_string());
         }
         let answers = join_all(
             targets
@@ -224,13 +231,13 @@ impl Node {
                 Ok(Response::Status(s)) => *s,
                 Ok(other) => return Err(unexpected(&other)),
                 Err(e) => {
-                    if matches!(change, Change::Add(a) if a == target) {
+                    if change.newcomer(view) == Some(target.as_str()) {
                         return Err(Error::unavailable(format!(
                             "cannot reach {target}: {e}. Start it first (with K and IPPORT, and the \
                              cluster's CLUSTER_SECRET), then add it"
                         )));
                     }
-                    if !matches!(change, Change::Remove(a) if a == target) {
+                    if change.removed() != Some(target.as_str()) {
                         unreachable.push(target.clone());
                     }
                     continue;
@@ -250,7 +257,7 @@ impl Node {
                     }
                 }
             }
-            if matches!(change, Change::Add(a) if a == target) {
+            if change.newcomer(view) == Some(target.as_str()) {
                 check_newcomer(view, target, &status)?;
             }
         }
@@ -366,18 +373,10 @@ impl Node {
         let epoch = p.epoch();
         self.ensure_progress(p);
         let plan = p.plan();
-        let removed = match &p.change {
-            Change::Remove(a) => Some(a.as_str()),
-            Change::Add(_) => None,
-        };
-        // Partitions whose writes must be drained: those that give slots away and those
-        // that lose a replica.
-        let mut drain: Vec<PartitionUid> = plan.sources();
-        for l in &plan.leaves {
-            if !drain.contains(&l.uid) {
-                drain.push(l.uid);
-            }
-        }
+        let removed = p.change.removed();
+        // Partitions whose writes must be drained: those that give slots away, lose a
+        // replica or gain one (see `Plan::drained`).
+        let drain: Vec<PartitionUid> = plan.drained();
         // Nodes that must learn: replicas of drained partitions, and every destination.
         let mut required: Vec<String> = Vec::new();
         for uid in &drain {
@@ -1187,11 +1186,18 @@ fn check_newcomer(view: &View, addr: &str, status: &NodeStatus) -> Result<()> {
         });
     }
     if let Some(k) = status.k {
-        if k != view.k {
-            return Err(Error::conflict(format!(
-                "{addr} was started with K={k}, but this cluster has K={}",
-                view.k
-            )));
+        match view.k() {
+            Some(ours) if ours != k => {
+                return Err(Error::conflict(format!(
+                    "{addr} was started with K={k}, but this cluster has K={ours}"
+                )))
+            }
+            None => {
+                return Err(Error::conflict(format!(
+                    "{addr} was started with K={k}, but this cluster is in shard-count mode"
+                )))
+            }
+            Some(_) => {}
         }
     }
     if status.keys > 0 && status.transition.is_none() {
@@ -1204,7 +1210,7 @@ fn check_newcomer(view: &View, addr: &str, status: &NodeStatus) -> Result<()> {
 }
 
 fn outcome(view: &View, change: &Change) -> ChangeOutcome {
-    let partition_index = match view.role_of(change.addr()) {
+    let partition_index = match change.addr().and_then(|a| view.role_of(a)) {
         Some(Role::Replica(uid)) => view.index_of(uid),
         _ => None,
     };

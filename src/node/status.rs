@@ -20,7 +20,7 @@ impl Node {
         let view = cur.view.as_ref().map(|v| {
             json!({
                 "epoch": v.epoch,
-                "k": v.k,
+                "k": v.k(),
                 "members": v.members,
                 "partitions": v.partitions.iter().enumerate().map(|(i, p)| json!({
                     "partition_id": i,

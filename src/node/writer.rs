@@ -60,10 +60,12 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// refusal) instead of blocking on the queue, so it can probe between them.
 const DEGRADED_POLL: Duration = Duration::from_millis(20);
 
-/// Meta-table names of the node's durable state.
-pub const META_VIEW: &str = "view.v2";
-pub const META_TRANSITION: &str = "transition";
-pub const META_ACCEPTOR: &str = "paxos";
+/// Meta-table names of the node's durable state. The view, and the transition and
+/// acceptor state that embed views, are named after the view encoding (v3: views with a
+/// layout); older names are read and migrated on start (see `placement::legacy`).
+pub const META_VIEW: &str = "view.v3";
+pub const META_TRANSITION: &str = "transition.v3";
+pub const META_ACCEPTOR: &str = "paxos.v3";
 /// `(cluster, epoch)` of the view that removed this node.
 pub const META_REMOVED: &str = "removed";
 /// The cluster key (`auth::ClusterKey`): secret, shared only among members.
@@ -72,6 +74,10 @@ pub const META_CLUSTER_KEY: &str = "cluster.key";
 const LEGACY_VIEW: &str = "view";
 const LEGACY_REPLICA: &str = "replica";
 const LEGACY_REPLICA_ID: &str = "replica_id";
+/// Names written with v2 views (K only, before layouts), migrated on start.
+const V2_VIEW: &str = "view.v2";
+const V2_TRANSITION: &str = "transition";
+const V2_ACCEPTOR: &str = "paxos";
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -197,9 +203,10 @@ impl Durable {
     /// what it decided before returning.
     pub fn load(store: &dyn Store, addr: &str, env_view: Option<View>) -> Result<Self> {
         let txn = store.read()?;
-        let stored_view = match txn.meta(META_VIEW)? {
-            Some(b) => Some(postcard::from_bytes::<View>(&b).map_err(|e| corrupt("view", e))?),
-            None => match txn.meta(LEGACY_VIEW)? {
+        let stored_view = match (txn.meta(META_VIEW)?, txn.meta(V2_VIEW)?) {
+            (Some(b), _) => Some(postcard::from_bytes::<View>(&b).map_err(|e| corrupt("view", e))?),
+            (None, Some(b)) => Some(View::from_v2_bytes(&b).map_err(|e| corrupt("view", e))?),
+            (None, None) => match txn.meta(LEGACY_VIEW)? {
                 Some(b) => Some(View::from_legacy_bytes(&b).map_err(|e| corrupt("view", e))?),
                 None => None,
             },
@@ -211,14 +218,20 @@ impl Durable {
         if replica.is_none() {
             replica = legacy_replica(&*txn, stored_view.as_ref(), addr)?;
         }
-        let transition: Option<Transition> = txn
-            .meta(META_TRANSITION)?
-            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("transition", e)))
-            .transpose()?;
-        let acceptor: Option<Acceptor> = txn
-            .meta(META_ACCEPTOR)?
-            .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("acceptor state", e)))
-            .transpose()?;
+        let transition: Option<Transition> = match txn.meta(META_TRANSITION)? {
+            Some(b) => Some(postcard::from_bytes(&b).map_err(|e| corrupt("transition", e))?),
+            None => txn
+                .meta(V2_TRANSITION)?
+                .map(|b| Transition::from_v2_bytes(&b).map_err(|e| corrupt("transition", e)))
+                .transpose()?,
+        };
+        let acceptor: Option<Acceptor> = match txn.meta(META_ACCEPTOR)? {
+            Some(b) => Some(postcard::from_bytes(&b).map_err(|e| corrupt("acceptor state", e))?),
+            None => txn
+                .meta(V2_ACCEPTOR)?
+                .map(|b| Acceptor::from_v2_bytes(&b).map_err(|e| corrupt("acceptor state", e)))
+                .transpose()?,
+        };
         let removed: Option<(u64, u64)> = txn
             .meta(META_REMOVED)?
             .map(|b| postcard::from_bytes(&b).map_err(|e| corrupt("removal record", e)))
@@ -233,7 +246,7 @@ impl Durable {
             (Some(stored), env) => {
                 if env
                     .as_ref()
-                    .is_some_and(|v| v.members != stored.members || v.k != stored.k)
+                    .is_some_and(|v| v.members != stored.members || v.layout != stored.layout)
                 {
                     tracing::info!(
                         epoch = stored.epoch,
@@ -332,6 +345,9 @@ impl Durable {
             None => txn.delete_meta(META_VIEW)?,
         }
         txn.delete_meta(LEGACY_VIEW)?;
+        for v2 in [V2_VIEW, V2_TRANSITION, V2_ACCEPTOR] {
+            txn.delete_meta(v2)?;
+        }
         txn.delete_meta(LEGACY_REPLICA)?;
         txn.delete_meta(LEGACY_REPLICA_ID)?;
         match &self.replica {
@@ -999,6 +1015,48 @@ mod tests {
         d.persist_all(&mut *txn).expect("persist");
         txn.commit().expect("commit");
         out
+    }
+
+    /// A data directory written with v2 views (before layouts) in the middle of a
+    /// change: view, learned transition and accepted proposal all come back, under the
+    /// current names.
+    #[test]
+    fn a_v2_data_directory_is_migrated() {
+        use crate::viewchange::{AcceptReply, Ballot};
+        let v = view(5, 2);
+        let p = Proposal::new(Change::Add(addr(6)), &v).expect("valid");
+        let mut acceptor = Acceptor::new(v.epoch + 1);
+        let ballot = Ballot {
+            round: 1,
+            node: addr(1),
+        };
+        assert_eq!(acceptor.on_accept(&ballot, &p), AcceptReply::Accepted);
+        let store = MemoryStore::new();
+        let mut txn = store.write().expect("txn");
+        txn.set_meta(V2_VIEW, &encode(&v.v2())).expect("meta");
+        txn.set_meta(V2_TRANSITION, &Transition::new(p.clone()).v2_bytes())
+            .expect("meta");
+        txn.set_meta(V2_ACCEPTOR, &acceptor.v2_bytes())
+            .expect("meta");
+        txn.commit().expect("commit");
+
+        let d = Durable::load(&store, &addr(3), None).expect("loads");
+        assert_eq!(d.view.as_deref(), Some(&v));
+        assert_eq!(d.transition.as_ref().map(|t| &t.proposal), Some(&p));
+        assert_eq!(*d.acceptor, acceptor);
+        let read = store.read().expect("read");
+        for (old, new) in [
+            (V2_VIEW, META_VIEW),
+            (V2_TRANSITION, META_TRANSITION),
+            (V2_ACCEPTOR, META_ACCEPTOR),
+        ] {
+            assert!(read.meta(old).expect("meta").is_none(), "{old} left behind");
+            assert!(read.meta(new).expect("meta").is_some(), "{new} not written");
+        }
+        drop(read);
+        let again = Durable::load(&store, &addr(3), None).expect("loads");
+        assert_eq!(again.view, d.view);
+        assert_eq!(again.transition, d.transition);
     }
 
     #[test]

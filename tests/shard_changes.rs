@@ -1,0 +1,327 @@
+//! Shard-count mode's changes carried out by the real view-change protocol
+//! (`server::reconfig`: preflight, Paxos, learn, drain, pull, install, garbage
+//! collection), in one process: nodes on in-memory stores, calls delivered by a loopback
+//! transport that encodes and decodes every message as the wire does. No socket is
+//! opened; the addresses are names.
+//!
+//! Each scenario writes keys, makes one or more changes through `Node::update_view`, and
+//! then checks what the placement promises: every key readable from every node, and each
+//! node's store holding exactly the keys of its shard once handed-over slots are
+//! collected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kvs::clock::CausalToken;
+use kvs::node::{Node, NodeConfig};
+use kvs::placement::{Change, Layout, Movement, Role, View};
+use kvs::rpc::{CallError, CallFuture, Envelope, Response, Transport};
+use kvs::storage::MemoryStore;
+
+/// How long a scenario waits for the cluster to form, or for collection to finish.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Delivers every call to the named node's `handle_rpc` on its own task, through the
+/// codec. A name with no running node is "nobody there".
+#[derive(Default)]
+struct Loopback {
+    nodes: Mutex<HashMap<String, Weak<Node>>>,
+}
+
+impl Transport for Loopback {
+    fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_> {
+        let node = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to)
+            .and_then(Weak::upgrade);
+        let bytes = kvs::rpc::encode(envelope);
+        let to = to.to_string();
+        Box::pin(async move {
+            let Some(node) = node else {
+                return Err(CallError::NotSent(to, "nobody there".into()));
+            };
+            let env: Envelope = kvs::rpc::decode(&bytes)
+                .map_err(|e| CallError::Refused(to.clone(), e.to_string()))?;
+            let task = tokio::spawn(async move { kvs::rpc::encode(&node.handle_rpc(env).await) });
+            match tokio::time::timeout(timeout, task).await {
+                Ok(Ok(answer)) => kvs::rpc::decode::<Response>(&answer)
+                    .map_err(|e| CallError::Unreachable(to, e.to_string())),
+                Ok(Err(e)) => Err(CallError::Unreachable(to, e.to_string())),
+                Err(_) => Err(CallError::Timeout(to, timeout)),
+            }
+        })
+    }
+}
+
+fn addr(i: usize) -> String {
+    format!("127.0.0.{i}:7000")
+}
+
+struct Cluster {
+    transport: Arc<Loopback>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// Every key written, with its value.
+    keys: Vec<(String, Vec<u8>)>,
+}
+
+impl Cluster {
+    /// `n` nodes started with `VIEW` of all of them and `SHARD_COUNT = shards`.
+    async fn start(n: usize, shards: usize) -> Cluster {
+        let members: Vec<String> = (1..=n).map(addr).collect();
+        let view = View::bootstrap_shards(members.clone(), shards).expect("valid view");
+        let mut c = Cluster {
+            transport: Arc::new(Loopback::default()),
+            nodes: BTreeMap::new(),
+            keys: Vec::new(),
+        };
+        for m in members {
+            c.add_process(&m, Some(view.clone()));
+        }
+        c.wait_ready().await;
+        c
+    }
+
+    /// Starts a node process: a member of `view`, or a blank node when `None`.
+    fn add_process(&mut self, name: &str, view: Option<View>) {
+        let cfg = NodeConfig {
+            addr: name.to_string(),
+            env_view: view,
+            k: None,
+            secret: "shard-test".into(),
+            admin_token: None,
+        };
+        let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
+            .expect("node starts");
+        self.transport
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::downgrade(&node));
+        self.nodes.insert(name.to_string(), node);
+    }
+
+    fn node(&self, name: &str) -> &Arc<Node> {
+        self.nodes.get(name).expect("a node of the cluster")
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.view())
+            .max_by_key(|v| v.epoch)
+            .expect("some node has a view")
+    }
+
+    /// Until every member accepts writes (the cluster key is formed); the probe keys
+    /// count as written.
+    async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        for name in self.view().members.clone() {
+            loop {
+                let probe = format!("ready_{}", name.replace(['.', ':'], "_"));
+                let put = self
+                    .node(&name)
+                    .put(&probe, b"r".to_vec(), CausalToken::default(), true)
+                    .await;
+                match put {
+                    Ok(_) => {
+                        self.keys.push((probe, b"r".to_vec()));
+                        break;
+                    }
+                    Err(e) => assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{name} never became ready: {e}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Writes `n` keys through the members in turn.
+    async fn write(&mut self, n: usize) {
+        let members = self.view().members.clone();
+        for i in 0..n {
+            let key = format!("key_{i}");
+            let value = format!("value {i}").into_bytes();
+            let via = &members[i % members.len()];
+            self.node(via)
+                .put(&key, value.clone(), CausalToken::default(), true)
+                .await
+                .unwrap_or_else(|e| panic!("put {key} via {via}: {e}"));
+            self.keys.push((key, value));
+        }
+    }
+
+    /// Every key, read through every member, has its value.
+    async fn read_everything_everywhere(&self) {
+        for name in &self.view().members {
+            for (key, value) in &self.keys {
+                let got = self
+                    .node(name)
+                    .get(key, CausalToken::default(), true)
+                    .await
+                    .unwrap_or_else(|e| panic!("get {key} via {name}: {e}"));
+                assert_eq!(
+                    got.value.map(|(v, _)| v).as_ref(),
+                    Some(value),
+                    "{key} via {name}"
+                );
+            }
+        }
+    }
+
+    /// Until every node's store holds exactly the keys of its shard (written keys and
+    /// the readiness probes): pulls copied them in, collection dropped the others.
+    async fn wait_for_exact_placement(&self) {
+        let view = self.view();
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let mut wrong = Vec::new();
+            for (name, node) in &self.nodes {
+                let expected = match view.role_of(name) {
+                    Some(Role::Replica(uid)) => Some(self.stored_keys_of(&view, uid)),
+                    Some(Role::Proxy) => Some(0),
+                    None => None,
+                };
+                let Some(expected) = expected else { continue };
+                let held = node.status().expect("status").keys;
+                if held != expected as u64 {
+                    wrong.push(format!("{name} holds {held}, expected {expected}"));
+                }
+            }
+            if wrong.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "placement never settled: {wrong:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The keys partition `uid` owns.
+    fn stored_keys_of(&self, view: &View, uid: u32) -> usize {
+        self.keys
+            .iter()
+            .filter(|(k, _)| view.partition_of_key(k) == uid)
+            .count()
+    }
+
+    /// Carries out `change` from `via` and checks every node installed the result.
+    async fn change(&self, via: &str, change: Change) -> Arc<View> {
+        let before = self.view();
+        let out = self
+            .node(via)
+            .change_view(change.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{change}: {e}"));
+        assert_eq!(out.view.epoch, before.epoch + 1, "{change}");
+        assert_eq!(*out.view, before.apply(&change).expect("valid change"));
+        for m in &out.view.members {
+            assert_eq!(self.node(m).epoch(), out.view.epoch, "{m} after {change}");
+        }
+        let moved = Movement::of(&before, &out.view, &change);
+        println!("{change}: {moved:?}");
+        out.view
+    }
+
+    async fn shutdown(self) {
+        for node in self.nodes.values() {
+            node.shutdown().await;
+        }
+    }
+}
+
+fn sizes(v: &View) -> Vec<usize> {
+    v.partitions.iter().map(|p| p.replicas.len()).collect()
+}
+
+/// Seed 002's reshard: 6 nodes in 2 shards become 3 shards of 2; the third of the keys
+/// that changes shard reaches the new shard's replicas, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reshard_two_to_three_moves_a_third_of_the_keys_and_loses_none() {
+    let mut c = Cluster::start(6, 2).await;
+    assert_eq!(c.view().layout, Layout::Shards);
+    c.write(120).await;
+    let v = c.change(&addr(1), Change::Reshard(3)).await;
+    assert_eq!(sizes(&v), vec![2, 2, 2]);
+    c.read_everything_everywhere().await;
+    c.wait_for_exact_placement().await;
+    // And back to two: the third shard is dissolved into the other two.
+    let v = c.change(&addr(4), Change::Reshard(2)).await;
+    assert_eq!(sizes(&v), vec![3, 3]);
+    c.read_everything_everywhere().await;
+    c.wait_for_exact_placement().await;
+    c.shutdown().await;
+}
+
+/// Seed 002's add-member: a node started later without a view is added (a proxy), then
+/// put in shard 1, and holds exactly shard 1's keys; a member moved to another shard
+/// swaps its keys for those of its new shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_member_copies_the_shard_to_the_node_it_adds() {
+    let mut c = Cluster::start(4, 2).await;
+    c.write(80).await;
+    c.add_process(&addr(5), None);
+    let v = c.change(&addr(2), Change::Add(addr(5))).await;
+    assert_eq!(v.role_of(&addr(5)), Some(Role::Proxy));
+    let v = c
+        .change(
+            &addr(1),
+            Change::AddToShard {
+                addr: addr(5),
+                shard: 1,
+            },
+        )
+        .await;
+    assert_eq!(sizes(&v), vec![2, 3]);
+    c.wait_for_exact_placement().await;
+    // Member 1 (shard 0 = {1, 3}) moves to shard 1.
+    let v = c
+        .change(
+            &addr(3),
+            Change::AddToShard {
+                addr: addr(1),
+                shard: 1,
+            },
+        )
+        .await;
+    assert_eq!(sizes(&v), vec![1, 4]);
+    c.read_everything_everywhere().await;
+    c.wait_for_exact_placement().await;
+    // A node not yet a member joins a shard in one step.
+    c.add_process(&addr(6), None);
+    let v = c
+        .change(
+            &addr(2),
+            Change::AddToShard {
+                addr: addr(6),
+                shard: 0,
+            },
+        )
+        .await;
+    assert_eq!(sizes(&v), vec![2, 4]);
+    c.read_everything_everywhere().await;
+    c.wait_for_exact_placement().await;
+    c.shutdown().await;
+}
+
+/// Removing the last replica of a shard dissolves it: its keys go to the other shards
+/// first, drained from that replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_shards_last_replica_hands_its_keys_to_the_others() {
+    let mut c = Cluster::start(6, 3).await;
+    c.write(90).await;
+    // Shard 2 = {3, 6}.
+    c.change(&addr(1), Change::Remove(addr(3))).await;
+    let v = c.change(&addr(1), Change::Remove(addr(6))).await;
+    assert_eq!(sizes(&v), vec![2, 2]);
+    c.read_everything_everywhere().await;
+    c.wait_for_exact_placement().await;
+    c.shutdown().await;
+}
