@@ -84,9 +84,15 @@ struct ServeArgs {
     /// node that will be added to a running cluster with update_view.
     #[arg(long, env = "VIEW")]
     view: Option<String>,
-    /// Replicas per partition.
+    /// Replicas per partition (seeds 000/001: floor(N/K) partitions of K replicas, the
+    /// rest forward).
     #[arg(short = 'k', long, env = "K")]
     k: Option<usize>,
+    /// Shards (seed 002): the VIEW's nodes dealt round-robin into this many shards of at
+    /// least two. Without it and without K, nodes started together form one shard of
+    /// every node, and a node started later joins the running cluster in no shard.
+    #[arg(long, env = "SHARD_COUNT", conflicts_with = "k")]
+    shard_count: Option<usize>,
     /// Directory for this node's data (default ./kvs-data/<ipport>).
     #[arg(long, env = "DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -268,8 +274,7 @@ async fn bench(args: kvs::bench::BenchArgs) -> Result<(), String> {
 }
 
 /// Fills what the 000/001 variables leave unset from the other seed families':
-/// `SOCKET_ADDRESS` or `ADDRESS` for `IPPORT`, `REPL_FACTOR` for `K`, and `SHARD_COUNT`
-/// (the number of partitions) as `K` = nodes in `VIEW` / `SHARD_COUNT`.
+/// `SOCKET_ADDRESS` or `ADDRESS` for `IPPORT`, `REPL_FACTOR` for `K`.
 fn seed_aliases(
     mut args: ServeArgs,
     env: impl Fn(&str) -> Option<String>,
@@ -284,31 +289,6 @@ fn seed_aliases(
                 .parse()
                 .map_err(|_| format!("REPL_FACTOR {r:?} is not a number"))?;
             args.k = Some(k);
-        } else if let (Some(shards), Some(view)) = (env("SHARD_COUNT"), args.view.as_deref()) {
-            let shards: usize = shards
-                .trim()
-                .parse()
-                .ok()
-                .filter(|&s| s > 0)
-                .ok_or_else(|| format!("SHARD_COUNT {shards:?} is not a positive number"))?;
-            let nodes = parse_view_list(view)
-                .map_err(|e| format!("VIEW: {e}"))?
-                .len();
-            if nodes < shards {
-                return Err(format!(
-                    "SHARD_COUNT {shards} is more than the {nodes} nodes in VIEW"
-                ));
-            }
-            if nodes % shards != 0 {
-                tracing::warn!(
-                    nodes,
-                    shards,
-                    "the nodes do not divide evenly into SHARD_COUNT shards: each shard gets {} replicas and the {} left over forward requests",
-                    nodes / shards,
-                    nodes % shards
-                );
-            }
-            args.k = Some(nodes / shards);
         }
     }
     Ok(args)
@@ -382,6 +362,36 @@ fn move_aside(dir: &std::path::Path, k: Option<usize>) -> Result<(), String> {
     Ok(())
 }
 
+/// The view this node starts from when its data directory holds none, by the seed family
+/// its variables name: K mode (`K`/`REPL_FACTOR`), shards (`SHARD_COUNT`), or, with a
+/// `VIEW` and neither, the addresses to join or form a one-shard cluster at
+/// (`node::join`). No `VIEW`: a node that waits to be added.
+type FirstView = (Option<View>, Option<(Vec<String>, View)>);
+
+fn first_view(args: &ServeArgs, addr: &str) -> Result<FirstView, String> {
+    let Some(text) = args.view.as_deref() else {
+        return Ok((None, None));
+    };
+    let members = parse_view_list(text).map_err(|e| format!("VIEW: {e}"))?;
+    if !members.iter().any(|m| m == addr) {
+        tracing::warn!(%addr, "this node's address is not in VIEW: it will forward requests and own no data");
+    }
+    Ok(match (args.k, args.shard_count) {
+        (Some(k), _) => (
+            Some(View::bootstrap(members, k).map_err(|e| e.to_string())?),
+            None,
+        ),
+        (None, Some(n)) => (
+            Some(View::bootstrap_shards(members, n).map_err(|e| format!("SHARD_COUNT: {e}"))?),
+            None,
+        ),
+        (None, None) => {
+            let formed = View::bootstrap_shards(members.clone(), 1).map_err(|e| e.to_string())?;
+            (None, Some((members, formed)))
+        }
+    })
+}
+
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let args = seed_aliases(args, |name| std::env::var(name).ok())?;
     let addr = parse_addr(
@@ -390,19 +400,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .ok_or("IPPORT is not set (this node's ip:port, e.g. 10.0.0.21:8080; SOCKET_ADDRESS or ADDRESS also work)")?,
     )
     .map_err(|e| format!("IPPORT: {e}"))?;
-    let env_view = match args.view.as_deref() {
-        Some(text) => {
-            let k = args.k.ok_or(
-                "K is not set (replicas per partition; REPL_FACTOR or SHARD_COUNT also work)",
-            )?;
-            let members = parse_view_list(text).map_err(|e| format!("VIEW: {e}"))?;
-            Some(View::bootstrap(members, k).map_err(|e| e.to_string())?)
-        }
-        None => None,
-    };
     if args.k == Some(0) {
         return Err("K must be at least 1".into());
     }
+    let (env_view, join) = first_view(&args, &addr)?;
     let store: Arc<dyn Store> = if args.memory {
         Arc::new(MemoryStore::new())
     } else {
@@ -440,6 +441,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         k: args.k,
         secret,
         admin_token,
+        join,
     };
     let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
     match node.view() {
@@ -470,6 +472,7 @@ mod tests {
             ipport: None,
             view: None,
             k: None,
+            shard_count: None,
             data_dir: None,
             memory: false,
             cache_mb: 256,
@@ -503,20 +506,36 @@ mod tests {
             "10.0.0.1:8085,10.0.0.2:8085,10.0.0.3:8085,10.0.0.4:8085,10.0.0.5:8085,10.0.0.6:8085"
                 .into(),
         );
-        let a = seed_aliases(
-            six.clone(),
-            env(&[("SOCKET_ADDRESS", "10.0.0.1:8085"), ("SHARD_COUNT", "2")]),
-        )
-        .expect("seed 002");
-        assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.1:8085"), Some(3)));
+        let a = seed_aliases(six.clone(), env(&[("SOCKET_ADDRESS", "10.0.0.1:8085")]))
+            .expect("seed 002");
+        assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.1:8085"), None));
+        let addr = "10.0.0.1:8085";
+        let mut two = a.clone();
+        two.shard_count = Some(2);
+        let (view, join) = first_view(&two, addr).expect("two shards");
+        let view = view.expect("a first view");
+        assert!(join.is_none());
+        assert_eq!(view.partition_count(), 2);
+        assert_eq!(view.replicas_at(0).map(<[String]>::len), Some(3));
+        let (view, join) = first_view(&a, addr).expect("no SHARD_COUNT");
+        assert!(
+            view.is_none(),
+            "a node without SHARD_COUNT finds its cluster first"
+        );
+        let (addresses, formed) = join.expect("join");
+        assert_eq!(addresses.len(), 6);
+        assert_eq!(formed.partition_count(), 1);
+        for bad in [7, 0] {
+            let mut wrong = a.clone();
+            wrong.shard_count = Some(bad);
+            assert!(first_view(&wrong, addr).is_err(), "SHARD_COUNT {bad}");
+        }
         // IPPORT and K win over the aliases.
         let mut given = args();
         given.ipport = Some("10.0.0.9:8080".into());
         given.k = Some(1);
         let a = seed_aliases(given, env(&[("ADDRESS", "x"), ("REPL_FACTOR", "3")])).expect("001");
         assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.9:8080"), Some(1)));
-        assert!(seed_aliases(six.clone(), env(&[("SHARD_COUNT", "7")])).is_err());
-        assert!(seed_aliases(six, env(&[("SHARD_COUNT", "0")])).is_err());
         assert!(seed_aliases(args(), env(&[("REPL_FACTOR", "two")])).is_err());
     }
 }

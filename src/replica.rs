@@ -114,6 +114,16 @@ pub struct Version {
     pub value: Option<Vec<u8>>,
 }
 
+impl Version {
+    /// What this write's writer had observed, itself included: its history in
+    /// `partition` (the partition that holds it) and its dependencies elsewhere.
+    pub fn context(&self, partition: PartitionUid) -> BTreeMap<PartitionUid, VersionVector> {
+        let mut context = self.deps.clone();
+        context.insert(partition, self.vv.clone());
+        context
+    }
+}
+
 /// A key's sibling set: sorted by dot, no version dominated by another.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
@@ -237,6 +247,11 @@ pub struct ReadOutcome {
     /// The winning value and its timestamp, `None` if the key does not exist.
     pub value: Option<(Vec<u8>, u64)>,
     pub token: CausalToken,
+    /// The causal context of the write that wrote the value (its history in this
+    /// partition, its dependencies in others): the same on every replica that holds the
+    /// write, so dialects that show a write's own version read it from here. Empty when
+    /// the key does not exist.
+    pub context: BTreeMap<PartitionUid, VersionVector>,
 }
 
 /// Peer `have` asks for what it lacks. Bounds keep every answer small.
@@ -526,11 +541,11 @@ impl Replica {
         let mut token = token;
         let state = txn.get(slot, key)?.unwrap_or_default();
         state.observe_into(partition, &mut token);
+        let visible = state.visible();
         Ok(ReadOutcome {
-            value: state
-                .visible()
-                .and_then(|v| Some((v.value.clone()?, v.timestamp_ms))),
+            value: visible.and_then(|v| Some((v.value.clone()?, v.timestamp_ms))),
             token,
+            context: visible.map(|v| v.context(partition)).unwrap_or_default(),
         })
     }
 

@@ -29,6 +29,7 @@
 //! * The secret and the member proof travel in clear text: run the cluster on a private
 //!   network (as the seeds do) or behind TLS termination.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -61,7 +62,8 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// `ErrorKind::OutcomeUnknown`.
 /// 4: views carry a `placement::Layout` where they carried `k` (every message with a
 /// view or a proposal: `Install`, `Learn`, `Accept`, `Status`, ...), and `Change` has
-/// `AddToShard` and `Reshard`.
+/// `AddToShard` and `Reshard`; read replies carry the write's causal context; the
+/// requests `KeyCount` and `Join`.
 pub const PROTOCOL_VERSION: &str = "4";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
@@ -151,6 +153,15 @@ pub enum Request {
     /// `nonce`; refused unless the receiver sent such a request. Answered with
     /// [`Response::Ok`].
     KeyDelivery { nonce: Nonce, key: ClusterKey },
+    /// How many live keys the receiver holds for `partition` in the slots it owns:
+    /// answered with [`Response::Count`].
+    KeyCount { partition: PartitionUid },
+    /// "Add me to the view": sent by a node that knows the cluster's addresses but is in
+    /// no view (`node::join`). Needs no member proof; a receiver in a cluster that does
+    /// not list the sender checks `admin_token` as it checks a client's membership
+    /// change and adds the sender. Answered with [`Response::Status`] (no view: the
+    /// receiver is in no cluster).
+    Join { admin_token: Option<String> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -165,6 +176,8 @@ pub enum Response {
     Learned(LearnReply),
     Pulled(PullProgress),
     Key(KeyAnswer),
+    /// The answer to [`Request::KeyCount`].
+    Count(u64),
     /// The call was understood but failed; `kind` says whether retrying elsewhere helps.
     Error(Error),
     /// The answer to a ping from a node whose disk refuses writes, and why (its peers
@@ -226,6 +239,8 @@ pub struct ReadReply {
     #[serde(with = "value_and_time")]
     pub value: Option<(Vec<u8>, u64)>,
     pub token: CausalToken,
+    /// The causal context of the write that wrote the value (`ReadOutcome::context`).
+    pub context: BTreeMap<PartitionUid, VersionVector>,
 }
 
 /// `Option<(Vec<u8>, u64)>` with the bytes serialized as bytes (one copy, not one visit
@@ -417,19 +432,24 @@ mod tests {
             index: u32,
             value: Option<(Vec<u8>, u64)>,
             token: CausalToken,
+            context: BTreeMap<PartitionUid, VersionVector>,
         }
+        let context: BTreeMap<PartitionUid, VersionVector> =
+            [(3, [(5, 7)].into_iter().collect())].into_iter().collect();
         for value in [None, Some((b"hello".to_vec(), 42))] {
             let reply = ReadReply {
                 partition: 3,
                 index: 1,
                 value: value.clone(),
                 token: CausalToken::default(),
+                context: context.clone(),
             };
             let old = Derived {
                 partition: 3,
                 index: 1,
                 value,
                 token: CausalToken::default(),
+                context: context.clone(),
             };
             let bytes = encode(&reply);
             assert_eq!(bytes, encode(&old));

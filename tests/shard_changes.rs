@@ -92,6 +92,7 @@ impl Cluster {
             k: None,
             secret: "shard-test".into(),
             admin_token: None,
+            join: None,
         };
         let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
             .expect("node starts");

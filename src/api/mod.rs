@@ -7,6 +7,7 @@
 //! it (one gate, one in-flight limit for the whole node) and hands it over as a
 //! [`Request`]; a dialect never touches a socket or a body stream.
 
+pub mod key_value_store;
 pub mod kv_store;
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use crate::error::Error;
 use crate::node::Node;
 
 /// Every dialect the node serves, in the order their paths are matched.
-const DIALECTS: [&Dialect; 1] = [&kv_store::DIALECT];
+const DIALECTS: [&Dialect; 2] = [&kv_store::DIALECT, &key_value_store::DIALECT];
 
 /// How a dialect's request bodies are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

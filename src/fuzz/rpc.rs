@@ -198,6 +198,10 @@ pub(super) fn envelopes() -> Vec<Envelope> {
             token: CausalToken::default(),
         },
         Request::Status,
+        Request::KeyCount { partition: 2 },
+        Request::Join {
+            admin_token: Some("t0ken".into()),
+        },
         Request::Prepare {
             epoch: 2,
             ballot: ballot.clone(),
@@ -292,12 +296,14 @@ pub(super) fn responses() -> Vec<Response> {
             index: 0,
             value: Some((b"world".to_vec(), 1_796_284_522_000)),
             token: token.clone(),
+            context: token.parts.clone(),
         }),
         Response::Get(ReadReply {
             partition: 1,
             index: 0,
             value: None,
             token: token.clone(),
+            context: Default::default(),
         }),
         Response::Put(WriteReply {
             partition: 0,
@@ -343,6 +349,7 @@ pub(super) fn responses() -> Vec<Response> {
         }),
         Response::Key(KeyAnswer::Delivered),
         Response::Key(KeyAnswer::NoKey),
+        Response::Count(1_234),
         Response::Error(Error::new(ErrorKind::OutcomeUnknown, "disk failed")),
         Response::DiskFault("No space left on device (os error 28)".into()),
     ]

@@ -182,7 +182,7 @@ impl Node {
     pub fn admit(&self, env: &Envelope, proof: Option<&[u8]>) -> std::result::Result<(), Refusal> {
         if matches!(
             env.body,
-            Request::KeyRequest { .. } | Request::KeyDelivery { .. }
+            Request::KeyRequest { .. } | Request::KeyDelivery { .. } | Request::Join { .. }
         ) {
             return Ok(());
         }

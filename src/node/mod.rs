@@ -46,9 +46,12 @@
 //!   `Node::forward` for why a retry would be worse). The nemesis found this: a retried
 //!   write applied a second time after a partition healed brought an old value back.
 
+mod context;
 mod heartbeat;
+mod join;
 mod keys;
 mod reconfig;
+mod shards;
 mod status;
 mod sync;
 mod writer;
@@ -228,6 +231,9 @@ pub struct NodeConfig {
     pub secret: String,
     /// `ADMIN_TOKEN`: when set, membership changes need it.
     pub admin_token: Option<String>,
+    /// For a node with no view of its own (none stored, no `env_view`): the addresses to
+    /// find its cluster at and the view to form when none answers (`join`).
+    pub join: Option<(Vec<String>, View)>,
 }
 
 /// One kvs server. See the module doc.
@@ -302,6 +308,7 @@ impl Node {
         store: Arc<dyn Store>,
         transport: Arc<dyn Transport>,
     ) -> Result<Arc<Node>> {
+        let join = cfg.join;
         let durable = Durable::load(&*store, &cfg.addr, cfg.env_view)?;
         let layout = durable.layout();
         let acceptor = durable.acceptor.clone();
@@ -357,6 +364,11 @@ impl Node {
         });
         node.apply_layout(layout);
         node.start_background();
+        if let Some((addresses, formed)) = join {
+            if node.view().is_none() {
+                node.spawn_join(addresses, formed);
+            }
+        }
         Ok(node)
     }
 
@@ -524,7 +536,7 @@ impl Node {
     ) -> Result<ReadReply> {
         check_bounds(key, None)?;
         if may_forward {
-            self.catch_up_view(token.epoch).await?;
+            self.catch_up_view(self.epoch_needed(&token)).await?;
         }
         let mut rerouted = false;
         loop {
@@ -587,7 +599,7 @@ impl Node {
     ) -> Result<WriteReply> {
         check_bounds(key, value.as_deref())?;
         if may_forward {
-            self.catch_up_view(token.epoch).await?;
+            self.catch_up_view(self.epoch_needed(&token)).await?;
         }
         let mut rerouted = false;
         loop {
@@ -775,6 +787,7 @@ impl Node {
                     index: view.index_of(r.partition).unwrap_or_default(),
                     value: out.value,
                     token: out.token,
+                    context: out.context,
                 });
             }
             drop(txn);
@@ -983,10 +996,14 @@ impl Node {
         // Past admission, a caller holds the key (or this node is in no cluster and
         // trusts its first contact). A member removed while it was away holds the key
         // too: it may ask for the status (which tells it it was removed), nothing else.
+        // A node that asks to join is not a member yet (`join`).
         let known = cur.knows(&env.from);
         let open = matches!(
             env.body,
-            Request::Status | Request::KeyRequest { .. } | Request::KeyDelivery { .. }
+            Request::Status
+                | Request::KeyRequest { .. }
+                | Request::KeyDelivery { .. }
+                | Request::Join { .. }
         );
         if !open && cur.view.is_some() && !known {
             // Retryable: a member removed while it was away still routes by its old
@@ -1030,6 +1047,8 @@ impl Node {
                     .map(Response::Put)
             }
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
+            Request::KeyCount { partition } => self.count_local(partition).map(Response::Count),
+            Request::Join { admin_token } => self.on_join(&env.from, admin_token.as_deref()).await,
             Request::Prepare { epoch, ballot } => self.on_prepare(epoch, ballot).await,
             Request::Accept {
                 epoch,
@@ -1163,6 +1182,7 @@ mod tests {
                     index: 0,
                     value: Some((b"v".to_vec(), 1)),
                     token: CausalToken::default(),
+                    context: Default::default(),
                 })),
             );
         }
@@ -1172,6 +1192,7 @@ mod tests {
             k: Some(2),
             secret: "s".into(),
             admin_token: None,
+            join: None,
         };
         let node =
             Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");
