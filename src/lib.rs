@@ -14,12 +14,14 @@
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
 //! | [`api`] | client dialects (`/kv-store`) | thin |
 //! | [`server`] | the I/O shell: listener, tasks, timers, routing | I/O |
+//! | [`client`] | the one HTTP client: transport, one handle per dialect | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
 pub mod antientropy;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod error;

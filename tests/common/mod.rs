@@ -14,6 +14,9 @@
 //! `KVS_TEST_KEEP=1` keeps every cluster's files (they are always kept on failure).
 //!
 //! Every wait has a deadline and every HTTP request a timeout, so no test can hang.
+//! Requests go through `kvs::client` (the project's one client), without connection
+//! pooling; the one exception is [`NodeClient::request_reading_early`], a raw-socket
+//! client for answers that arrive before the request body is complete.
 //!
 //! Caveat: children are killed by `Drop`; if the test binary itself is killed
 //! (SIGKILL), the nodes outlive it. The next run then refuses to start on their
@@ -31,7 +34,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
+use kvs::client::{Client, ClientError, Method, Response};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -76,7 +79,7 @@ pub struct Cluster {
     env: Mutex<Vec<(String, String)>>,
     nodes: Vec<Node>,
     tmp: Option<TempDir>,
-    http: reqwest::Client,
+    http: Client,
 }
 
 /// Reads the numeric environment override `name`, or `default`.
@@ -105,7 +108,7 @@ fn binary() -> PathBuf {
 
 /// Builds the form body `k1=v1&k2=v2` (application/x-www-form-urlencoded).
 pub fn form(fields: &[(&str, &str)]) -> String {
-    serde_urlencoded::to_string(fields).expect("form fields always encode")
+    kvs::client::encode_form(fields)
 }
 
 impl Cluster {
@@ -197,15 +200,13 @@ impl Cluster {
                 starts: Mutex::new(0),
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        let http = Client::builder()
             // No pooling: nodes are killed and restarted under the tests' feet, and a
             // stale pooled connection would turn into a spurious transport error.
             .pool_max_idle_per_host(0)
             .connect_timeout(Duration::from_secs(2))
             .timeout(REQUEST_TIMEOUT)
-            .build()
-            .expect("build HTTP client");
+            .build();
         let cluster = Cluster {
             k,
             view,
@@ -355,7 +356,6 @@ impl Cluster {
 
     async fn wait_ready_until(&self, i: usize, deadline: Instant) {
         let node = &self.nodes[i];
-        let url = format!("http://{}/api/v1/status", node.addr);
         loop {
             {
                 let mut guard = lock(&node.child);
@@ -372,14 +372,14 @@ impl Cluster {
             }
             let probe = self
                 .http
-                .get(&url)
+                .v1(&node.addr)
                 .timeout(Duration::from_secs(1))
-                .send()
+                .status()
                 .await;
             if let Ok(resp) = probe {
-                if resp.status().as_u16() == 200 {
+                if resp.status.as_u16() == 200 {
                     // A member is ready once it holds the cluster key.
-                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    let body: Value = resp.json().unwrap_or(Value::Null);
                     if body["ready"] != Value::Bool(false) {
                         return;
                     }
@@ -617,9 +617,9 @@ impl Cluster {
 
     /// GET /kv-store/get_partition_id on node `i`.
     pub async fn partition_id(&self, i: usize) -> i64 {
-        let (status, body) = self
-            .request(i, Method::GET, "/kv-store/get_partition_id", String::new())
-            .await;
+        let node = self.node(i);
+        let reply = node.http.kv_store(&node.addr).partition_id().await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_partition_id", reply);
         assert_eq!(status, 200, "get_partition_id on node {i}: {body}");
         assert_success(&body);
         body["partition_id"].as_i64().unwrap_or_else(|| {
@@ -629,14 +629,9 @@ impl Cluster {
 
     /// GET /kv-store/get_all_partition_ids on node `i`.
     pub async fn all_partition_ids(&self, i: usize) -> Vec<i64> {
-        let (status, body) = self
-            .request(
-                i,
-                Method::GET,
-                "/kv-store/get_all_partition_ids",
-                String::new(),
-            )
-            .await;
+        let node = self.node(i);
+        let reply = node.http.kv_store(&node.addr).all_partition_ids().await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_all_partition_ids", reply);
         assert_eq!(status, 200, "get_all_partition_ids on node {i}: {body}");
         assert_success(&body);
         body["partition_id_list"]
@@ -652,14 +647,13 @@ impl Cluster {
 
     /// GET /kv-store/get_partition_members (form `partition_id`) on node `i`.
     pub async fn partition_members(&self, i: usize, partition_id: i64) -> Vec<String> {
-        let (status, body) = self
-            .request(
-                i,
-                Method::GET,
-                "/kv-store/get_partition_members",
-                form(&[("partition_id", &partition_id.to_string())]),
-            )
+        let node = self.node(i);
+        let reply = node
+            .http
+            .kv_store(&node.addr)
+            .partition_members(partition_id)
             .await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_partition_members", reply);
         assert_eq!(
             status, 200,
             "get_partition_members({partition_id}) on node {i}: {body}"
@@ -737,9 +731,9 @@ impl Cluster {
 
     /// `GET /api/v1/status` on node `i`.
     pub async fn status(&self, i: usize) -> Value {
-        let (status, body) = self
-            .request(i, Method::GET, "/api/v1/status", String::new())
-            .await;
+        let node = self.node(i);
+        let reply = node.http.v1(&node.addr).status().await;
+        let (status, body) = node.expect_reply("GET /api/v1/status", reply);
         assert_eq!(status, 200, "status of node {i}: {body}");
         body
     }
@@ -805,7 +799,7 @@ impl Drop for Cluster {
 /// dialect requires) and replies are parsed as JSON.
 #[derive(Clone)]
 pub struct NodeClient {
-    http: reqwest::Client,
+    http: Client,
     index: usize,
     addr: String,
 }
@@ -836,40 +830,49 @@ impl NodeClient {
         body: String,
         timeout: Duration,
     ) -> Result<(u16, Value), String> {
-        let (i, addr) = (self.index, &self.addr);
-        let resp = self
+        let reply = self
             .http
-            .request(method.clone(), format!("http://{addr}{path}"))
+            .request(method.clone(), &self.addr, path)
+            .form_encoded(body)
             .timeout(timeout)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
             .send()
-            .await
-            .map_err(|e| format!("{method} {path} to node {i} ({addr}): {e:?}"))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| format!("{method} {path} to node {i} ({addr}): reading body: {e:?}"))?;
-        match serde_json::from_str(&text) {
+            .await;
+        self.reply(&format!("{method} {path}"), reply)
+    }
+
+    /// The status and JSON body of `reply` to the request `what`. Transport failures are
+    /// `Err`; a response that is not JSON is a contract violation and panics.
+    fn reply(
+        &self,
+        what: &str,
+        reply: Result<Response, ClientError>,
+    ) -> Result<(u16, Value), String> {
+        let (i, addr) = (self.index, &self.addr);
+        let reply = reply.map_err(|e| format!("{what} to node {i} ({addr}): {e}"))?;
+        let status = reply.status.as_u16();
+        match reply.json() {
             Ok(v) => Ok((status, v)),
             Err(e) => {
-                let excerpt: String = text.chars().take(300).collect();
+                let excerpt: String = reply.text().chars().take(300).collect();
                 panic!(
-                    "{method} {path} to node {i} ({addr}) answered {status} with a non-JSON \
-                     body ({e}): {excerpt:?}"
+                    "{what} to node {i} ({addr}) answered {status} with a non-JSON body \
+                     ({e}): {excerpt:?}"
                 )
             }
         }
     }
 
+    /// Like [`NodeClient::reply`], but a transport failure panics.
+    fn expect_reply(&self, what: &str, reply: Result<Response, ClientError>) -> (u16, Value) {
+        self.reply(what, reply)
+            .unwrap_or_else(|e| panic!("request failed: {e}"))
+    }
+
     /// Sends a request over a plain TCP connection, writing the body from another
     /// thread while reading, so a response sent before the body is complete (a server
     /// rejecting an oversize body early, as RFC 9110 allows) is still received. HTTP
-    /// client libraries, reqwest included, report a broken pipe instead in that case.
+    /// client libraries, `kvs::client` (hyper) included, may report a broken pipe
+    /// instead in that case: this is the harness's one client outside `kvs::client`.
     pub async fn request_reading_early(
         &self,
         method: Method,
@@ -907,13 +910,13 @@ impl NodeClient {
         target: &str,
         timeout: Duration,
     ) -> Result<(u16, Value), String> {
-        self.try_request_within(
-            Method::PUT,
-            &format!("/kv-store/update_view?type={kind}"),
-            form(&[("ip_port", target)]),
-            timeout,
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .timeout(timeout)
+            .update_view(kind, target)
+            .await;
+        self.reply(&format!("PUT /kv-store/update_view?type={kind}"), reply)
     }
 
     /// Like [`NodeClient::try_request`], but a transport failure panics.
@@ -925,32 +928,32 @@ impl NodeClient {
 
     /// GET /kv-store/<key> with the given causal payload.
     pub async fn get(&self, key: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::GET,
-            &format!("/kv-store/{key}"),
-            form(&[("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .get(key, causal_payload)
+            .await;
+        self.expect_reply(&format!("GET /kv-store/{key}"), reply)
     }
 
     /// PUT /kv-store/<key> with `val` and the given causal payload.
     pub async fn put(&self, key: &str, val: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::PUT,
-            &format!("/kv-store/{key}"),
-            form(&[("val", val), ("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .put(key, val, causal_payload)
+            .await;
+        self.expect_reply(&format!("PUT /kv-store/{key}"), reply)
     }
 
     /// DELETE /kv-store/<key> with the given causal payload.
     pub async fn delete(&self, key: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::DELETE,
-            &format!("/kv-store/{key}"),
-            form(&[("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .delete(key, causal_payload)
+            .await;
+        self.expect_reply(&format!("DELETE /kv-store/{key}"), reply)
     }
 }
 
