@@ -1,15 +1,17 @@
 //! `kvs bench`: a load generator for the `/kv-store` dialect.
 //!
-//! Each of `--concurrency` workers is one simulated client: a keep-alive connection
-//! (pooled per worker), and a causal session that sends back the `causal_payload` of its
-//! last answer with every request, as a real client does. Workers pick keys uniformly
-//! from `k0..k{keys-1}` and read or write by `--reads` (the read fraction); writes carry
-//! `--value-size` bytes. The run stops after `--duration` seconds or `--ops` operations,
-//! whichever comes first. Latencies go into one HDR histogram per operation kind
+//! Each of `--concurrency` workers is one simulated client: its own
+//! [`crate::client::Client`] (so its own keep-alive connection), and a causal session
+//! that sends back the `causal_payload` of its last answer with every request, as a real
+//! client does. Workers pick keys uniformly from `k0..k{keys-1}` and read or write by
+//! `--reads` (the read fraction); writes carry `--value-size` bytes. The run stops after
+//! `--duration` seconds or `--ops` operations, whichever comes first. Latencies (the
+//! request until its whole answer is read) go into one HDR histogram per operation kind
 //! (microsecond resolution, 3 significant digits).
 //!
 //! A GET answered 404 (a key not written yet) counts as a success; any other non-2xx
-//! answer or transport error counts as an error and its latency is not recorded.
+//! answer, transport error or request without an answer within `--timeout` counts as
+//! an error and its latency is not recorded.
 //!
 //! # Caveats
 //!
@@ -17,16 +19,16 @@
 //!   `bench/compare.sh` uses wrk for the side-by-side figures so every system gets the
 //!   same neutral client.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rand::{Rng, SeedableRng};
+
+use crate::client::{Client, ClientError, Response, StatusCode};
 
 /// What to run.
 #[derive(Clone, Debug, clap::Args)]
@@ -58,6 +60,9 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Seconds one request may take before it counts as an error.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
 }
 
 /// Results of one kind of operation.
@@ -134,6 +139,13 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
         ));
     }
     let duration = Duration::from_secs_f64(args.duration);
+    if !(args.timeout > 0.0 && args.timeout.is_finite() && args.timeout < 1e9) {
+        return Err(format!(
+            "--timeout {} is not a positive number",
+            args.timeout
+        ));
+    }
+    let timeout = Duration::from_secs_f64(args.timeout);
     let budget = args.ops.unwrap_or(u64::MAX);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -145,10 +157,9 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
         let (done, stop, value) = (done.clone(), stop.clone(), value.clone());
         let (keys, reads) = (args.keys, args.reads);
         workers.spawn(async move {
-            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            connector.set_nodelay(true);
-            let client: Client<_, Full<Bytes>> =
-                Client::builder(TokioExecutor::new()).build(connector);
+            // Its own client, so its own pooled connection.
+            let client = Client::builder().timeout(timeout).build();
+            let node = client.kv_store(&target);
             let mut rng = rand::rngs::SmallRng::seed_from_u64(w);
             let mut me = Worker {
                 get: histogram(),
@@ -157,26 +168,24 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
                 put_errors: 0,
                 first_error: None,
             };
-            let mut token = String::new();
+            // Reused from one request to the next.
+            let (mut token, mut key) = (String::new(), String::new());
             while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
                 if done.fetch_add(1, Ordering::Relaxed) >= budget {
                     break;
                 }
-                let key = rng.random_range(0..keys);
+                key.clear();
+                let _ = write!(key, "k{}", rng.random_range(0..keys));
                 let read = rng.random_bool(reads);
-                let mut form = form_urlencoded(&[("causal_payload", &token)]);
-                if !read {
-                    form.push_str("&val=");
-                    form.push_str(&value);
-                }
                 let began = Instant::now();
-                let outcome = call(&client, &target, read, key, form).await;
+                let outcome = if read {
+                    node.get(&key, &token).await
+                } else {
+                    node.put(&key, &value, &token).await
+                };
                 let micros = began.elapsed().as_micros().max(1) as u64;
-                match outcome {
-                    Ok(new_token) => {
-                        if let Some(t) = new_token {
-                            token = t;
-                        }
+                match outcome.and_then(|reply| absorb(&reply, read, &mut token)) {
+                    Ok(()) => {
                         let h = if read { &mut me.get } else { &mut me.put };
                         h.saturating_record(micros);
                     }
@@ -187,7 +196,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
                             me.put_errors += 1;
                         }
                         if me.first_error.is_none() {
-                            me.first_error = e;
+                            me.first_error = Some(e.to_string());
                         }
                     }
                 }
@@ -245,54 +254,28 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
     })
 }
 
-/// One request. `Ok(token)`: answered with success (a 404 GET included), with the new
-/// causal payload if the answer had one; `Err(what)`: an error (described the first time).
-async fn call(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    target: &str,
-    read: bool,
-    key: u64,
-    form: String,
-) -> Result<Option<String>, Option<String>> {
-    let method = if read {
-        hyper::Method::GET
-    } else {
-        hyper::Method::PUT
-    };
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{target}/kv-store/k{key}"))
-        .header(
-            hyper::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
-        .body(Full::new(Bytes::from(form)))
-        .map_err(|e| Some(e.to_string()))?;
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| Some(format!("{target}: {e}")))?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| Some(format!("{target}: {e}")))?
-        .to_bytes();
-    if !(status.is_success() || (read && status == hyper::StatusCode::NOT_FOUND)) {
-        return Err(Some(format!(
-            "{target}: {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )));
-    }
-    let token = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["causal_payload"].as_str().map(str::to_string));
-    Ok(token)
+/// The causal payload of a `/kv-store` reply, borrowed from the body when it can be.
+#[derive(serde::Deserialize)]
+struct Payload<'a> {
+    #[serde(borrow)]
+    causal_payload: Option<Cow<'a, str>>,
 }
 
-fn form_urlencoded(fields: &[(&str, &str)]) -> String {
-    serde_urlencoded::to_string(fields).unwrap_or_default()
+/// Judges one answer: a success (a 404 GET included) takes the new causal payload into
+/// `token`, if the answer has one; any other status is an error.
+fn absorb(reply: &Response, read: bool, token: &mut String) -> Result<(), ClientError> {
+    let status = reply.status;
+    if !(status.is_success() || (read && status == StatusCode::NOT_FOUND)) {
+        return Err(reply.bad_answer("not a success"));
+    }
+    if let Ok(Payload {
+        causal_payload: Some(new),
+    }) = reply.json()
+    {
+        token.clear();
+        token.push_str(&new);
+    }
+    Ok(())
 }
 
 /// The report as the table `kvs bench` prints.

@@ -13,14 +13,16 @@
 //! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
 //! | [`node`] | the service every dialect calls, and its I/O: routing, writer, sync, heartbeats, view changes | I/O |
-//! | [`api`] | client dialects (`/kv-store`), one file each | thin |
+//! | [`api`] | client dialects (`/kv-store`, `/key-value-store*`), one file each | thin |
 //! | [`http`] | one router, the body gate, the internal and status endpoints, the connection loop | I/O |
+//! | [`client`] | the one HTTP client: transport, one handle per dialect | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
 pub mod antientropy;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod error;

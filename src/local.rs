@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::client::{Client, ClientError};
 
 /// How long a node may take to start answering.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,6 +33,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the progress of a change is polled.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a status query may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a readiness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct LocalArgs {
@@ -108,6 +114,10 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
     let mut layout = load_layout(&args)?;
+    // The nodes inherit ADMIN_TOKEN from this process; membership changes need it.
+    let client = Client::builder()
+        .admin_token(std::env::var("ADMIN_TOKEN").ok())
+        .build();
     let mut procs: Vec<Proc> = Vec::new();
     for addr in layout.nodes.clone() {
         match spawn(&exe, &args, &layout, &addr) {
@@ -124,13 +134,13 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
         layout.k
     );
     for p in procs.iter_mut() {
-        if let Err(e) = wait_ready(&p.addr, &mut p.child).await {
+        if let Err(e) = wait_ready(&client, &p.addr, &mut p.child).await {
             let log = log_path(&args.data_dir, &p.addr);
             stop(&mut procs).await;
             return Err(format!("node did not start: {e} (see {})", log.display()));
         }
     }
-    print_roles(&layout.nodes).await;
+    print_roles(&client, &layout.nodes).await;
     println!(
         "\ntry:  curl -X PUT http://{0}/kv-store/hello -d val=world\n      curl -X GET http://{0}/kv-store/hello\n\
          commands: add | remove <node> | status | help   (Ctrl-C stops the cluster)\n\
@@ -148,7 +158,7 @@ pub async fn run(args: LocalArgs) -> Result<(), String> {
             }
             line = lines.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
-                    if let Err(e) = command(&exe, &args, &mut layout, &mut procs, line.trim()).await {
+                    if let Err(e) = command(&client, &exe, &args, &mut layout, &mut procs, line.trim()).await {
                         println!("error: {e}");
                     }
                 }
@@ -291,6 +301,7 @@ fn spawn(exe: &Path, args: &LocalArgs, layout: &Layout, addr: &str) -> Result<Ch
 
 /// One command typed on standard input.
 async fn command(
+    client: &Client,
     exe: &Path,
     args: &LocalArgs,
     layout: &mut Layout,
@@ -309,16 +320,17 @@ async fn command(
             Ok(())
         }
         (Some("status"), _) => {
-            print_roles(&layout.nodes).await;
+            print_roles(client, &layout.nodes).await;
             Ok(())
         }
-        (Some("add"), None) => add(exe, args, layout, procs).await,
-        (Some("remove"), Some(which)) => remove(args, layout, procs, which).await,
+        (Some("add"), None) => add(client, exe, args, layout, procs).await,
+        (Some("remove"), Some(which)) => remove(client, args, layout, procs, which).await,
         _ => Err(format!("unknown command {line:?}; try `help`")),
     }
 }
 
 async fn add(
+    client: &Client,
     exe: &Path,
     args: &LocalArgs,
     layout: &mut Layout,
@@ -330,7 +342,7 @@ async fn add(
     // A node that was removed earlier from this address starts afresh.
     let _ = std::fs::remove_dir_all(node_dir(&args.data_dir, &addr));
     let mut child = spawn(exe, args, layout, &addr)?;
-    if let Err(e) = wait_ready(&addr, &mut child).await {
+    if let Err(e) = wait_ready(client, &addr, &mut child).await {
         let _ = child.kill().await;
         return Err(format!("{addr} did not start: {e}"));
     }
@@ -340,7 +352,7 @@ async fn add(
     });
     let via = layout.nodes[0].clone();
     println!("adding {addr} (coordinated by {via}) ...");
-    match change(&via, "add", &addr).await {
+    match change(client, &via, "add", &addr).await {
         Ok(reply) => {
             layout.nodes.push(addr.clone());
             if !args.memory {
@@ -354,7 +366,7 @@ async fn add(
                 "added {addr} as {role}; {} partitions",
                 reply["number_of_partitions"]
             );
-            print_roles(&layout.nodes).await;
+            print_roles(client, &layout.nodes).await;
             Ok(())
         }
         Err((status, e)) => {
@@ -371,6 +383,7 @@ async fn add(
 }
 
 async fn remove(
+    client: &Client,
     args: &LocalArgs,
     layout: &mut Layout,
     procs: &mut Vec<Proc>,
@@ -390,7 +403,9 @@ async fn remove(
         .cloned()
         .ok_or("cannot remove the last node")?;
     println!("removing {addr} (coordinated by {via}) ...");
-    let reply = change(&via, "remove", &addr).await.map_err(|(_, e)| e)?;
+    let reply = change(client, &via, "remove", &addr)
+        .await
+        .map_err(|(_, e)| e)?;
     layout.nodes.retain(|n| *n != addr);
     if !args.memory {
         save_layout(&args.data_dir, layout)?;
@@ -404,15 +419,21 @@ async fn remove(
         "removed {addr}; {} partitions",
         reply["number_of_partitions"]
     );
-    print_roles(&layout.nodes).await;
+    print_roles(client, &layout.nodes).await;
     Ok(())
 }
 
 /// Sends `update_view` to `via` and prints the coordinator's progress until it answers.
-async fn change(via: &str, kind: &str, addr: &str) -> Result<Value, (u16, String)> {
-    let body = format!("ip_port={addr}");
-    let path = format!("/kv-store/update_view?type={kind}");
-    let request = http_json(via, "PUT", &path, &body, CHANGE_TIMEOUT);
+async fn change(
+    client: &Client,
+    via: &str,
+    kind: &str,
+    addr: &str,
+) -> Result<Value, (u16, String)> {
+    let request = client
+        .kv_store(via)
+        .timeout(CHANGE_TIMEOUT)
+        .update_view(kind, addr);
     tokio::pin!(request);
     let started = Instant::now();
     let mut shown = false;
@@ -420,7 +441,7 @@ async fn change(via: &str, kind: &str, addr: &str) -> Result<Value, (u16, String
         tokio::select! {
             r = &mut request => break r,
             _ = tokio::time::sleep(PROGRESS_INTERVAL) => {
-                if let Ok((_, status)) = http_json(via, "GET", "/api/v1/status", "", Duration::from_secs(2)).await {
+                if let Ok(status) = status_of(client, via, STATUS_TIMEOUT).await {
                     let p = &status["view_change"];
                     if p["change"].as_str() == Some(&format!("{kind} {addr}")) {
                         print!("\r  {:<10} {:>9} keys  {:>9.1} MB moved  {:>6.1} s ",
@@ -437,9 +458,7 @@ async fn change(via: &str, kind: &str, addr: &str) -> Result<Value, (u16, String
         }
     };
     // The final figures, from the coordinator.
-    if let Ok((_, status)) =
-        http_json(via, "GET", "/api/v1/status", "", Duration::from_secs(2)).await
-    {
+    if let Ok(status) = status_of(client, via, STATUS_TIMEOUT).await {
         let p = &status["view_change"];
         if p["change"].as_str() == Some(&format!("{kind} {addr}")) {
             if shown {
@@ -455,7 +474,8 @@ async fn change(via: &str, kind: &str, addr: &str) -> Result<Value, (u16, String
             );
         }
     }
-    match result {
+    let reply = result.and_then(|r| Ok((r.status.as_u16(), r.json::<Value>()?)));
+    match reply {
         Ok((200, reply)) => Ok(reply),
         Ok((status, reply)) => Err((
             status,
@@ -468,16 +488,21 @@ async fn change(via: &str, kind: &str, addr: &str) -> Result<Value, (u16, String
     }
 }
 
+/// `GET /api/v1/status` of `addr`, as JSON (whatever the status code).
+async fn status_of(client: &Client, addr: &str, timeout: Duration) -> Result<Value, ClientError> {
+    client.v1(addr).timeout(timeout).status().await?.json()
+}
+
 /// Prints every node's role, partition and key count. Right after a change, nodes that
 /// handed slots over still count those keys until they are deleted in the background.
-async fn print_roles(nodes: &[String]) {
+async fn print_roles(client: &Client, nodes: &[String]) {
     println!(
         "{:<22} {:<20} keys (incl. handed-over ones not yet deleted)",
         "node", "role"
     );
     for addr in nodes {
-        match http_json(addr, "GET", "/api/v1/status", "", Duration::from_secs(2)).await {
-            Ok((_, s)) => {
+        match status_of(client, addr, STATUS_TIMEOUT).await {
+            Ok(s) => {
                 let role = match (s["role"].as_str(), s["partition_id"].as_i64()) {
                     (Some("replica"), Some(p)) => format!("partition {p}"),
                     (Some(r), _) => r.to_string(),
@@ -519,15 +544,13 @@ fn term(child: &Child) {
 
 /// Polls the node's status endpoint until it answers that the node is ready (a member
 /// holding its cluster's key, or a node in no cluster).
-async fn wait_ready(addr: &str, child: &mut Child) -> Result<(), String> {
+async fn wait_ready(client: &Client, addr: &str, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited with {status}"));
         }
-        if let Ok((_, status)) =
-            http_json(addr, "GET", "/api/v1/status", "", Duration::from_secs(1)).await
-        {
+        if let Ok(status) = status_of(client, addr, PROBE_TIMEOUT).await {
             if status["ready"] != Value::Bool(false) {
                 return Ok(());
             }
@@ -537,58 +560,6 @@ async fn wait_ready(addr: &str, child: &mut Child) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A minimal HTTP/1.0 exchange with a form body; returns the status and the JSON body.
-async fn http_json(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-    timeout: Duration,
-) -> Result<(u16, Value), String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        // The nodes inherit ADMIN_TOKEN from this process; membership changes need it.
-        let auth = std::env::var("ADMIN_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty() && method == "PUT")
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\
-             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(body.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        stream
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(buf)
-    };
-    let buf = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no body")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status line")?;
-    let json: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    Ok((status, json))
 }
 
 #[cfg(test)]

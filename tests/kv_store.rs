@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{assert_error, assert_success, form, value_of, Cluster, POLL_INTERVAL};
-use reqwest::Method;
+use kvs::client::Method;
 use serde_json::Value;
 
 /// Overall limit per scenario (the cluster start has its own deadline on top).

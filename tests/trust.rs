@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::Cluster;
+use kvs::client::{header, Client, Method};
 use kvs::clock::{CausalToken, TokenKey, VersionVector};
 use kvs::placement::View;
 use kvs::replica::SnapshotRequest;
 use kvs::rpc::{decode, encode, Envelope, Request, Response};
-use reqwest::Method;
 
 /// Time limit of each scenario.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
@@ -35,14 +35,13 @@ struct Answer {
 /// Posts `body` to `node`'s internal endpoint as `claimed`, from a socket bound to
 /// `from_ip`, with `secret` (and no member proof: the attacker has no cluster key).
 async fn attack(node: &str, from_ip: &str, claimed: &str, secret: &str, body: Request) -> Answer {
-    let client = reqwest::Client::builder()
-        .no_proxy()
+    let client = Client::builder()
         .local_address(from_ip.parse::<std::net::IpAddr>().ok())
         .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
+        .max_body(kvs::rpc::MAX_RPC_BYTES)
+        .build();
     let resp = client
-        .post(format!("http://{node}{}", kvs::rpc::RPC_PATH))
+        .request(Method::POST, node, kvs::rpc::RPC_PATH)
         .header(kvs::rpc::SECRET_HEADER, secret)
         .header(kvs::rpc::PROTO_HEADER, kvs::rpc::PROTOCOL_VERSION)
         .body(encode(&Envelope {
@@ -53,11 +52,9 @@ async fn attack(node: &str, from_ip: &str, claimed: &str, secret: &str, body: Re
         .send()
         .await
         .expect("the node answers");
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.expect("body");
     Answer {
-        status,
-        response: decode(&bytes).ok(),
+        status: resp.status.as_u16(),
+        response: decode(&resp.body).ok(),
     }
 }
 
@@ -382,27 +379,23 @@ async fn the_admin_token_guards_membership_changes() {
     let c = Cluster::start_with_spares(84, 2, 1, 2, &[("ADMIN_TOKEN", token)]).await;
     c.within(SCENARIO_LIMIT, async {
         c.start_spare(2).await;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("client");
+        // Arbitrary Authorization values (none, a wrong one, one without `Bearer`), so
+        // the low-level call rather than `update_view` with the client's admin token.
+        let http = Client::builder().timeout(Duration::from_secs(60)).build();
         let change = |auth: Option<String>| {
             let http = http.clone();
-            let url = format!("http://{}/kv-store/update_view?type=add", c.addr(0));
+            let addr = c.addr(0).to_owned();
             let body = common::form(&[("ip_port", c.addr(2))]);
             async move {
-                let mut req = http.put(url).body(body).header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                );
+                let mut req = http
+                    .request(Method::PUT, &addr, "/kv-store/update_view?type=add")
+                    .form_encoded(body);
                 if let Some(a) = auth {
-                    req = req.header(reqwest::header::AUTHORIZATION, a);
+                    req = req.header(header::AUTHORIZATION, a);
                 }
                 let resp = req.send().await.expect("answer");
-                let status = resp.status().as_u16();
-                let body: serde_json::Value = resp.json().await.expect("JSON");
-                (status, body)
+                let body: serde_json::Value = resp.json().expect("JSON");
+                (resp.status.as_u16(), body)
             }
         };
         for auth in [

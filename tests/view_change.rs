@@ -23,7 +23,7 @@ use common::{
     assert_error, assert_success, form, keys, load, value_of, verify, Cluster, NodeClient,
     POLL_INTERVAL,
 };
-use reqwest::Method;
+use kvs::client::Method;
 use serde_json::Value;
 
 /// Bound of one whole scenario.

@@ -14,6 +14,9 @@
 //! `KVS_TEST_KEEP=1` keeps every cluster's files (they are always kept on failure).
 //!
 //! Every wait has a deadline and every HTTP request a timeout, so no test can hang.
+//! Requests go through `kvs::client` (the project's one client), without connection
+//! pooling; the one exception is [`NodeClient::request_reading_early`], a raw-socket
+//! client for answers that arrive before the request body is complete.
 //!
 //! Caveat: children are killed by `Drop`; if the test binary itself is killed
 //! (SIGKILL), the nodes outlive it. The next run then refuses to start on their
@@ -31,7 +34,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
+use kvs::client::{Client, ClientError, Method, Response};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -61,22 +64,38 @@ struct Node {
     /// Whether the process gets `VIEW` (the initial members). Spare nodes start
     /// without one, to be added by a view change.
     initial: bool,
+    /// Whether the process starts the seed-002 way of a node started later: with a
+    /// `VIEW` of every slot, its own included, and no `SHARD_COUNT` (see
+    /// [`Cluster::join`]).
+    joins: Mutex<bool>,
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     starts: Mutex<u32>,
 }
 
-/// A running cluster of `kvs` processes (K mode, seed 001 dialect).
+/// How the nodes are configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Seeds 000/001: `K`, `VIEW`, `IPPORT`.
+    K(usize),
+    /// Seed 002: `SOCKET_ADDRESS`, `VIEW` and, when given, `SHARD_COUNT`.
+    Shards(Option<usize>),
+}
+
+/// A running cluster of `kvs` processes (K mode and the seed-001 dialect, or seed 002's
+/// shard mode, see [`Cluster::start_shards`]).
 pub struct Cluster {
+    /// K, in K mode (0 in shard mode).
     pub k: usize,
+    mode: Mode,
     pub view: Vec<String>,
     secret: String,
     /// Extra environment for every process started from now on (see [`Cluster::set_env`]).
     env: Mutex<Vec<(String, String)>>,
     nodes: Vec<Node>,
     tmp: Option<TempDir>,
-    http: reqwest::Client,
+    http: Client,
 }
 
 /// Reads the numeric environment override `name`, or `default`.
@@ -105,7 +124,7 @@ fn binary() -> PathBuf {
 
 /// Builds the form body `k1=v1&k2=v2` (application/x-www-form-urlencoded).
 pub fn form(fields: &[(&str, &str)]) -> String {
-    serde_urlencoded::to_string(fields).expect("form fields always encode")
+    kvs::client::encode_form(fields)
 }
 
 impl Cluster {
@@ -147,6 +166,29 @@ impl Cluster {
         Cluster::start_full_with_dirs(test_id, n, 0, k, DEFAULT_SECRET, &[], dirs).await
     }
 
+    /// Starts `n` nodes the seed-002 way (`SOCKET_ADDRESS`, `VIEW`, and `SHARD_COUNT` when
+    /// `shards` is given), with `spares` more slots that [`Cluster::join`] starts later;
+    /// waits until every node is ready.
+    pub async fn start_shards(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        shards: Option<usize>,
+    ) -> Cluster {
+        let mut c = Cluster::start_full_with_dirs_in(
+            test_id,
+            n,
+            spares,
+            Mode::Shards(shards),
+            DEFAULT_SECRET,
+            &[],
+            &[],
+        )
+        .await;
+        c.k = 0;
+        c
+    }
+
     async fn start_full(
         test_id: u8,
         n: usize,
@@ -167,6 +209,22 @@ impl Cluster {
         env: &[(&str, &str)],
         dirs: &[(usize, PathBuf)],
     ) -> Cluster {
+        Cluster::start_full_with_dirs_in(test_id, n, spares, Mode::K(k), secret, env, dirs).await
+    }
+
+    async fn start_full_with_dirs_in(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        mode: Mode,
+        secret: &str,
+        env: &[(&str, &str)],
+        dirs: &[(usize, PathBuf)],
+    ) -> Cluster {
+        let k = match mode {
+            Mode::K(k) => k,
+            Mode::Shards(_) => 0,
+        };
         assert!(
             (1..=250).contains(&(n + spares)),
             "a test range holds at most 250 nodes"
@@ -195,19 +253,19 @@ impl Cluster {
                 log_path: tmp.path().join(format!("node{i}.log")),
                 child: Mutex::new(None),
                 starts: Mutex::new(0),
+                joins: Mutex::new(false),
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        let http = Client::builder()
             // No pooling: nodes are killed and restarted under the tests' feet, and a
             // stale pooled connection would turn into a spurious transport error.
             .pool_max_idle_per_host(0)
             .connect_timeout(Duration::from_secs(2))
             .timeout(REQUEST_TIMEOUT)
-            .build()
-            .expect("build HTTP client");
+            .build();
         let cluster = Cluster {
             k,
+            mode,
             view,
             secret: secret.to_owned(),
             env: Mutex::new(
@@ -245,6 +303,15 @@ impl Cluster {
     /// Removes `name` from the extra environment (see [`Cluster::set_env`]).
     pub fn unset_env(&self, name: &str) {
         lock(&self.env).retain(|(n, _)| n != name);
+    }
+
+    /// Starts spare node `i` the way seed 002 starts a node later: its `VIEW` lists every
+    /// slot, itself included, and it has no `SHARD_COUNT`, so it joins the running
+    /// cluster by itself. Returns once it answers (not once it has joined).
+    pub async fn join(&self, i: usize) {
+        assert!(!self.nodes[i].initial, "node {i} is not a spare");
+        *lock(&self.nodes[i].joins) = true;
+        self.restart(i).await;
     }
 
     /// Starts spare node `i` (see [`Cluster::start_with_spares`]) and waits until it answers.
@@ -318,25 +385,44 @@ impl Cluster {
         if !self.secret.is_empty() {
             cmd.env("CLUSTER_SECRET", &self.secret);
         }
-        if node.initial {
+        let joins = *lock(&node.joins);
+        if joins {
+            let all: Vec<&str> = self.nodes.iter().map(|n| n.addr.as_str()).collect();
+            cmd.env("VIEW", all.join(","));
+        } else if node.initial {
             cmd.env("VIEW", self.view.join(","));
         } else {
             cmd.env_remove("VIEW");
         }
+        // Variables of the other dialects select other configuration modes.
+        for name in [
+            "K",
+            "IPPORT",
+            "SOCKET_ADDRESS",
+            "SHARD_COUNT",
+            "ADDRESS",
+            "REPL_FACTOR",
+        ] {
+            cmd.env_remove(name);
+        }
+        match self.mode {
+            Mode::K(k) => {
+                cmd.env("K", k.to_string()).env("IPPORT", &node.addr);
+            }
+            Mode::Shards(shards) => {
+                cmd.env("SOCKET_ADDRESS", &node.addr);
+                if let (Some(n), false) = (shards, joins) {
+                    cmd.env("SHARD_COUNT", n.to_string());
+                }
+            }
+        }
         cmd.envs(lock(&self.env).iter().map(|(n, v)| (n, v)));
         let child = cmd
-            .env("K", self.k.to_string())
-            .env("IPPORT", &node.addr)
             .env("DATA_DIR", &node.data_dir)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
-            // Variables of the other dialects select other configuration modes.
-            .env_remove("SOCKET_ADDRESS")
-            .env_remove("SHARD_COUNT")
-            .env_remove("ADDRESS")
-            .env_remove("REPL_FACTOR")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
@@ -355,7 +441,6 @@ impl Cluster {
 
     async fn wait_ready_until(&self, i: usize, deadline: Instant) {
         let node = &self.nodes[i];
-        let url = format!("http://{}/api/v1/status", node.addr);
         loop {
             {
                 let mut guard = lock(&node.child);
@@ -372,14 +457,14 @@ impl Cluster {
             }
             let probe = self
                 .http
-                .get(&url)
+                .v1(&node.addr)
                 .timeout(Duration::from_secs(1))
-                .send()
+                .status()
                 .await;
             if let Ok(resp) = probe {
-                if resp.status().as_u16() == 200 {
+                if resp.status.as_u16() == 200 {
                     // A member is ready once it holds the cluster key.
-                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    let body: Value = resp.json().unwrap_or(Value::Null);
                     if body["ready"] != Value::Bool(false) {
                         return;
                     }
@@ -617,9 +702,9 @@ impl Cluster {
 
     /// GET /kv-store/get_partition_id on node `i`.
     pub async fn partition_id(&self, i: usize) -> i64 {
-        let (status, body) = self
-            .request(i, Method::GET, "/kv-store/get_partition_id", String::new())
-            .await;
+        let node = self.node(i);
+        let reply = node.http.kv_store(&node.addr).partition_id().await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_partition_id", reply);
         assert_eq!(status, 200, "get_partition_id on node {i}: {body}");
         assert_success(&body);
         body["partition_id"].as_i64().unwrap_or_else(|| {
@@ -629,14 +714,9 @@ impl Cluster {
 
     /// GET /kv-store/get_all_partition_ids on node `i`.
     pub async fn all_partition_ids(&self, i: usize) -> Vec<i64> {
-        let (status, body) = self
-            .request(
-                i,
-                Method::GET,
-                "/kv-store/get_all_partition_ids",
-                String::new(),
-            )
-            .await;
+        let node = self.node(i);
+        let reply = node.http.kv_store(&node.addr).all_partition_ids().await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_all_partition_ids", reply);
         assert_eq!(status, 200, "get_all_partition_ids on node {i}: {body}");
         assert_success(&body);
         body["partition_id_list"]
@@ -652,14 +732,13 @@ impl Cluster {
 
     /// GET /kv-store/get_partition_members (form `partition_id`) on node `i`.
     pub async fn partition_members(&self, i: usize, partition_id: i64) -> Vec<String> {
-        let (status, body) = self
-            .request(
-                i,
-                Method::GET,
-                "/kv-store/get_partition_members",
-                form(&[("partition_id", &partition_id.to_string())]),
-            )
+        let node = self.node(i);
+        let reply = node
+            .http
+            .kv_store(&node.addr)
+            .partition_members(partition_id)
             .await;
+        let (status, body) = node.expect_reply("GET /kv-store/get_partition_members", reply);
         assert_eq!(
             status, 200,
             "get_partition_members({partition_id}) on node {i}: {body}"
@@ -737,9 +816,9 @@ impl Cluster {
 
     /// `GET /api/v1/status` on node `i`.
     pub async fn status(&self, i: usize) -> Value {
-        let (status, body) = self
-            .request(i, Method::GET, "/api/v1/status", String::new())
-            .await;
+        let node = self.node(i);
+        let reply = node.http.v1(&node.addr).status().await;
+        let (status, body) = node.expect_reply("GET /api/v1/status", reply);
         assert_eq!(status, 200, "status of node {i}: {body}");
         body
     }
@@ -805,7 +884,7 @@ impl Drop for Cluster {
 /// dialect requires) and replies are parsed as JSON.
 #[derive(Clone)]
 pub struct NodeClient {
-    http: reqwest::Client,
+    http: Client,
     index: usize,
     addr: String,
 }
@@ -836,40 +915,49 @@ impl NodeClient {
         body: String,
         timeout: Duration,
     ) -> Result<(u16, Value), String> {
-        let (i, addr) = (self.index, &self.addr);
-        let resp = self
+        let reply = self
             .http
-            .request(method.clone(), format!("http://{addr}{path}"))
+            .request(method.clone(), &self.addr, path)
+            .form_encoded(body)
             .timeout(timeout)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
             .send()
-            .await
-            .map_err(|e| format!("{method} {path} to node {i} ({addr}): {e:?}"))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| format!("{method} {path} to node {i} ({addr}): reading body: {e:?}"))?;
-        match serde_json::from_str(&text) {
+            .await;
+        self.reply(&format!("{method} {path}"), reply)
+    }
+
+    /// The status and JSON body of `reply` to the request `what`. Transport failures are
+    /// `Err`; a response that is not JSON is a contract violation and panics.
+    fn reply(
+        &self,
+        what: &str,
+        reply: Result<Response, ClientError>,
+    ) -> Result<(u16, Value), String> {
+        let (i, addr) = (self.index, &self.addr);
+        let reply = reply.map_err(|e| format!("{what} to node {i} ({addr}): {e}"))?;
+        let status = reply.status.as_u16();
+        match reply.json() {
             Ok(v) => Ok((status, v)),
             Err(e) => {
-                let excerpt: String = text.chars().take(300).collect();
+                let excerpt: String = reply.text().chars().take(300).collect();
                 panic!(
-                    "{method} {path} to node {i} ({addr}) answered {status} with a non-JSON \
-                     body ({e}): {excerpt:?}"
+                    "{what} to node {i} ({addr}) answered {status} with a non-JSON body \
+                     ({e}): {excerpt:?}"
                 )
             }
         }
     }
 
+    /// Like [`NodeClient::reply`], but a transport failure panics.
+    fn expect_reply(&self, what: &str, reply: Result<Response, ClientError>) -> (u16, Value) {
+        self.reply(what, reply)
+            .unwrap_or_else(|e| panic!("request failed: {e}"))
+    }
+
     /// Sends a request over a plain TCP connection, writing the body from another
     /// thread while reading, so a response sent before the body is complete (a server
     /// rejecting an oversize body early, as RFC 9110 allows) is still received. HTTP
-    /// client libraries, reqwest included, report a broken pipe instead in that case.
+    /// client libraries, `kvs::client` (hyper) included, may report a broken pipe
+    /// instead in that case: this is the harness's one client outside `kvs::client`.
     pub async fn request_reading_early(
         &self,
         method: Method,
@@ -907,13 +995,13 @@ impl NodeClient {
         target: &str,
         timeout: Duration,
     ) -> Result<(u16, Value), String> {
-        self.try_request_within(
-            Method::PUT,
-            &format!("/kv-store/update_view?type={kind}"),
-            form(&[("ip_port", target)]),
-            timeout,
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .timeout(timeout)
+            .update_view(kind, target)
+            .await;
+        self.reply(&format!("PUT /kv-store/update_view?type={kind}"), reply)
     }
 
     /// Like [`NodeClient::try_request`], but a transport failure panics.
@@ -923,34 +1011,47 @@ impl NodeClient {
             .unwrap_or_else(|e| panic!("request failed: {e}"))
     }
 
+    /// A request with a JSON body (`Value::Null`: no body), as the seed-002 dialect takes
+    /// them.
+    pub async fn json(&self, method: Method, path: &str, body: &Value) -> (u16, Value) {
+        let call = self.http.request(method, &self.addr, path);
+        let call = if body.is_null() {
+            call
+        } else {
+            call.json(body)
+        };
+        let reply = call.send().await;
+        self.expect_reply(&format!("request to node {}", self.index), reply)
+    }
+
     /// GET /kv-store/<key> with the given causal payload.
     pub async fn get(&self, key: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::GET,
-            &format!("/kv-store/{key}"),
-            form(&[("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .get(key, causal_payload)
+            .await;
+        self.expect_reply(&format!("GET /kv-store/{key}"), reply)
     }
 
     /// PUT /kv-store/<key> with `val` and the given causal payload.
     pub async fn put(&self, key: &str, val: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::PUT,
-            &format!("/kv-store/{key}"),
-            form(&[("val", val), ("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .put(key, val, causal_payload)
+            .await;
+        self.expect_reply(&format!("PUT /kv-store/{key}"), reply)
     }
 
     /// DELETE /kv-store/<key> with the given causal payload.
     pub async fn delete(&self, key: &str, causal_payload: &str) -> (u16, Value) {
-        self.request(
-            Method::DELETE,
-            &format!("/kv-store/{key}"),
-            form(&[("causal_payload", causal_payload)]),
-        )
-        .await
+        let reply = self
+            .http
+            .kv_store(&self.addr)
+            .delete(key, causal_payload)
+            .await;
+        self.expect_reply(&format!("DELETE /kv-store/{key}"), reply)
     }
 }
 
