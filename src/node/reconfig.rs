@@ -18,10 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use super::{
-    lock, now_ms, unexpected, Node, WriterCmd, SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES,
-    VIEW_CATCHUP_WAIT,
-};
+use super::{lock, now_ms, unexpected, Node, WriterCmd, SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES};
 use crate::clock::{PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{Change, ChangeError, Role, SlotSet, View, SLOTS};
@@ -32,6 +29,8 @@ use crate::viewchange::{
     PullProgress,
 };
 
+/// How long a request waits for this node to learn the newer view its token names.
+pub const VIEW_CATCHUP_WAIT: Duration = Duration::from_secs(2);
 /// Timeout of a status probe.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one Paxos message.

@@ -50,6 +50,8 @@ use crate::viewchange::{duties, Acceptor, PullKey, PullProgress, Transition};
 
 use super::Layout;
 
+/// Writer queue length: when full, request handlers wait (backpressure).
+pub const WRITER_QUEUE: usize = 4_096;
 /// Commands per transaction.
 pub const MAX_BATCH: usize = 512;
 /// How often a degraded writer checks whether the disk takes writes again. Each check
