@@ -30,7 +30,7 @@
 //!   detector (`cluster.rs`) that orders the replicas a request is forwarded to.
 //! * **The cluster key** (`keys.rs`): which calls a node admits, how a forming cluster
 //!   draws its key and how members hand it to each other, the admin token.
-//! * **View changes** (`reconfig.rs`): coordinating `update_view`, the Paxos acceptor,
+//! * **View changes** (`reconfig/`): coordinating `update_view`, the Paxos acceptor,
 //!   learning, draining, pulling and installing views, and the background tasks that
 //!   re-drive a stalled change, collect handed-over slots and catch up with newer views.
 
@@ -397,6 +397,24 @@ impl Node {
             // Dropping the old set aborts the old replica's workers.
             *lock(&self.replica_tasks) = tasks;
         }
+    }
+
+    /// Starts the tasks that run for the node's life.
+    fn start_background(self: &Arc<Self>) {
+        if self.current().transition.is_some() {
+            *lock(&self.learned_at) = Some(Instant::now());
+        }
+        let mut tasks = lock(&self.tasks);
+        tasks.spawn(reconfig::redrive_loop(self.clone()));
+        tasks.spawn(heartbeat::heartbeat_loop(self.clone()));
+        // A node that was down may have missed view changes: ask the members once (a
+        // node still waiting for the cluster key asks once it has it).
+        if self.keys().is_some() {
+            let node = self.clone();
+            tasks.spawn(async move { node.learn_from_members().await });
+        }
+        drop(tasks);
+        self.spawn_gc();
     }
 
     fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
