@@ -21,7 +21,7 @@
 //! * **Dispatch** (`dispatch.rs`): the internal calls peers make, each handed to the
 //!   code that serves it.
 //! * **Status** (`status.rs`): what the node reports about itself.
-//! * **The writer** (`writer.rs`, one OS thread) is the only code that opens write
+//! * **The writer** (`writer/`, one OS thread) is the only code that opens write
 //!   transactions: client writes, sync pages, view-change steps, all group-committed.
 //! * **Sync** (`sync.rs`): per peer of the partition a puller (asks for what this replica
 //!   lacks every [`SYNC_INTERVAL`], at once when poked, and when a read needs to catch
