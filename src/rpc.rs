@@ -44,7 +44,9 @@ use crate::clock::{CausalToken, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
 use crate::replica::{Claim, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
-use crate::viewchange::{AcceptReply, Ballot, PrepareReply, Proposal, PullKey, PullProgress};
+/// Answers of Paxos acceptors (with the proposer that reads them, in `viewchange`).
+pub use crate::viewchange::PaxosReply;
+use crate::viewchange::{Ballot, Proposal, PullKey, PullProgress};
 
 /// Path of the internal endpoint.
 pub const RPC_PATH: &str = "/_internal/v1/rpc";
@@ -200,17 +202,6 @@ pub enum LearnReply {
     Learned(Option<VersionVector>),
     /// The learner already installed the proposal's view (or a later one).
     Installed,
-}
-
-/// Answers of Paxos acceptors.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PaxosReply {
-    Prepare(PrepareReply),
-    Accept(AcceptReply),
-    /// The acceptor already knows the chosen proposal for this epoch.
-    Chosen(Box<Proposal>),
-    /// The acceptor is in another epoch (or in no cluster: 0).
-    Epoch(u64),
 }
 
 /// Answer to a read, wherever it was served.

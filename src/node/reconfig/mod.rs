@@ -43,7 +43,7 @@ use super::{unexpected, Node};
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{Change, ChangeError, Role, View};
 use crate::rpc::{NodeStatus, PaxosReply, Request, Response};
-use crate::viewchange::{choose_value, majority, AcceptReply, Ballot, PrepareReply, Proposal};
+use crate::viewchange::{Next, Proposal, Proposer};
 
 /// Timeout of a status probe.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -189,17 +189,15 @@ impl Node {
     }
 
     /// Paxos proposer: gets a proposal for the next epoch chosen by a majority of the
-    /// current view and returns it, which may be another node's (see `viewchange`).
+    /// current view and returns it, which may be another node's (see `viewchange`). The
+    /// decisions are [`Proposer`]'s; this sends what it asks for, bounds the rounds and
+    /// pauses between them.
     async fn decide(self: &Arc<Self>, own: Proposal) -> Result<Proposal> {
-        let acceptors = own.from.members.clone();
-        let need = majority(acceptors.len());
-        let epoch = own.epoch();
-        let mut round = 1;
+        let mut proposer = Proposer::new(own, self.addr.clone());
+        let acceptors = proposer.acceptors().to_vec();
+        let epoch = proposer.epoch();
         for attempt in 0..PAXOS_ATTEMPTS {
-            let ballot = Ballot {
-                round,
-                node: self.addr.clone(),
-            };
+            let ballot = proposer.ballot();
             let replies = join_all(acceptors.iter().map(|a| {
                 self.call(
                     a,
@@ -211,59 +209,35 @@ impl Node {
                 )
             }))
             .await;
-            let mut promises = Vec::new();
-            for (acceptor, reply) in acceptors.iter().zip(replies) {
-                match reply {
-                    Ok(Response::Paxos(PaxosReply::Prepare(PrepareReply::Promise(acc)))) => {
-                        promises.push(acc)
-                    }
-                    Ok(Response::Paxos(PaxosReply::Prepare(PrepareReply::Reject(b)))) => {
-                        round = round.max(b.round)
-                    }
-                    Ok(Response::Paxos(PaxosReply::Chosen(p))) if p.epoch() == epoch => {
-                        return Ok(*p)
-                    }
-                    Ok(Response::Paxos(PaxosReply::Epoch(e))) if e >= epoch => {
-                        self.learn_from(acceptor).await;
-                        return Err(Error::unavailable(
-                            "the view changed while this change was being decided; retry",
-                        ));
-                    }
-                    _ => {}
+            match proposer.on_prepare_replies(replies.into_iter().map(paxos_reply)) {
+                Next::Chosen(p) => return Ok(p),
+                Next::Newer(acceptor) => {
+                    self.learn_from(&acceptors[acceptor]).await;
+                    return Err(Error::unavailable(
+                        "the view changed while this change was being decided; retry",
+                    ));
                 }
+                Next::Accept(value) => {
+                    let replies = join_all(acceptors.iter().map(|a| {
+                        self.call(
+                            a,
+                            Request::Accept {
+                                epoch,
+                                ballot: ballot.clone(),
+                                proposal: value.clone(),
+                            },
+                            PAXOS_TIMEOUT,
+                        )
+                    }))
+                    .await;
+                    let next = proposer.on_accept_replies(replies.into_iter().map(paxos_reply));
+                    if let Next::Chosen(value) = next {
+                        tracing::info!(change = %value.change, epoch, "view change chosen");
+                        return Ok(value);
+                    }
+                }
+                Next::Retry => {}
             }
-            if promises.len() >= need {
-                let value = choose_value(&promises, own.clone());
-                let replies = join_all(acceptors.iter().map(|a| {
-                    self.call(
-                        a,
-                        Request::Accept {
-                            epoch,
-                            ballot: ballot.clone(),
-                            proposal: value.clone(),
-                        },
-                        PAXOS_TIMEOUT,
-                    )
-                }))
-                .await;
-                let mut votes = 0;
-                for reply in replies {
-                    match reply {
-                        Ok(Response::Paxos(PaxosReply::Accept(AcceptReply::Accepted))) => {
-                            votes += 1
-                        }
-                        Ok(Response::Paxos(PaxosReply::Accept(AcceptReply::Reject(b)))) => {
-                            round = round.max(b.round)
-                        }
-                        _ => {}
-                    }
-                }
-                if votes >= need {
-                    tracing::info!(change = %value.change, epoch, "view change chosen");
-                    return Ok(value);
-                }
-            }
-            round += 1;
             // Back off by a random amount so competing proposers stop colliding.
             let pause = 20 + rand::random::<u64>() % (50 * (attempt + 1));
             tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -272,6 +246,14 @@ impl Node {
             "could not get a majority of the {} members to agree on the next view; retry",
             acceptors.len()
         )))
+    }
+}
+
+/// A peer's answer as a Paxos reply, `None` when it is not one (no answer, an error).
+fn paxos_reply(answer: Result<Response>) -> Option<PaxosReply> {
+    match answer {
+        Ok(Response::Paxos(reply)) => Some(reply),
+        _ => None,
     }
 }
 
