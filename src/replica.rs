@@ -252,6 +252,8 @@ pub struct ReadOutcome {
     /// write, so dialects that show a write's own version read it from here. Empty when
     /// the key does not exist.
     pub context: BTreeMap<PartitionUid, VersionVector>,
+    /// Whether the replica holds anything for the key: a value or a tombstone.
+    pub known: bool,
 }
 
 /// Peer `have` asks for what it lacks. Bounds keep every answer small.
@@ -546,6 +548,7 @@ impl Replica {
             value: visible.and_then(|v| Some((v.value.clone()?, v.timestamp_ms))),
             token,
             context: visible.map(|v| v.context(partition)).unwrap_or_default(),
+            known: !state.versions.is_empty(),
         })
     }
 

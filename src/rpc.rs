@@ -45,7 +45,9 @@ use crate::clock::{CausalToken, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
 use crate::replica::{Claim, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
-use crate::viewchange::{AcceptReply, Ballot, PrepareReply, Proposal, PullKey, PullProgress};
+/// Answers of Paxos acceptors (with the proposer that reads them, in `viewchange`).
+pub use crate::viewchange::PaxosReply;
+use crate::viewchange::{Ballot, Proposal, PullKey, PullProgress};
 
 /// Path of the internal endpoint.
 pub const RPC_PATH: &str = "/_internal/v1/rpc";
@@ -218,17 +220,6 @@ pub enum LearnReply {
     Installed,
 }
 
-/// Answers of Paxos acceptors.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PaxosReply {
-    Prepare(PrepareReply),
-    Accept(AcceptReply),
-    /// The acceptor already knows the chosen proposal for this epoch.
-    Chosen(Box<Proposal>),
-    /// The acceptor is in another epoch (or in no cluster: 0).
-    Epoch(u64),
-}
-
 /// Answer to a read, wherever it was served.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadReply {
@@ -241,6 +232,8 @@ pub struct ReadReply {
     pub token: CausalToken,
     /// The causal context of the write that wrote the value (`ReadOutcome::context`).
     pub context: BTreeMap<PartitionUid, VersionVector>,
+    /// Whether the serving replica holds anything for the key (`ReadOutcome::known`).
+    pub known: bool,
 }
 
 /// `Option<(Vec<u8>, u64)>` with the bytes serialized as bytes (one copy, not one visit
@@ -433,6 +426,7 @@ mod tests {
             value: Option<(Vec<u8>, u64)>,
             token: CausalToken,
             context: BTreeMap<PartitionUid, VersionVector>,
+            known: bool,
         }
         let context: BTreeMap<PartitionUid, VersionVector> =
             [(3, [(5, 7)].into_iter().collect())].into_iter().collect();
@@ -443,13 +437,16 @@ mod tests {
                 value: value.clone(),
                 token: CausalToken::default(),
                 context: context.clone(),
+                known: value.is_some(),
             };
+            let value_known = value.is_some();
             let old = Derived {
                 partition: 3,
                 index: 1,
                 value,
                 token: CausalToken::default(),
                 context: context.clone(),
+                known: value_known,
             };
             let bytes = encode(&reply);
             assert_eq!(bytes, encode(&old));

@@ -7,7 +7,8 @@
 //! **Deciding.** The view of epoch `e+1` is chosen by single-decree Paxos among the
 //! members of the view of epoch `e` (majority quorums). Any node may propose, with a
 //! [`Ballot`] (a round number and its address); [`Acceptor`] is the persisted acceptor
-//! state of one node. A proposer that learns of an accepted proposal must carry it on
+//! state of one node, [`Proposer`] the decisions of a proposer (the node sends the
+//! messages it asks for). A proposer that learns of an accepted proposal must carry it on
 //! ([`choose_value`]), so once a proposal is chosen it is the only one that can ever be:
 //! two concurrent `update_view` requests, or a coordinator that crashed halfway and a
 //! client that re-issues the request to another node, can never lead to two different
@@ -127,6 +128,17 @@ pub enum AcceptReply {
     Reject(Ballot),
 }
 
+/// Answers of Paxos acceptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaxosReply {
+    Prepare(PrepareReply),
+    Accept(AcceptReply),
+    /// The acceptor already knows the chosen proposal for this epoch.
+    Chosen(Box<Proposal>),
+    /// The acceptor is in another epoch (or in no cluster: 0).
+    Epoch(u64),
+}
+
 /// One node's acceptor state for the decision of epoch `epoch` (its current epoch + 1).
 /// Persisted before any reply leaves the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +196,126 @@ pub fn choose_value<'a>(
 /// Votes needed among `n` acceptors.
 pub fn majority(n: usize) -> usize {
     n / 2 + 1
+}
+
+/// What a [`Proposer`] asks for next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Phase 1 won a majority: send phase 2 of the current ballot, with this value, to
+    /// every acceptor.
+    Accept(Proposal),
+    /// The round failed (no majority, or an acceptor had promised a higher ballot):
+    /// pause, then start phase 1 again with [`Proposer::ballot`], now higher.
+    Retry,
+    /// This proposal is chosen for the epoch: the value a majority accepted, or the one
+    /// an acceptor already knew chosen.
+    Chosen(Proposal),
+    /// The acceptor at this index of [`Proposer::acceptors`] is already at the epoch
+    /// being decided or beyond: the view moved on. Learn it from that acceptor and stop.
+    Newer(usize),
+}
+
+/// The Paxos proposer of the view of one epoch, as a state machine. The caller sends
+/// what [`Next`] asks for and hands back the replies, one per acceptor in the order of
+/// [`Proposer::acceptors`] (`None` for an acceptor that did not answer or answered
+/// something else). Time is the caller's: it bounds the rounds and pauses between them.
+/// `Node::decide` drives it over the network; the tests below over a lossy simulated one.
+#[derive(Clone, Debug)]
+pub struct Proposer {
+    /// The proposer's address: ties between ballots of one round go by it.
+    node: String,
+    own: Proposal,
+    round: u64,
+    /// The value of the current round's phase 2, once its phase 1 won.
+    value: Option<Proposal>,
+}
+
+impl Proposer {
+    /// A proposer of `own` at `node`, starting at round 1.
+    pub fn new(own: Proposal, node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            own,
+            round: 1,
+            value: None,
+        }
+    }
+
+    /// The epoch being decided.
+    pub fn epoch(&self) -> u64 {
+        self.own.epoch()
+    }
+
+    /// The acceptors: the members of the view the proposal is based on.
+    pub fn acceptors(&self) -> &[String] {
+        &self.own.from.members
+    }
+
+    /// The ballot of the current round.
+    pub fn ballot(&self) -> Ballot {
+        Ballot {
+            round: self.round,
+            node: self.node.clone(),
+        }
+    }
+
+    /// Takes phase 1's replies. An acceptor that knows the chosen proposal, or that is
+    /// in a newer epoch, ends the decision at once (the first such one in acceptor
+    /// order); otherwise a majority of promises moves on to phase 2 with the value
+    /// [`choose_value`] picks, and anything less is a failed round.
+    pub fn on_prepare_replies(
+        &mut self,
+        replies: impl IntoIterator<Item = Option<PaxosReply>>,
+    ) -> Next {
+        let epoch = self.epoch();
+        let mut promises = Vec::new();
+        for (acceptor, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Some(PaxosReply::Prepare(PrepareReply::Promise(acc))) => promises.push(acc),
+                Some(PaxosReply::Prepare(PrepareReply::Reject(b))) => {
+                    self.round = self.round.max(b.round)
+                }
+                Some(PaxosReply::Chosen(p)) if p.epoch() == epoch => return Next::Chosen(*p),
+                Some(PaxosReply::Epoch(e)) if e >= epoch => return Next::Newer(acceptor),
+                _ => {}
+            }
+        }
+        if promises.len() >= majority(self.acceptors().len()) {
+            let value = choose_value(&promises, self.own.clone());
+            self.value = Some(value.clone());
+            return Next::Accept(value);
+        }
+        self.next_round()
+    }
+
+    /// Takes phase 2's replies: the value is chosen once a majority accepted it;
+    /// otherwise the round failed.
+    pub fn on_accept_replies(
+        &mut self,
+        replies: impl IntoIterator<Item = Option<PaxosReply>>,
+    ) -> Next {
+        let mut votes = 0;
+        for reply in replies {
+            match reply {
+                Some(PaxosReply::Accept(AcceptReply::Accepted)) => votes += 1,
+                Some(PaxosReply::Accept(AcceptReply::Reject(b))) => {
+                    self.round = self.round.max(b.round)
+                }
+                _ => {}
+            }
+        }
+        match self.value.take() {
+            Some(value) if votes >= majority(self.acceptors().len()) => Next::Chosen(value),
+            _ => self.next_round(),
+        }
+    }
+
+    /// Fails the current round: the next ballot is above every one seen.
+    fn next_round(&mut self) -> Next {
+        self.round += 1;
+        self.value = None;
+        Next::Retry
+    }
 }
 
 /// A copy a destination node performs: identified by what it copies from.
@@ -618,10 +750,114 @@ mod tests {
         }
     }
 
+    fn promise(accepted: Option<(u64, &Proposal)>) -> Option<PaxosReply> {
+        let accepted = accepted.map(|(round, p)| {
+            let ballot = Ballot {
+                round,
+                node: addr(9),
+            };
+            Box::new((ballot, p.clone()))
+        });
+        Some(PaxosReply::Prepare(PrepareReply::Promise(accepted)))
+    }
+
+    fn rejected(round: u64) -> Ballot {
+        Ballot {
+            round,
+            node: addr(9),
+        }
+    }
+
+    const ACCEPTED: Option<PaxosReply> = Some(PaxosReply::Accept(AcceptReply::Accepted));
+
+    #[test]
+    fn a_proposer_carries_on_the_value_a_majority_of_promises_reports() {
+        let base = view(5, 1);
+        let own = Proposal::new(Change::Add(addr(6)), &base).expect("valid");
+        let theirs = Proposal::new(Change::Remove(addr(2)), &base).expect("valid");
+        let older = Proposal::new(Change::Add(addr(7)), &base).expect("valid");
+        let mut p = Proposer::new(own.clone(), addr(10));
+        assert_eq!(p.acceptors(), base.members.as_slice());
+        assert_eq!((p.epoch(), p.ballot().round), (2, 1));
+        // Three promises of five, two of them with an accepted value: the higher wins.
+        let replies = vec![
+            promise(None),
+            None,
+            promise(Some((3, &theirs))),
+            promise(Some((2, &older))),
+            None,
+        ];
+        assert_eq!(p.on_prepare_replies(replies), Next::Accept(theirs.clone()));
+        let votes = vec![ACCEPTED, None, ACCEPTED, None, ACCEPTED];
+        assert_eq!(p.on_accept_replies(votes), Next::Chosen(theirs));
+        // Without an accepted value among the promises, the proposer's own goes on.
+        let mut p = Proposer::new(own.clone(), addr(10));
+        let replies = vec![promise(None), promise(None), promise(None), None, None];
+        assert_eq!(p.on_prepare_replies(replies), Next::Accept(own));
+    }
+
+    #[test]
+    fn rejections_and_minorities_fail_the_round_and_raise_the_ballot() {
+        let base = view(5, 1);
+        let own = Proposal::new(Change::Add(addr(6)), &base).expect("valid");
+        let mut p = Proposer::new(own.clone(), addr(10));
+        // Phase 1: a rejection by a higher ballot; the next round is above it.
+        let reject = Some(PaxosReply::Prepare(PrepareReply::Reject(rejected(7))));
+        let replies = vec![promise(None), reject, promise(None), None, None];
+        assert_eq!(p.on_prepare_replies(replies), Next::Retry);
+        assert_eq!(p.ballot().round, 8);
+        // A minority of promises alone: the next round.
+        let replies = vec![promise(None), promise(None), None, None, None];
+        assert_eq!(p.on_prepare_replies(replies), Next::Retry);
+        assert_eq!(p.ballot().round, 9);
+        // Phase 2: two votes of five and a rejection.
+        let replies = vec![promise(None), promise(None), promise(None), None, None];
+        assert_eq!(p.on_prepare_replies(replies), Next::Accept(own));
+        let reject = Some(PaxosReply::Accept(AcceptReply::Reject(rejected(12))));
+        let votes = vec![ACCEPTED, ACCEPTED, reject, None, None];
+        assert_eq!(p.on_accept_replies(votes), Next::Retry);
+        assert_eq!(p.ballot().round, 13);
+        // Votes without a phase 1 won in this round choose nothing.
+        let votes = vec![ACCEPTED, ACCEPTED, ACCEPTED, ACCEPTED, ACCEPTED];
+        assert_eq!(p.on_accept_replies(votes), Next::Retry);
+    }
+
+    #[test]
+    fn a_known_outcome_or_a_newer_epoch_ends_the_decision() {
+        let base = view(5, 1);
+        let own = Proposal::new(Change::Add(addr(6)), &base).expect("valid");
+        let chosen = Proposal::new(Change::Remove(addr(2)), &base).expect("valid");
+        let later = Proposal::new(Change::Add(addr(7)), &chosen.to).expect("valid");
+        let mut p = Proposer::new(own, addr(10));
+        // A chosen proposal of another epoch, or an acceptor behind, says nothing.
+        let replies = vec![
+            Some(PaxosReply::Chosen(Box::new(later))),
+            Some(PaxosReply::Epoch(1)),
+            None,
+            None,
+            None,
+        ];
+        assert_eq!(p.on_prepare_replies(replies), Next::Retry);
+        // A chosen proposal of this epoch short-circuits, however many promised.
+        let replies = vec![
+            promise(None),
+            promise(None),
+            promise(None),
+            Some(PaxosReply::Chosen(Box::new(chosen.clone()))),
+            Some(PaxosReply::Epoch(2)),
+        ];
+        assert_eq!(p.on_prepare_replies(replies), Next::Chosen(chosen));
+        // An acceptor already at the epoch being decided: learn from it.
+        let replies = vec![promise(None), None, Some(PaxosReply::Epoch(2)), None, None];
+        assert_eq!(p.on_prepare_replies(replies), Next::Newer(2));
+    }
+
     /// Three proposers with different changes race over five acceptors through a
-    /// network that drops, duplicates and reorders messages, with acceptors "crashing"
-    /// (losing nothing: their state is persisted) at random. Whatever happens, every
-    /// proposal a majority accepted under one ballot is the same proposal.
+    /// network that drops messages at random, with acceptors "crashing" (losing
+    /// nothing: their state is persisted) at random; a proposer whose value is chosen is
+    /// replaced by a fresh one (a new request). Whatever happens, every proposal a
+    /// majority accepted under one ballot is the same proposal, and the proposer reports
+    /// it chosen exactly then.
     #[test]
     fn paxos_chooses_at_most_one_view_per_epoch() {
         let base = view(5, 1);
@@ -630,49 +866,50 @@ mod tests {
             Change::Add(addr(7)),
             Change::Remove(addr(2)),
         ];
+        let fresh = |who: usize| {
+            let own = Proposal::new(changes[who].clone(), &base).expect("valid");
+            Proposer::new(own, addr(10 + who))
+        };
         for seed in 1..=300u64 {
             let mut rng = Rng(seed);
             let mut acceptors = vec![Acceptor::new(2); 5];
+            let mut proposers: Vec<Proposer> = (0..3).map(fresh).collect();
             let mut chosen: Option<Proposal> = None;
-            let mut rounds = [0u64; 3];
             for _ in 0..40 {
                 let who = rng.next(3) as usize;
-                rounds[who] += 1 + rng.next(2);
-                let ballot = Ballot {
-                    round: rounds[who],
-                    node: addr(10 + who),
-                };
+                let proposer = &mut proposers[who];
+                let ballot = proposer.ballot();
                 // Phase 1 reaches a random subset.
-                let mut promises = Vec::new();
-                for a in acceptors.iter_mut() {
-                    if rng.next(3) == 0 {
-                        continue;
-                    }
-                    match a.on_prepare(&ballot) {
-                        PrepareReply::Promise(acc) => promises.push(acc),
-                        PrepareReply::Reject(b) => rounds[who] = rounds[who].max(b.round),
-                    }
-                }
-                if promises.len() < majority(5) {
-                    continue;
-                }
-                let own = Proposal::new(changes[who].clone(), &base).expect("valid");
-                let value = choose_value(&promises, own);
+                let replies: Vec<Option<PaxosReply>> = acceptors
+                    .iter_mut()
+                    .map(|a| (rng.next(3) != 0).then(|| PaxosReply::Prepare(a.on_prepare(&ballot))))
+                    .collect();
+                let value = match proposer.on_prepare_replies(replies) {
+                    Next::Accept(value) => value,
+                    Next::Retry => continue,
+                    other => panic!("seed {seed}: acceptors never answer {other:?}"),
+                };
                 // Phase 2 reaches a random subset too.
-                let mut votes = 0;
-                for a in acceptors.iter_mut() {
-                    if rng.next(4) == 0 {
-                        continue;
-                    }
-                    if a.on_accept(&ballot, &value) == AcceptReply::Accepted {
-                        votes += 1;
-                    }
-                }
+                let replies: Vec<Option<PaxosReply>> = acceptors
+                    .iter_mut()
+                    .map(|a| {
+                        (rng.next(4) != 0).then(|| PaxosReply::Accept(a.on_accept(&ballot, &value)))
+                    })
+                    .collect();
+                let votes = replies
+                    .iter()
+                    .filter(|r| matches!(r, Some(PaxosReply::Accept(AcceptReply::Accepted))))
+                    .count();
+                let next = proposer.on_accept_replies(replies);
                 if votes >= majority(5) {
+                    assert_eq!(next, Next::Chosen(value.clone()), "seed {seed}");
                     match &chosen {
                         Some(c) => assert_eq!(c, &value, "seed {seed}: two views chosen"),
                         None => chosen = Some(value),
                     }
+                    proposers[who] = fresh(who);
+                } else {
+                    assert_eq!(next, Next::Retry, "seed {seed}");
                 }
             }
         }

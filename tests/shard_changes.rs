@@ -1,5 +1,5 @@
 //! Shard-count mode's changes carried out by the real view-change protocol
-//! (`server::reconfig`: preflight, Paxos, learn, drain, pull, install, garbage
+//! (`node::reconfig`: preflight, Paxos, learn, drain, pull, install, garbage
 //! collection), in one process: nodes on in-memory stores, calls delivered by a loopback
 //! transport that encodes and decodes every message as the wire does. No socket is
 //! opened; the addresses are names.

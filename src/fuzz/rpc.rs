@@ -297,6 +297,7 @@ pub(super) fn responses() -> Vec<Response> {
             value: Some((b"world".to_vec(), 1_796_284_522_000)),
             token: token.clone(),
             context: token.parts.clone(),
+            known: true,
         }),
         Response::Get(ReadReply {
             partition: 1,
@@ -304,6 +305,7 @@ pub(super) fn responses() -> Vec<Response> {
             value: None,
             token: token.clone(),
             context: Default::default(),
+            known: false,
         }),
         Response::Put(WriteReply {
             partition: 0,

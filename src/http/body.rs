@@ -43,7 +43,7 @@
 //!   most twice what arrived) is what it is charged for, before it grows. A chunk is
 //!   already in memory when it is charged (hyper has read it): a read waiting for budget
 //!   holds one such chunk, at most what hyper reads at once (`MAX_HEAD_BYTES` in
-//!   `server/http.rs`, 64 KiB), outside the budget.
+//!   `http/server.rs`, 64 KiB), outside the budget.
 //! * The budget covers request bodies and the dialect's parse of them, not copies made
 //!   further down (the value handed to storage and replication), which the in-flight
 //!   limit and the writer's queue bound.

@@ -30,7 +30,7 @@
 //! (`auth::generator`) draws a new key once every other member of its view has answered
 //! `NoKey` — a cluster forming for the first time, or re-formed on wiped disks, which is
 //! then a new cluster whose predecessor's tokens are refused. Every node persists the key
-//! (`writer::META_CLUSTER_KEY`) before it uses or hands it out.
+//! (`writer::durable::META_CLUSTER_KEY`) before it uses or hands it out.
 //!
 //! A node joining a running cluster (an added node) drops any key from an earlier
 //! cluster when it learns the change and fetches the cluster's key from the members of

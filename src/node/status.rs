@@ -4,9 +4,23 @@
 use serde_json::{json, Value};
 
 use super::Node;
+use crate::error::Result;
 use crate::placement::Role;
+use crate::rpc::NodeStatus;
 
 impl Node {
+    /// What this node reports about itself.
+    pub fn status(&self) -> Result<NodeStatus> {
+        let cur = self.current();
+        Ok(NodeStatus {
+            addr: self.addr.clone(),
+            view: cur.view.as_deref().cloned(),
+            transition: cur.transition.as_ref().map(|t| t.proposal.clone()),
+            k: self.k,
+            keys: self.store.read()?.key_count()?,
+        })
+    }
+
     /// Whether the node is ready (a member holding the cluster key, or a node in no
     /// cluster), its view, role, transition, the progress of the view change it
     /// coordinates, and what its failure detector believes about each peer.

@@ -13,16 +13,23 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use super::{
-    lock, unexpected, Current, Node, ReplicaHandle, WriterCmd, SYNC_INTERVAL, SYNC_PAGE_BYTES,
-    SYNC_PAGE_ENTRIES, SYNC_TIMEOUT,
-};
+use super::{lock, unexpected, Current, Node, ReplicaHandle, WriterCmd};
 use crate::antientropy::{Next, Puller, Transfer};
 use crate::error::{Error, Result};
 use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 use crate::rpc::{Request, Response};
 use crate::storage::ReadTxn;
 
+/// How often a replica asks each peer for news when nothing pokes it. Bounds convergence
+/// time after a peer comes back even if every poke was lost.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+/// Timeout of one sync call; pages are small, so a slow answer means a sick peer.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Entries and bytes per sync or transfer page: small enough to keep memory flat and one
+/// commit short, large enough that catching up 100k writes takes a few hundred round
+/// trips.
+pub const SYNC_PAGE_ENTRIES: u32 = 1_000;
+pub const SYNC_PAGE_BYTES: u32 = 4 * 1024 * 1024;
 /// Pages pulled back to back before yielding to the next interval.
 const MAX_PAGES_PER_ROUND: usize = 64;
 /// How often the log is trimmed of entries every peer has.

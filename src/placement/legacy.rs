@@ -3,7 +3,7 @@
 //!
 //! Views are postcard-encoded, which is not self-describing: a field added or replaced
 //! changes how every later byte is read. So each encoding gets its own type and its own
-//! meta key (see `server::writer`), and old encodings are converted on load, never
+//! meta key (see `node::writer`), and old encodings are converted on load, never
 //! guessed at: the v2 `k` field read as a v3 [`Layout`] would turn `k = 1` into
 //! `Layout::Shards` silently.
 //!
