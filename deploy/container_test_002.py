@@ -36,6 +36,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from container_test import log, sh  # noqa: E402  (the same helpers as the seed-001 test)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 IMAGE = "kvs"
 NET = "kvs-ci-net002"
@@ -67,17 +70,6 @@ def volume(i):
 
 VIEW6 = ",".join(addr(i) for i in range(1, FIRST + 1))
 VIEW7 = ",".join(addr(i) for i in range(1, ALL + 1))
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def sh(*args, check=True):
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
-    return r.stdout.strip()
 
 
 def cleanup():

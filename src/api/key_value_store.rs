@@ -157,18 +157,9 @@ fn shard(text: &str) -> Result<u32, Error> {
 }
 
 /// The one place where errors become status codes in this dialect.
+/// Refusals the seed words itself are mapped in [`error_response`].
 pub fn status_of(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::Unavailable | ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-    }
+    super::status_of_kind(kind)
 }
 
 /// `{"error": <what>, "message": "Error in <METHOD>"}`, with the seed's own wording for

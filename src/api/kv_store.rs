@@ -126,19 +126,7 @@ const RESERVED: [&str; 4] = [
 
 /// The one place where errors become status codes in this dialect.
 pub fn status_of(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        // Retryable by the client, like an unavailable node (a retry is a new write).
-        ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-    }
+    super::status_of_kind(kind)
 }
 
 fn error_response(e: Error) -> Response {

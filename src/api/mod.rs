@@ -15,10 +15,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, Method};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::node::Node;
 
 /// Every dialect the node serves, in the order their paths are matched.
@@ -60,6 +60,24 @@ pub struct Dialect {
     pub handle: fn(Arc<Node>, Request) -> Answer,
     /// The dialect's answer for an error found before its handler ran.
     pub error: fn(Error) -> Response,
+}
+
+/// The status code of an error of each kind, as every dialect maps it unless its
+/// contract says otherwise (each dialect's `status_of` starts from this).
+pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        // Retryable by the client, like an unavailable node (a retry is a new write).
+        ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+    }
 }
 
 /// The dialect that owns `path`, if any.
