@@ -111,7 +111,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Dot, ReplicaId};
-use crate::replica::KeyState;
+use crate::keystate::KeyState;
 use crate::wal::{AppendError, OpenError, Wal};
 
 #[derive(Debug, thiserror::Error)]
@@ -1333,7 +1333,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::Version;
+    use crate::keystate::Version;
 
     /// A one-version state holding `value` (`None`: a tombstone).
     fn state_of(value: Option<&str>) -> KeyState {
