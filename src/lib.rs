@@ -4,6 +4,7 @@
 //!
 //! | module | what | pure? |
 //! |---|---|---|
+//! | [`keystate`] | a key's versions (siblings) and their merge: what storage keeps per key | pure |
 //! | [`storage`] | durable engine (redb) and an in-memory one behind one trait | I/O |
 //! | [`placement`] | key → slot → partition → replicas; the view | pure |
 //! | [`clock`] | version vectors, dots, the client's causal token | pure |
@@ -29,6 +30,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod http;
+pub mod keystate;
 pub mod local;
 pub mod node;
 pub mod placement;

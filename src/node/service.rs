@@ -60,7 +60,8 @@ fn check_bounds(key: &str, value: Option<&[u8]>) -> Result<()> {
 
 impl Node {
     /// Parses a client's causal token: it must be one this cluster issued, unaltered.
-    /// Waits (up to [`KEY_WAIT`]) while this node obtains the cluster key.
+    /// Waits (up to [`KEY_WAIT`](super::KEY_WAIT)) while this node obtains the cluster
+    /// key.
     pub async fn parse_token(&self, text: &str) -> Result<CausalToken> {
         self.current().view()?;
         let keys = self.wait_for_keys().await?;

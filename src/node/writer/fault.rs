@@ -53,8 +53,8 @@ impl DiskFault {
     }
 }
 
-/// One attempt to end a disk fault; see [`writer_loop`]. Returns why it goes on if it
-/// does.
+/// One attempt to end a disk fault; see [`writer_loop`](super::writer_loop). Returns why
+/// it goes on if it does.
 pub(super) fn heal(
     store: &dyn Store,
     durable: &mut Durable,

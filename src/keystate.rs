@@ -1,0 +1,315 @@
+//! A key's stored state: its versions (siblings) and the merge that joins two states.
+//! What storage keeps per key and what replicas write, read and exchange; pure.
+//!
+//! It sits below both `storage`, which stores it (and counts live keys by it), and
+//! `replica`, which gives it meaning (writes, causal reads, sync), so the dependency
+//! between those two points one way: `replica` uses `storage`.
+//!
+//! **Key state.** A key holds a set of [`Version`]s (siblings). Each version has the
+//! [`Dot`] of the write that made it and `vv`, the version vector of its causal history
+//! inside the partition (it contains its own dot). A version is *dominated* when another
+//! version's history contains its dot; [`KeyState::merge`] takes the union and drops
+//! dominated versions. That merge is commutative, associative and idempotent (property
+//! tests below), so replicas that have seen the same writes hold the same state no matter
+//! the order they saw them in. Concurrent writes survive as siblings; the seed dialects
+//! show one deterministic winner (latest timestamp, then replica id, then counter).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{CausalToken, Dot, PartitionUid, VersionVector};
+
+/// One write of a key's value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub dot: Dot,
+    /// Causal history inside the partition; contains `dot`.
+    pub vv: VersionVector,
+    /// The writer's observations of other partitions.
+    pub deps: BTreeMap<PartitionUid, VersionVector>,
+    /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
+    pub timestamp_ms: u64,
+    /// The value written; `None` for a delete (a tombstone). Serialized as bytes, so
+    /// postcard copies it in one piece instead of visiting it byte by byte (the wire and
+    /// disk format is the same either way).
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+impl Version {
+    /// What this write's writer had observed, itself included: its history in
+    /// `partition` (the partition that holds it) and its dependencies elsewhere.
+    pub fn context(&self, partition: PartitionUid) -> BTreeMap<PartitionUid, VersionVector> {
+        let mut context = self.deps.clone();
+        context.insert(partition, self.vv.clone());
+        context
+    }
+}
+
+/// A key's sibling set: sorted by dot, no version dominated by another.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    pub versions: Vec<Version>,
+}
+
+impl KeyState {
+    /// Joins `other` into `self`; returns whether `self` changed.
+    pub fn merge(&mut self, other: &KeyState) -> bool {
+        let before: Vec<Dot> = self.versions.iter().map(|v| v.dot).collect();
+        for v in &other.versions {
+            // A dot names one write, so an equal dot is an equal version.
+            if !before.contains(&v.dot) {
+                self.versions.push(v.clone());
+            }
+        }
+        if self.versions.len() == before.len() {
+            // Nothing new; `self` already held no dominated version.
+            return false;
+        }
+        // `w` supersedes `v` when it saw `v` and `v` did not see it. Real histories are
+        // acyclic, so mutual containment cannot happen between honest versions; if it
+        // ever did (a bug, a cloned data directory reusing dots), keeping both as
+        // siblings loses nothing, whereas dropping both would.
+        let dominated: Vec<bool> = self
+            .versions
+            .iter()
+            .map(|v| {
+                self.versions
+                    .iter()
+                    .any(|w| w.dot != v.dot && w.vv.contains(v.dot) && !v.vv.contains(w.dot))
+            })
+            .collect();
+        let mut flags = dominated.into_iter();
+        self.versions.retain(|_| !flags.next().unwrap_or(false));
+        self.versions.sort_by_key(|v| v.dot);
+        self.versions.len() != before.len()
+            || self.versions.iter().zip(&before).any(|(v, d)| v.dot != *d)
+    }
+
+    /// The version the seed dialects show: latest timestamp, ties broken by replica id
+    /// and then counter, so every replica picks the same one.
+    pub fn winner(&self) -> Option<&Version> {
+        self.versions
+            .iter()
+            .max_by_key(|v| (v.timestamp_ms, v.dot.replica, v.dot.counter))
+    }
+
+    /// The value clients see: the winner's, unless the winner is a tombstone.
+    pub fn visible(&self) -> Option<&Version> {
+        self.winner().filter(|v| v.value.is_some())
+    }
+
+    /// Whether the key exists for clients (see [`Self::visible`]).
+    pub fn is_live(&self) -> bool {
+        self.visible().is_some()
+    }
+
+    /// Join of the histories of all siblings.
+    pub fn history(&self) -> VersionVector {
+        let mut vv = VersionVector::new();
+        for v in &self.versions {
+            vv.merge(&v.vv);
+        }
+        vv
+    }
+
+    /// True when the write `dot` is reflected: some sibling is it or dominates it.
+    pub fn covers(&self, dot: Dot) -> bool {
+        self.versions.iter().any(|v| v.vv.contains(dot))
+    }
+
+    /// Roughly how many bytes this state takes on the wire, histories included; what sync
+    /// pages count against their byte bound.
+    pub fn approx_size(&self) -> usize {
+        const ENTRY: usize = 20; // a varint replica id and counter, generously
+        self.versions
+            .iter()
+            .map(|v| {
+                let deps: usize = v.deps.values().map(|vv| 8 + vv.len() * ENTRY).sum();
+                32 + v.value.as_ref().map_or(0, Vec::len) + v.vv.len() * ENTRY + deps
+            })
+            .sum()
+    }
+
+    /// Adds what a reader of this state has observed to `token`.
+    pub fn observe_into(&self, partition: PartitionUid, token: &mut CausalToken) {
+        for v in &self.versions {
+            token.observe(partition, &v.vv);
+            for (&p, vv) in &v.deps {
+                token.observe(p, vv);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testing::Rng;
+    use proptest::prelude::*;
+
+    /// Values are serialized as bytes; the records must stay byte-for-byte what the
+    /// derived sequence encoding wrote, or stores and peers of older builds are misread.
+    #[test]
+    fn values_encode_as_the_derived_sequence_did() {
+        #[derive(Serialize)]
+        struct Derived {
+            dot: Dot,
+            vv: VersionVector,
+            deps: BTreeMap<PartitionUid, VersionVector>,
+            timestamp_ms: u64,
+            value: Option<Vec<u8>>,
+        }
+        for value in [None, Some(vec![]), Some((0..=255u8).collect::<Vec<u8>>())] {
+            let v = Version {
+                dot: Dot {
+                    replica: 7,
+                    counter: 300,
+                },
+                vv: [(7, 300)].into_iter().collect(),
+                deps: [(2, [(1, 5)].into_iter().collect())].into_iter().collect(),
+                timestamp_ms: 1_700_000_000_000,
+                value: value.clone(),
+            };
+            let old = Derived {
+                dot: v.dot,
+                vv: v.vv.clone(),
+                deps: v.deps.clone(),
+                timestamp_ms: v.timestamp_ms,
+                value,
+            };
+            let bytes = postcard::to_stdvec(&v).expect("encode");
+            assert_eq!(bytes, postcard::to_stdvec(&old).expect("encode"));
+            assert_eq!(postcard::from_bytes::<Version>(&bytes).expect("decode"), v);
+        }
+    }
+
+    pub(crate) fn version(replica: u64, counter: u64, history: &[(u64, u64)], ts: u64) -> Version {
+        let mut vv: VersionVector = history.iter().copied().collect();
+        vv.raise(replica, counter);
+        Version {
+            dot: Dot { replica, counter },
+            vv,
+            deps: BTreeMap::new(),
+            timestamp_ms: ts,
+            value: Some(format!("{replica}.{counter}").into_bytes()),
+        }
+    }
+
+    /// A universe of versions made the way real ones are: three replicas that write
+    /// (history = what they know, plus the new dot) and learn from each other (merge), so
+    /// histories are downward closed and acyclic. Same seed, same universe.
+    fn universe(seed: u64) -> Vec<Version> {
+        let mut rng = Rng(seed | 1);
+        let mut know = vec![VersionVector::new(); 3];
+        let mut out = Vec::new();
+        for _ in 0..12 {
+            let r = rng.next(3) as usize;
+            if rng.next(3) == 0 {
+                let from = rng.next(3) as usize;
+                let theirs = know[from].clone();
+                know[r].merge(&theirs);
+            }
+            let counter = know[r].get(r as u64) + 1;
+            know[r].raise(r as u64, counter);
+            let hist: Vec<(u64, u64)> = know[r].iter().collect();
+            out.push(version(r as u64, counter, &hist, rng.next(4)));
+        }
+        out
+    }
+
+    fn pick(universe: &[Version], which: &[usize]) -> KeyState {
+        let mut s = KeyState::default();
+        for &i in which {
+            s.merge(&KeyState {
+                versions: vec![universe[i % universe.len()].clone()],
+            });
+        }
+        s
+    }
+
+    fn states() -> impl Strategy<Value = (KeyState, KeyState, KeyState)> {
+        let subset = || prop::collection::vec(0usize..12, 0..5);
+        (any::<u64>(), subset(), subset(), subset()).prop_map(|(seed, a, b, c)| {
+            let u = universe(seed);
+            (pick(&u, &a), pick(&u, &b), pick(&u, &c))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative((a, b, _c) in states()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn merge_is_associative((a, b, c) in states()) {
+            let mut left = a.clone(); left.merge(&b); left.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut right = a.clone(); right.merge(&bc);
+            prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn merge_is_idempotent((a, b, _c) in states()) {
+            let mut aa = a.clone();
+            prop_assert!(!aa.merge(&a));
+            prop_assert_eq!(&aa, &a);
+            let mut ab = a.clone(); ab.merge(&b);
+            let again = ab.clone();
+            prop_assert!(!ab.merge(&b));
+            prop_assert_eq!(ab, again);
+        }
+
+        #[test]
+        fn merge_keeps_no_dominated_version((a, b, _c) in states()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            for v in &ab.versions {
+                for w in &ab.versions {
+                    prop_assert!(v.dot == w.dot || !w.vv.contains(v.dot));
+                }
+            }
+            // Nothing is lost: every input write is covered by the result.
+            for v in a.versions.iter().chain(&b.versions) {
+                prop_assert!(ab.covers(v.dot));
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_writes_are_siblings_and_the_winner_is_deterministic() {
+        let a = KeyState {
+            versions: vec![version(1, 1, &[], 10)],
+        };
+        let b = KeyState {
+            versions: vec![version(2, 1, &[], 10)],
+        };
+        let mut ab = a.clone();
+        assert!(ab.merge(&b));
+        assert_eq!(ab.versions.len(), 2);
+        // Same timestamp: the higher replica id wins.
+        assert_eq!(ab.winner().map(|v| v.dot.replica), Some(2));
+        // A later write that saw both supersedes both.
+        let c = KeyState {
+            versions: vec![version(1, 2, &[(1, 1), (2, 1)], 5)],
+        };
+        assert!(ab.merge(&c));
+        assert_eq!(ab.versions, c.versions);
+    }
+
+    #[test]
+    fn mutually_containing_versions_are_kept_as_siblings() {
+        let a = KeyState {
+            versions: vec![version(1, 1, &[(1, 2)], 1)],
+        };
+        let b = KeyState {
+            versions: vec![version(1, 2, &[(1, 1)], 2)],
+        };
+        let mut ab = a.clone();
+        ab.merge(&b);
+        assert_eq!(ab.versions.len(), 2);
+    }
+}
