@@ -521,3 +521,43 @@ async fn versions_are_the_same_strings_on_every_replica_with_one_cut_off() {
     })
     .await;
 }
+
+/// The seed's own example: a node fails, then the client reshards; the reshard deals the
+/// nodes that are up (the one down leaves the view for good) and loses no key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reshard_after_a_node_failed_deals_the_nodes_that_are_up() {
+    let c = Cluster::start_shards(95, 6, 0, Some(2)).await;
+    c.within(SCENARIO, async {
+        let (values, metadata) = chain(&c, &[0, 1, 2, 3, 4, 5], "f", 120, String::new()).await;
+        let gone = c.addr(5).to_owned();
+        c.stop(5).await;
+        wait_for("the stopped node out of every view", VIEW_BOUND, || async {
+            let mut out = true;
+            for i in 0..5 {
+                out &= !view(&c, i).await.contains(&gone);
+            }
+            out
+        })
+        .await;
+        // Five nodes are up: three shards would need six.
+        let (st, got) = call(&c, 0, Method::PUT, "/key-value-store-shard/reshard", json!({"shard-count": 3})).await;
+        assert_eq!(
+            (st, got),
+            (400, json!({"message": "Not enough nodes to provide fault-tolerance with the given shard count!"}))
+        );
+        let (st, got) = call(&c, 2, Method::PUT, "/key-value-store-shard/reshard", json!({"shard-count": 2})).await;
+        assert_eq!((st, got), (200, json!({"message": "Resharding done successfully"})));
+        let mut sizes = Vec::new();
+        for shard in ["0", "1"] {
+            let m = members(&c, 1, shard).await;
+            assert!(!m.contains(&gone), "{m:?}");
+            sizes.push(m.len());
+        }
+        sizes.sort_unstable();
+        assert_eq!(sizes, [2, 3]);
+        let counted = counts(&c, 3).await;
+        assert_eq!(counted.values().sum::<u64>(), 120, "{counted:?}");
+        read_all(&c, &[0, 1, 2, 3, 4], &values, &metadata).await;
+    })
+    .await;
+}

@@ -12,7 +12,7 @@
 //! | `GET /key-value-store-shard/shard-id-members/<id>` | 200 `shard-id-members`; 404 unknown shard |
 //! | `GET /key-value-store-shard/shard-id-key-count/<id>` | 200 `shard-id-key-count`; 404 unknown shard |
 //! | `PUT /key-value-store-shard/add-member/<id>` `{"socket-address"}` | 200; 404 unknown shard |
-//! | `PUT /key-value-store-shard/reshard` `{"shard-count"}` | 200; 400 when nodes < 2 × count |
+//! | `PUT /key-value-store-shard/reshard` `{"shard-count"}` | 200; 400 when the nodes up < 2 × count |
 //! | `GET /key-value-store-view` | 200 `view`: the members that are up, in VIEW order |
 //! | `PUT /key-value-store-view` `{"socket-address"}` | 201; 404 when already a member |
 //! | `DELETE /key-value-store-view` `{"socket-address"}` | 200; 404 when not a member |
@@ -39,7 +39,8 @@
 //!
 //! The view shows the members the failure detector believes up (`node::shards`): a
 //! stopped replica drops out within seconds and reappears at its place when it answers
-//! again; its shard membership does not change meanwhile. A node started later with no
+//! again; its shard membership does not change meanwhile. A reshard deals the members
+//! that are up (`Node::reshard_live`). A node started later with no
 //! `SHARD_COUNT` announces itself to the members and joins the view in no shard.
 
 use std::sync::Arc;
@@ -374,7 +375,7 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
             .filter(|&n| n > 0)
             .ok_or_else(|| Error::bad_request("shard-count must be a positive whole number"))?;
             node.authorize_admin(super::admin_credential(&request.headers))?;
-            node.change_view(Change::Reshard(count)).await?;
+            node.reshard_live(count).await?;
             Ok(ok(
                 StatusCode::OK,
                 json!({"message": "Resharding done successfully"}),

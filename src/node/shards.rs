@@ -11,6 +11,12 @@
 //! of its shard again the moment it answers, holding its keys (its disk, or what sync
 //! brings back to a wiped one). Removing a member for good is an explicit change.
 //!
+//! **Reshard** deals the members that are up: members that are down are removed first
+//! (seed 002: "a node fails, so the client sends a reshard"). Removing a down member
+//! moves no data while its shard has another replica; a shard whose only replica is
+//! down cannot hand its keys over, and the change waits for it (503 after the stall
+//! limit, and it resumes when the node is back).
+//!
 //! **Key counts.** A shard's count is asked of one of its replicas (this node when it is
 //! one, else the others, trusted ones first). A replica counts the live keys of the
 //! slots its shard owns now: its store may still hold slots handed over in a view change
@@ -26,7 +32,7 @@ use super::{monotonic_ms, unexpected, Node};
 use crate::clock::PartitionUid;
 use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
-use crate::placement::SLOTS;
+use crate::placement::{Change, ChangeError, SLOTS};
 use crate::rpc::{Request, Response};
 
 /// Timeout of one key-count call to a replica.
@@ -52,6 +58,30 @@ impl Node {
             .filter(|m| self.is_live(m, now))
             .cloned()
             .collect())
+    }
+
+    /// Deals the members that are up into `count` shards (`Change::Reshard`), removing
+    /// the members that are down from the view first, one change each: where the view
+    /// shows the members that are up, a reshard deals what it shows. Refused, changing
+    /// nothing, when the members up cannot fill `count` shards of two.
+    pub async fn reshard_live(self: &Arc<Self>, count: u32) -> Result<()> {
+        let live = self.live_members()?;
+        let needed = usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2);
+        if live.len() < needed {
+            let refused = ChangeError::NotEnoughNodes {
+                nodes: live.len(),
+                shards: count as usize,
+            };
+            return Err(Error::new(ErrorKind::BadRequest, refused.to_string()).refusing(refused));
+        }
+        let members = self.current().view()?.members.clone();
+        for down in members.iter().filter(|m| !live.contains(m)) {
+            tracing::info!(node = %down, "removing a member that is down before resharding");
+            self.change_view(Change::Remove(down.clone())).await?;
+        }
+        self.change_view(Change::Reshard(count)).await.map(|_| ())
     }
 
     /// The replicas that are up of the partition clients call `index`, in view order;
