@@ -370,16 +370,20 @@ async fn update_view(
         }
     };
     tracing::info!(%change, "update_view requested");
-    let out = node.change_view(change.clone()).await?;
-    let partitions = out.view.partition_count();
-    Ok(match change {
-        Change::Add(_) => success(
-            StatusCode::OK,
-            json!({
-                "partition_id": out.partition_index.map_or(-1, i64::from),
-                "number_of_partitions": partitions,
-            }),
-        ),
+    let view = node.change_view(change.clone()).await?;
+    let partitions = view.partition_count();
+    Ok(match &change {
+        Change::Add(added) => {
+            // The added node's partition in the new view; -1 for a proxy.
+            let id = match view.role_of(added) {
+                Some(Role::Replica(uid)) => view.index_of(uid).map_or(-1, i64::from),
+                _ => -1,
+            };
+            success(
+                StatusCode::OK,
+                json!({"partition_id": id, "number_of_partitions": partitions}),
+            )
+        }
         // Remove (this dialect asks for no other change).
         _ => success(StatusCode::OK, json!({"number_of_partitions": partitions})),
     })

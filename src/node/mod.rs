@@ -56,7 +56,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 pub use keys::{Keys, Refusal, KEY_WAIT};
-pub use reconfig::{ChangeOutcome, Progress, VIEW_CATCHUP_WAIT};
+pub use reconfig::{Progress, VIEW_CATCHUP_WAIT};
 pub use routing::{
     DEAD_PEER_PROBE_INTERVAL_MS, DEAD_PEER_TIMEOUT, FORWARD_TIMEOUT, HEDGE_AFTER, MAX_FORWARDS,
 };

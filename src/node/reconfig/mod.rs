@@ -41,7 +41,7 @@ pub use progress::Progress;
 
 use super::{unexpected, Node};
 use crate::error::{Error, ErrorKind, Result};
-use crate::placement::{Change, ChangeError, Role, View};
+use crate::placement::{Change, ChangeError, View};
 use crate::rpc::{NodeStatus, PaxosReply, Request, Response};
 use crate::viewchange::{Next, Proposal, Proposer};
 
@@ -63,15 +63,6 @@ const MAX_CHANGE_ROUNDS: usize = 4;
 /// coordinator then sends it that view first.
 const BEHIND_BASE: &str = "behind the change's base epoch";
 
-/// What a completed `update_view` reports.
-#[derive(Clone, Debug)]
-pub struct ChangeOutcome {
-    pub view: Arc<View>,
-    /// The index of the changed node's partition in the new view (`None`: a proxy, or
-    /// removed).
-    pub partition_index: Option<u32>,
-}
-
 /// A refused change as an error: a neutral kind, and the refusal itself for the
 /// dialects that word it their own way.
 fn change_error(e: ChangeError) -> Error {
@@ -91,9 +82,10 @@ fn change_error(e: ChangeError) -> Error {
 }
 
 impl Node {
-    /// Carries out `change` (an `update_view` request) and returns once every reachable
-    /// node is in the new view and every moved key is on its new replicas.
-    pub async fn change_view(self: &Arc<Self>, change: Change) -> Result<ChangeOutcome> {
+    /// Carries out `change` (any dialect's membership or shard change) and returns the
+    /// new view once every reachable node is in it and every moved key is on its new
+    /// replicas.
+    pub async fn change_view(self: &Arc<Self>, change: Change) -> Result<Arc<View>> {
         let _one = self.coordinating.lock().await;
         for _ in 0..MAX_CHANGE_ROUNDS {
             let cur = self.current();
@@ -105,7 +97,7 @@ impl Node {
                 tracing::info!(change = %p.change, epoch = p.epoch(), "completing the view change in progress");
                 self.execute(&p).await?;
                 if p.change == change {
-                    return Ok(outcome(&p.to, &change));
+                    return Ok(Arc::new(p.to.clone()));
                 }
                 continue;
             }
@@ -120,7 +112,7 @@ impl Node {
                 .inspect_err(|e| self.fail_progress(e))?;
             self.execute(&chosen).await?;
             if chosen.change == change {
-                return Ok(outcome(&chosen.to, &change));
+                return Ok(Arc::new(chosen.to.clone()));
             }
             // Another change won this epoch; ours goes on top of it.
         }
@@ -298,15 +290,4 @@ fn check_newcomer(view: &View, addr: &str, status: &NodeStatus) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn outcome(view: &View, change: &Change) -> ChangeOutcome {
-    let partition_index = match change.addr().and_then(|a| view.role_of(a)) {
-        Some(Role::Replica(uid)) => view.index_of(uid),
-        _ => None,
-    };
-    ChangeOutcome {
-        view: Arc::new(view.clone()),
-        partition_index,
-    }
 }
