@@ -404,6 +404,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return Err("K must be at least 1".into());
     }
     let (env_view, join) = first_view(&args, &addr)?;
+    let joining = join.is_some();
     let store: Arc<dyn Store> = if args.memory {
         Arc::new(MemoryStore::new())
     } else {
@@ -452,9 +453,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             epoch = view.epoch,
             "kvs node serving"
         ),
+        None if joining => tracing::info!(
+            %addr,
+            "kvs node serving, in no cluster yet: finding its cluster among the VIEW's nodes (or forming it with them)"
+        ),
         None => tracing::info!(
             %addr,
-            "kvs node serving, in no cluster yet: add it with PUT /kv-store/update_view?type=add&ip_port={addr} on a member"
+            "kvs node serving, in no cluster yet: add it with PUT /kv-store/update_view?type=add&ip_port={addr} (or PUT /key-value-store-view) on a member"
         ),
     }
     let served = kvs::http::serve(listener, node.clone(), kvs::node::shutdown_signal()).await;
