@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use super::Node;
 use crate::clock::{CausalToken, PartitionUid, VersionVector};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 impl Node {
     /// The version string of a write whose context is `context` (see the module doc).
@@ -29,9 +29,7 @@ impl Node {
         &self,
         context: &BTreeMap<PartitionUid, VersionVector>,
     ) -> Result<String> {
-        let keys = self.keys().ok_or_else(|| {
-            Error::unavailable("this node has not yet received its cluster's key; retry shortly")
-        })?;
+        let keys = self.token_keys()?;
         let token = CausalToken {
             cluster: keys.id,
             epoch: 0,

@@ -69,13 +69,19 @@ impl Node {
             .map_err(|e| Error::bad_request(e.to_string()))
     }
 
+    /// The keys tokens are encoded with, or the retryable error of a node that has not
+    /// received its cluster's key yet.
+    pub(super) fn token_keys(&self) -> Result<Arc<super::Keys>> {
+        self.keys().ok_or_else(|| {
+            Error::unavailable("this node has not yet received its cluster's key; retry shortly")
+        })
+    }
+
     /// Encodes a token for a client, stamped with this node's epoch and without entries
     /// of partitions that no longer exist. Fails only on a node without the cluster key
     /// (one that never parsed the client's token).
     pub fn encode_token(&self, token: &CausalToken) -> Result<String> {
-        let keys = self.keys().ok_or_else(|| {
-            Error::unavailable("this node has not yet received its cluster's key; retry shortly")
-        })?;
+        let keys = self.token_keys()?;
         let cur = self.current();
         let mut token = token.clone();
         token.observe_epoch(cur.epoch());
