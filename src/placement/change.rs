@@ -21,6 +21,14 @@ pub enum Change {
     /// Deal every member into this many shards (seed 002 `reshard`). Shard-count mode
     /// only.
     Reshard(u32),
+    /// Make `members` (in this order) the whole member list, dealt into shards of
+    /// `replication` replicas (seed 003 `view-change`): nodes join and leave at once.
+    /// Without a factor, K mode keeps its K and shard-count mode its shard count. See
+    /// `replace.rs`.
+    Replace {
+        members: Vec<String>,
+        replication: Option<u32>,
+    },
 }
 
 impl Change {
@@ -28,21 +36,29 @@ impl Change {
     pub fn addr(&self) -> Option<&str> {
         match self {
             Change::Add(a) | Change::Remove(a) | Change::AddToShard { addr: a, .. } => Some(a),
-            Change::Reshard(_) => None,
+            Change::Reshard(_) | Change::Replace { .. } => None,
         }
     }
 
-    /// The node this change makes a member of `view`, if it is not one yet: it must be
-    /// running, blank and of a compatible configuration before the change is decided.
-    pub fn newcomer(&self, view: &View) -> Option<&str> {
+    /// The nodes this change makes members of `view` that are not members yet: each
+    /// must be running, blank and of a compatible configuration before the change is
+    /// decided.
+    pub fn newcomers(&self, view: &View) -> Vec<&str> {
         match self {
-            Change::Add(a) => Some(a),
-            Change::AddToShard { addr, .. } if !view.is_member(addr) => Some(addr),
-            _ => None,
+            Change::Add(a) => vec![a],
+            Change::AddToShard { addr, .. } if !view.is_member(addr) => vec![addr],
+            Change::Replace { members, .. } => members
+                .iter()
+                .filter(|m| !view.is_member(m))
+                .map(String::as_str)
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
-    /// The member this change removes from the view.
+    /// The member this change removes from the view when it may be down (a `Remove`:
+    /// the change goes ahead without it). Members a `Replace` leaves out are not
+    /// included: they hold data to hand over, so they must take part.
     pub fn removed(&self) -> Option<&str> {
         match self {
             Change::Remove(a) => Some(a),
@@ -58,6 +74,16 @@ impl std::fmt::Display for Change {
             Change::Remove(a) => write!(f, "remove {a}"),
             Change::AddToShard { addr, shard } => write!(f, "add {addr} to shard {shard}"),
             Change::Reshard(n) => write!(f, "reshard into {n} shards"),
+            Change::Replace {
+                members,
+                replication,
+            } => {
+                write!(f, "replace the view with {}", members.join(","))?;
+                match replication {
+                    Some(r) => write!(f, " (replication factor {r})"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -103,6 +129,16 @@ pub enum ChangeError {
         "cannot {0}: this cluster is in K mode, where partitions follow K and shards are neither named nor counted"
     )]
     ShardModeOnly(String),
+    #[error("the new view is empty")]
+    EmptyView,
+    #[error("{0} is listed twice in the new view")]
+    DuplicateMember(String),
+    #[error("the replication factor must be at least 1")]
+    ZeroReplicationFactor,
+    #[error("{nodes} nodes cannot hold even one shard of {r} replicas")]
+    FewerNodesThanReplicas { nodes: usize, r: usize },
+    #[error("{nodes} nodes cannot fill {shards} shards")]
+    FewerNodesThanShards { nodes: usize, shards: usize },
 }
 
 impl View {
@@ -165,9 +201,22 @@ mod tests {
         }
         let v = View::bootstrap_shards(addrs(4), 2).expect("valid");
         let to_shard = |a| Change::AddToShard { addr: a, shard: 0 };
-        assert_eq!(to_shard(addr(9)).newcomer(&v), Some(addr(9).as_str()));
-        assert_eq!(to_shard(addr(1)).newcomer(&v), None);
-        assert_eq!(Change::Add(addr(9)).newcomer(&v), Some(addr(9).as_str()));
+        assert_eq!(to_shard(addr(9)).newcomers(&v), vec![addr(9).as_str()]);
+        assert!(to_shard(addr(1)).newcomers(&v).is_empty());
+        assert_eq!(Change::Add(addr(9)).newcomers(&v), vec![addr(9).as_str()]);
+        let replace = Change::Replace {
+            members: vec![addr(1), addr(8), addr(9)],
+            replication: Some(3),
+        };
+        assert_eq!(
+            replace.newcomers(&v),
+            vec![addr(8).as_str(), addr(9).as_str()]
+        );
+        assert_eq!(
+            replace.to_string(),
+            "replace the view with 10.0.0.21:8080,10.0.0.28:8080,10.0.0.29:8080 (replication factor 3)"
+        );
+        assert_eq!(replace.removed(), None);
         assert_eq!(Change::Remove(addr(1)).removed(), Some(addr(1).as_str()));
         assert_eq!(Change::Reshard(1).removed(), None);
     }

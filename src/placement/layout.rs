@@ -18,12 +18,8 @@ pub enum Layout {
     /// by a reshard; members in no shard are proxies. The count is not stored: it is the
     /// number of partitions.
     Shards,
-    // Seed 003's replication-factor mode goes here, appended: `ReplicationFactor(r)`,
-    // N/r shards of exactly r replicas (the VIEW always holds a multiple of r), where a
-    // view change replaces the whole member list at once and may change r. It would come
-    // with a `Change::Replace { members, r }` (appended to `Change`) whose rule deals the
-    // new member list into N'/r shards with the reshard's keep-the-most-members choice
-    // (`shards::reshard`), so members that stay keep their shard where they can.
+    // Seed 003's replication-factor clusters are `Replicas(r)`: same first view, and
+    // its whole-view change (`Change::Replace`) keeps the K-mode rule with K = r.
 }
 
 impl Layout {

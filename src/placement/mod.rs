@@ -55,8 +55,16 @@
 //!   the others (members of dissolved shards, surplus members, proxies) fill the shards
 //!   below their size in member order, existing shards first, then new ones.
 //!
-//! *Replication-factor mode* (seed 003, not built yet) will be a third layout: N/r shards
-//! of exactly r, where a view change replaces the whole member list. See [`Layout`].
+//! *Replication-factor clusters* (seed 003) are K-mode clusters: `REPL_FACTOR` r gives
+//! the same first view as `K = r` (N/r shards of r, in VIEW order). What seed 003 adds is
+//! a change, not a layout: [`Change::Replace`] takes a whole new member list (and maybe a
+//! new factor) at once, in either layout (`replace.rs`):
+//!
+//! * *replace with M' and factor r*: M' is dealt into `floor(|M'|/r)` shards of r
+//!   (shard-count mode without a factor: into its current count) moving the fewest
+//!   members (`deal.rs`, shared with the reshard): shards with the most members that stay
+//!   are kept and keep them; a shard whose every replica left is kept too and refilled
+//!   by newcomers, so its slots stay; slots move only when the shard count changes.
 //!
 //! **Slots.** Whenever the partition set changes, [`rebalance`] gives every partition
 //! `SLOTS / P` slots or one more, choosing the targets so that the fewest slots move:
@@ -73,7 +81,8 @@
 //!
 //! **Files.** `view.rs`: the view, its first value, invariants and queries; `layout.rs`:
 //! the modes; `change.rs`: changes and their errors; `replicas.rs` and `shards.rs`: each
-//! mode's rules; `slots.rs`: slot sets; `plan.rs`: plans and slot dealing;
+//! mode's rules; `replace.rs`: whole-view replacement; `deal.rs`: dealing members into
+//! shards; `slots.rs`: slot sets; `plan.rs`: plans and slot dealing;
 //! `movement.rs`: the cost of a change; `legacy.rs`: views written by earlier versions.
 //!
 //! # Caveats
@@ -94,10 +103,12 @@
 //!   the cluster is resharded. That is seed 002's model; the layout does not refuse it.
 
 mod change;
+mod deal;
 mod layout;
 mod legacy;
 mod movement;
 mod plan;
+mod replace;
 mod replicas;
 mod shards;
 mod slots;

@@ -16,7 +16,8 @@
 //!   bound is for the partitions `to` keeps; which ones survive is decided by the change
 //!   (K mode's rules, the shard a removed node left, the reshard's member-first choice).
 //! * **Members.** A member "moves" when it becomes a replica of a partition it did not
-//!   replicate: it must receive data. For a reshard every choice of kept shards is open,
+//!   replicate: it must receive data. For a reshard or a replacement of the whole
+//!   member list every choice of kept shards is open,
 //!   and the least is `N` minus the most members that can stay, which pairs the largest
 //!   old shards with the largest new sizes (see `shards.rs`). For every other change the
 //!   change itself fixes which partitions survive (the shard named by `add-member`, the
@@ -130,7 +131,7 @@ impl Movement {
             .sum();
         let staying = |q: &[String]| q.iter().filter(|r| to.is_member(r)).count();
         let members_min = match change {
-            Change::Reshard(_) => {
+            Change::Reshard(_) | Change::Replace { .. } => {
                 let mut have: Vec<usize> = from
                     .partitions
                     .iter()

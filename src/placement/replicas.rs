@@ -67,6 +67,10 @@ pub(super) fn apply(
         Change::AddToShard { .. } | Change::Reshard(_) => {
             return Err(ChangeError::ShardModeOnly(change.to_string()))
         }
+        Change::Replace {
+            members,
+            replication,
+        } => super::replace::apply(view, next, members, *replication)?,
     }
     Ok(())
 }

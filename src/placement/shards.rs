@@ -1,25 +1,11 @@
 //! Shard-count mode's rules (seed 002): shards of one replica or more, proxies until
 //! placed, `add-member` and `reshard`. See the module doc for the rules in brief.
 //!
-//! # Why the reshard is minimal
-//!
-//! A reshard of N members into n shards must end with `extra = N mod n` shards of
-//! `base + 1 = ceil(N/n)` and the rest of `base = floor(N/n)`. A member stays put only
-//! if its shard is kept and it is within its shard's new size, so a kept shard of `s`
-//! members with new size `t` keeps `min(s, t)` of them, and every other member moves
-//! (members of dissolved shards, surplus members, proxies). Members kept are at most the
-//! sum of `min(s_i, t_i)` over a matching of at most n old shards to new sizes, which
-//! is largest when the largest shards are matched with the largest sizes (swapping any
-//! crossed pair never lowers a sum of minima). [`reshard`] does exactly that: it keeps
-//! the n shards with the most members and gives the `ceil` sizes to the largest of them,
-//! so it moves the fewest members possible. Among shards of equal size it keeps those
-//! holding more slots, then lower indices, so fewer slots are orphaned; the slots are
-//! then dealt by [`rebalance`], minimal for the shards kept.
+//! A reshard keeps the most members in place; `deal.rs` says how and why that is the
+//! least any reshard can move.
 
-use std::cmp::Reverse;
-use std::collections::HashMap;
-
-use super::{rebalance, Change, ChangeError, Partition, View};
+use super::deal::deal;
+use super::{rebalance, Change, ChangeError, View};
 
 /// Applies `change` to `view` in shard-count mode, writing the result into `next` (a
 /// copy of `view` with the epoch already bumped).
@@ -35,6 +21,10 @@ pub(super) fn apply(view: &View, next: &mut View, change: &Change) -> Result<(),
         Change::Remove(addr) => remove(view, next, addr)?,
         Change::AddToShard { addr, shard } => add_to_shard(view, next, addr, *shard)?,
         Change::Reshard(n) => reshard(view, next, *n)?,
+        Change::Replace {
+            members,
+            replication,
+        } => super::replace::apply(view, next, members, *replication)?,
     }
     Ok(())
 }
@@ -118,75 +108,9 @@ fn reshard(view: &View, next: &mut View, n: u32) -> Result<(), ChangeError> {
         return Err(ChangeError::NotEnoughNodes { nodes, shards });
     }
     let (base, extra) = (nodes / shards, nodes % shards);
-    // The size of the shard of rank `r`: the `extra` first get one more.
-    let size = |r: usize| base + usize::from(r < extra);
-
-    // Rank the shards: most members, then most slots, then lowest index. The first
-    // `shards` are kept, and rank r gets size(r).
-    let owned = view.slot_counts();
-    let mut rank: Vec<usize> = (0..view.partitions.len()).collect();
-    rank.sort_by_key(|&i| {
-        (
-            Reverse(view.partitions[i].replicas.len()),
-            Reverse(owned[i]),
-            i,
-        )
-    });
-    let kept = rank.len().min(shards);
-    let mut target: Vec<Option<usize>> = vec![None; view.partitions.len()];
-    for (r, &i) in rank.iter().take(kept).enumerate() {
-        target[i] = Some(size(r));
-    }
-
-    // Members that move, in member order: those beyond a kept shard's size (its last
-    // listed), all of a dissolved shard's, and the proxies.
-    let position: HashMap<&str, usize> = view
-        .members
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.as_str(), i))
-        .collect();
-    let mut pool: Vec<&String> = Vec::new();
-    for (p, t) in view.partitions.iter().zip(&target) {
-        pool.extend(p.replicas.iter().skip(t.unwrap_or(0)));
-    }
-    let placed: std::collections::HashSet<&str> = view
-        .partitions
-        .iter()
-        .flat_map(|p| p.replicas.iter().map(String::as_str))
-        .collect();
-    pool.extend(view.members.iter().filter(|m| !placed.contains(m.as_str())));
-    pool.sort_by_key(|m| position.get(m.as_str()).copied().unwrap_or(usize::MAX));
-    let mut pool = pool.into_iter().cloned();
-
-    // Kept shards first, in index order, then the new ones. The pool holds exactly
-    // what they lack: N minus the members that stay.
-    let mut partitions = view.partitions.clone();
-    for (p, t) in partitions.iter_mut().zip(&target) {
-        if let Some(t) = *t {
-            p.replicas.truncate(t);
-            let lack = t - p.replicas.len();
-            p.replicas.extend(pool.by_ref().take(lack));
-        }
-    }
-    // Dissolve from the highest index down, each hole taking the last shard: indices
-    // below the first hole, and kept shards that are not moved into a hole, keep theirs.
-    for i in (0..partitions.len()).rev() {
-        if target[i].is_none() {
-            partitions.swap_remove(i);
-        }
-    }
-    for r in kept..shards {
-        let uid = next.take_uid()?;
-        partitions.push(Partition {
-            uid,
-            replicas: pool.by_ref().take(size(r)).collect(),
-        });
-    }
-    debug_assert!(pool.next().is_none(), "reshard left a member out");
-    next.partitions = partitions;
-    rebalance(&mut next.slots, &next.partitions);
-    Ok(())
+    // The `extra` largest shards get one more: sizes largest first.
+    let sizes: Vec<usize> = (0..shards).map(|r| base + usize::from(r < extra)).collect();
+    deal(view, next, &view.members, &sizes)
 }
 
 #[cfg(test)]
@@ -598,6 +522,8 @@ mod tests {
                         prop_assert_eq!(m.members_moved, reshard_member_bound(&v, count));
                         prop_assert_eq!(m.members_min, m.members_moved);
                     }
+                    // Not generated here: `replace.rs` has its own property test.
+                    Change::Replace { .. } => {}
                 }
                 v = w;
             }

@@ -76,7 +76,12 @@ fn change_error(e: ChangeError) -> Error {
         | ChangeError::LastShard(_)
         | ChangeError::NotEnoughNodes { .. }
         | ChangeError::ZeroShards
-        | ChangeError::ShardModeOnly(_) => ErrorKind::BadRequest,
+        | ChangeError::ShardModeOnly(_)
+        | ChangeError::EmptyView
+        | ChangeError::DuplicateMember(_)
+        | ChangeError::ZeroReplicationFactor
+        | ChangeError::FewerNodesThanReplicas { .. }
+        | ChangeError::FewerNodesThanShards { .. } => ErrorKind::BadRequest,
     };
     Error::new(kind, e.to_string()).refusing(e)
 }
@@ -130,9 +135,8 @@ impl Node {
             .filter(|m| **m != self.addr)
             .cloned()
             .collect();
-        if let Some(a) = change.newcomer(view) {
-            targets.push(a.to_string());
-        }
+        let newcomers = change.newcomers(view);
+        targets.extend(newcomers.iter().map(|a| a.to_string()));
         let answers = join_all(
             targets
                 .iter()
@@ -145,10 +149,10 @@ impl Node {
                 Ok(Response::Status(s)) => *s,
                 Ok(other) => return Err(unexpected(&other)),
                 Err(e) => {
-                    if change.newcomer(view) == Some(target.as_str()) {
+                    if newcomers.contains(&target.as_str()) {
                         return Err(Error::unavailable(format!(
-                            "cannot reach {target}: {e}. Start it first (with K and IPPORT, and the \
-                             cluster's CLUSTER_SECRET), then add it"
+                            "cannot reach {target}: {e}. Start it first (with the cluster's \
+                             settings and CLUSTER_SECRET, and no data), then add it"
                         )));
                     }
                     if change.removed() != Some(target.as_str()) {
@@ -171,8 +175,8 @@ impl Node {
                     }
                 }
             }
-            if change.newcomer(view) == Some(target.as_str()) {
-                check_newcomer(view, target, &status)?;
+            if newcomers.contains(&target.as_str()) {
+                check_newcomer(view, change, target, &status)?;
             }
         }
         if !unreachable.is_empty() {
@@ -257,7 +261,7 @@ fn paxos_reply(answer: Result<Response>) -> Option<PaxosReply> {
 }
 
 /// Refuses to add a node that is not a blank node of a compatible configuration.
-fn check_newcomer(view: &View, addr: &str, status: &NodeStatus) -> Result<()> {
+fn check_newcomer(view: &View, change: &Change, addr: &str, status: &NodeStatus) -> Result<()> {
     if let Some(v) = &status.view {
         return Err(if v.cluster == view.cluster {
             Error::conflict(format!(
@@ -268,7 +272,11 @@ fn check_newcomer(view: &View, addr: &str, status: &NodeStatus) -> Result<()> {
             Error::conflict(format!("{addr} already belongs to another cluster"))
         });
     }
-    if let Some(k) = status.k {
+    // A whole-view replacement states its replication factor: the K a blank node was
+    // started with is only its default (seed 003 starts newcomers with the new view's
+    // REPL_FACTOR, or none).
+    let replacing = matches!(change, Change::Replace { .. });
+    if let Some(k) = status.k.filter(|_| !replacing) {
         match view.k() {
             Some(ours) if ours != k => {
                 return Err(Error::conflict(format!(
