@@ -34,6 +34,10 @@ pub enum ErrorKind {
     OutcomeUnknown,
     /// The path exists but not for this method.
     MethodNotAllowed,
+    /// A read whose causal context names writes that no replica reachable within the
+    /// deadline has received (seed 003 answers 400 "Unable to satisfy request"; the
+    /// other dialects, like any replica that cannot serve now, 503).
+    Unsatisfiable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]

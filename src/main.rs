@@ -5,6 +5,18 @@
 //! 000/001), `SOCKET_ADDRESS`/`VIEW`/`SHARD_COUNT` (seed 002) and `ADDRESS`/`VIEW`/
 //! `REPL_FACTOR` (seed 003); see [`seed_aliases`]. It logs to standard output (what
 //! `docker logs` shows), one line per event.
+//!
+//! Where a node listens ([`listen_address`]): a node whose address is a loopback one
+//! shares its host with other nodes (`kvs local` puts one on each 127.0.0.x at the same
+//! port), so it binds exactly its address; any other address means the node has its
+//! host (a container, a network namespace, a machine) to itself, and it listens on
+//! every interface at its port, because clients and peers may reach it through another
+//! interface than its address (a container connected to a second network: Docker
+//! forwards its published port to the address on the network it joined last; NAT; two
+//! NICs). `LISTEN` (`--listen`) overrides either. Its calls to peers leave from its
+//! address only in the loopback case (so a local cluster's traffic is attributable);
+//! otherwise from whatever interface routes to the peer. Peers recognise each other by
+//! the cluster key, never by source address (`kvs::auth`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -16,7 +28,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use kvs::node::{Node, NodeConfig};
+use kvs::node::{JoinPlan, Node, NodeConfig};
 use kvs::placement::{parse_addr, parse_view_list, View};
 use kvs::rpc::HttpTransport;
 use kvs::storage::{MemoryStore, RedbStore, StorageError, Store};
@@ -77,9 +89,13 @@ struct SimArgs {
 
 #[derive(Args, Clone)]
 struct ServeArgs {
-    /// This node's ip:port; it binds exactly this address.
+    /// This node's ip:port, as its peers and clients call it.
     #[arg(long, env = "IPPORT")]
     ipport: Option<String>,
+    /// Where to listen (ip:port). Default: IPPORT itself when it is a loopback address
+    /// (nodes sharing a host), else every interface at IPPORT's port.
+    #[arg(long, env = "LISTEN")]
+    listen: Option<String>,
     /// Comma-separated ip:port of every node, the same on all nodes. Leave it out for a
     /// node that will be added to a running cluster with update_view.
     #[arg(long, env = "VIEW")]
@@ -122,6 +138,11 @@ struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     rebuild: bool,
+    /// Seed 003's way (set when the address came from `ADDRESS`): a node with no view
+    /// forms the VIEW's first view only if no VIEW node is in a cluster; otherwise it
+    /// waits for the view change that adds it (`node::join`).
+    #[arg(skip)]
+    waits_for_view_change: bool,
 }
 
 /// Used when CLUSTER_SECRET is not set, so the seeds' `docker run` lines work unchanged.
@@ -274,13 +295,19 @@ async fn bench(args: kvs::bench::BenchArgs) -> Result<(), String> {
 }
 
 /// Fills what the 000/001 variables leave unset from the other seed families':
-/// `SOCKET_ADDRESS` or `ADDRESS` for `IPPORT`, `REPL_FACTOR` for `K`.
+/// `SOCKET_ADDRESS` (seed 002) or `ADDRESS` (seed 003) for `IPPORT`, `REPL_FACTOR` for
+/// `K`. A seed-003 node (`ADDRESS`) has K = 1 when `REPL_FACTOR` is absent (seed 003's
+/// own store is unreplicated) and waits for a view change when its VIEW's cluster runs.
 fn seed_aliases(
     mut args: ServeArgs,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<ServeArgs, String> {
     if args.ipport.is_none() {
-        args.ipport = env("SOCKET_ADDRESS").or_else(|| env("ADDRESS"));
+        args.ipport = env("SOCKET_ADDRESS");
+    }
+    if args.ipport.is_none() {
+        args.ipport = env("ADDRESS");
+        args.waits_for_view_change = args.ipport.is_some();
     }
     if args.k.is_none() {
         if let Some(r) = env("REPL_FACTOR") {
@@ -291,7 +318,30 @@ fn seed_aliases(
             args.k = Some(k);
         }
     }
+    if args.waits_for_view_change && args.k.is_none() && args.shard_count.is_none() {
+        args.k = Some(1);
+    }
     Ok(args)
+}
+
+/// Where a node listens: see the module doc.
+fn listen_address(listen: Option<&str>, addr: &str) -> Result<std::net::SocketAddr, String> {
+    if let Some(text) = listen {
+        return text
+            .trim()
+            .parse()
+            .map_err(|_| format!("LISTEN {text:?} is not an ip:port"));
+    }
+    let own: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an ip:port"))?;
+    Ok(if own.ip().is_loopback() {
+        own
+    } else if own.is_ipv4() {
+        std::net::SocketAddr::from(([0, 0, 0, 0], own.port()))
+    } else {
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, own.port()))
+    })
 }
 
 /// Opens the node's store in `dir`; with `rebuild`, a directory that refuses to open is
@@ -365,8 +415,10 @@ fn move_aside(dir: &std::path::Path, k: Option<usize>) -> Result<(), String> {
 /// The view this node starts from when its data directory holds none, by the seed family
 /// its variables name: K mode (`K`/`REPL_FACTOR`), shards (`SHARD_COUNT`), or, with a
 /// `VIEW` and neither, the addresses to join or form a one-shard cluster at
-/// (`node::join`). No `VIEW`: a node that waits to be added.
-type FirstView = (Option<View>, Option<(Vec<String>, View)>);
+/// (`node::join`); seed 003's nodes form their VIEW's K-mode view the same way, but wait
+/// to be added by a view change where seed 002's announce themselves. No `VIEW`: a node
+/// that waits to be added.
+type FirstView = (Option<View>, Option<JoinPlan>);
 
 fn first_view(args: &ServeArgs, addr: &str) -> Result<FirstView, String> {
     let Some(text) = args.view.as_deref() else {
@@ -377,6 +429,17 @@ fn first_view(args: &ServeArgs, addr: &str) -> Result<FirstView, String> {
         tracing::warn!(%addr, "this node's address is not in VIEW: it will forward requests and own no data");
     }
     Ok(match (args.k, args.shard_count) {
+        (Some(k), _) if args.waits_for_view_change => {
+            let formed = View::bootstrap(members.clone(), k).map_err(|e| e.to_string())?;
+            (
+                None,
+                Some(JoinPlan {
+                    addresses: members,
+                    formed,
+                    announce: false,
+                }),
+            )
+        }
         (Some(k), _) => (
             Some(View::bootstrap(members, k).map_err(|e| e.to_string())?),
             None,
@@ -387,7 +450,14 @@ fn first_view(args: &ServeArgs, addr: &str) -> Result<FirstView, String> {
         ),
         (None, None) => {
             let formed = View::bootstrap_shards(members.clone(), 1).map_err(|e| e.to_string())?;
-            (None, Some((members, formed)))
+            (
+                None,
+                Some(JoinPlan {
+                    addresses: members,
+                    formed,
+                    announce: true,
+                }),
+            )
         }
     })
 }
@@ -431,10 +501,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             "ADMIN_TOKEN is not set: anyone who can reach this node can change the cluster's membership (update_view)"
         );
     }
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let listen = listen_address(args.listen.as_deref(), &addr)?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local_ip = addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    // Calls leave from the node's own address only where nodes share a host.
+    let local_ip = addr
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| ip.is_loopback());
     let transport = Arc::new(HttpTransport::new(secret.clone(), local_ip));
     let cfg = NodeConfig {
         addr: addr.clone(),
@@ -448,6 +524,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     match node.view() {
         Some(view) => tracing::info!(
             %addr,
+            %listen,
             role = ?node.role(),
             partitions = view.partition_count(),
             epoch = view.epoch,
@@ -455,10 +532,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ),
         None if joining => tracing::info!(
             %addr,
+            %listen,
             "kvs node serving, in no cluster yet: finding its cluster among the VIEW's nodes (or forming it with them)"
         ),
         None => tracing::info!(
             %addr,
+            %listen,
             "kvs node serving, in no cluster yet: add it with PUT /kv-store/update_view?type=add&ip_port={addr} (or PUT /key-value-store-view) on a member"
         ),
     }
@@ -484,6 +563,8 @@ mod tests {
             cluster_secret: None,
             admin_token: None,
             rebuild: false,
+            listen: None,
+            waits_for_view_change: false,
         }
     }
 
@@ -503,9 +584,20 @@ mod tests {
         )
         .expect("seed 003");
         assert_eq!(
-            (a.ipport.as_deref(), a.k),
-            (Some("10.0.0.2:13800"), Some(2))
+            (a.ipport.as_deref(), a.k, a.waits_for_view_change),
+            (Some("10.0.0.2:13800"), Some(2), true)
         );
+        // Seed 003 without REPL_FACTOR: unreplicated, N shards of one; it forms its
+        // VIEW's view unless it finds a cluster that will add it.
+        let mut three = args();
+        three.view = Some("10.0.0.2:13800,10.0.0.3:13800".into());
+        let a = seed_aliases(three, env(&[("ADDRESS", "10.0.0.2:13800")])).expect("seed 003");
+        assert_eq!(a.k, Some(1));
+        let (view, join) = first_view(&a, "10.0.0.2:13800").expect("valid");
+        assert!(view.is_none());
+        let plan = join.expect("a join plan");
+        assert!(!plan.announce);
+        assert_eq!(plan.formed.partition_count(), 2);
         let mut six = args();
         six.view = Some(
             "10.0.0.1:8085,10.0.0.2:8085,10.0.0.3:8085,10.0.0.4:8085,10.0.0.5:8085,10.0.0.6:8085"
@@ -527,9 +619,10 @@ mod tests {
             view.is_none(),
             "a node without SHARD_COUNT finds its cluster first"
         );
-        let (addresses, formed) = join.expect("join");
-        assert_eq!(addresses.len(), 6);
-        assert_eq!(formed.partition_count(), 1);
+        let plan = join.expect("join");
+        assert!(plan.announce);
+        assert_eq!(plan.addresses.len(), 6);
+        assert_eq!(plan.formed.partition_count(), 1);
         for bad in [7, 0] {
             let mut wrong = a.clone();
             wrong.shard_count = Some(bad);
@@ -542,5 +635,19 @@ mod tests {
         let a = seed_aliases(given, env(&[("ADDRESS", "x"), ("REPL_FACTOR", "3")])).expect("001");
         assert_eq!((a.ipport.as_deref(), a.k), (Some("10.0.0.9:8080"), Some(1)));
         assert!(seed_aliases(args(), env(&[("REPL_FACTOR", "two")])).is_err());
+    }
+
+    #[test]
+    fn nodes_alone_on_their_host_listen_on_every_interface() {
+        let at =
+            |listen: Option<&str>, addr: &str| listen_address(listen, addr).map(|a| a.to_string());
+        assert_eq!(at(None, "127.0.0.3:8080"), Ok("127.0.0.3:8080".into()));
+        assert_eq!(at(None, "10.10.0.4:13800"), Ok("0.0.0.0:13800".into()));
+        assert_eq!(at(None, "[fd00::4]:13800"), Ok("[::]:13800".into()));
+        assert_eq!(
+            at(Some("10.10.0.4:13800"), "10.10.0.4:13800"),
+            Ok("10.10.0.4:13800".into())
+        );
+        assert!(at(Some("nonsense"), "10.10.0.4:13800").is_err());
     }
 }

@@ -66,7 +66,9 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// view or a proposal: `Install`, `Learn`, `Accept`, `Status`, ...), and `Change` has
 /// `AddToShard` and `Reshard`; read replies carry the write's causal context; the
 /// requests `KeyCount` and `Join`.
-pub const PROTOCOL_VERSION: &str = "4";
+/// 5: `Change::Replace`; read and write replies name the replica that served them
+/// (`served_by`); `ErrorKind::Unsatisfiable`.
+pub const PROTOCOL_VERSION: &str = "5";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -234,6 +236,8 @@ pub struct ReadReply {
     pub context: BTreeMap<PartitionUid, VersionVector>,
     /// Whether the serving replica holds anything for the key (`ReadOutcome::known`).
     pub known: bool,
+    /// The replica that served the read (seed 003 names it when a node proxied).
+    pub served_by: String,
 }
 
 /// `Option<(Vec<u8>, u64)>` with the bytes serialized as bytes (one copy, not one visit
@@ -264,6 +268,8 @@ pub struct WriteReply {
     pub created: bool,
     pub timestamp_ms: u64,
     pub token: CausalToken,
+    /// The replica that accepted the write.
+    pub served_by: String,
 }
 
 /// Why a call produced no [`Response`].
@@ -427,6 +433,7 @@ mod tests {
             token: CausalToken,
             context: BTreeMap<PartitionUid, VersionVector>,
             known: bool,
+            served_by: String,
         }
         let context: BTreeMap<PartitionUid, VersionVector> =
             [(3, [(5, 7)].into_iter().collect())].into_iter().collect();
@@ -438,6 +445,7 @@ mod tests {
                 token: CausalToken::default(),
                 context: context.clone(),
                 known: value.is_some(),
+                served_by: "10.0.0.1:8080".into(),
             };
             let value_known = value.is_some();
             let old = Derived {
@@ -447,6 +455,7 @@ mod tests {
                 token: CausalToken::default(),
                 context: context.clone(),
                 known: value_known,
+                served_by: "10.0.0.1:8080".into(),
             };
             let bytes = encode(&reply);
             assert_eq!(bytes, encode(&old));

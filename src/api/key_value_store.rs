@@ -104,10 +104,7 @@ enum Endpoint {
 impl Endpoint {
     fn parse(method: &Method, path: &str) -> Result<Endpoint, Error> {
         if let Some(raw) = path.strip_prefix(KEYS) {
-            let key = percent_encoding::percent_decode_str(raw)
-                .decode_utf8()
-                .map_err(|e| Error::bad_request(format!("the key is not UTF-8: {e}")))?
-                .into_owned();
+            let key = super::path_key(raw)?;
             return match *method {
                 Method::GET => Ok(Endpoint::GetKey(key)),
                 Method::PUT => Ok(Endpoint::PutKey(key)),
@@ -255,11 +252,8 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
             ))
         }
         Endpoint::PutKey(key) => {
-            let value = match body.get("value") {
-                None | Some(Value::Null) => return Err(Error::bad_request("Value is missing")),
-                Some(Value::String(s)) => s.clone().into_bytes(),
-                Some(other) => other.to_string().into_bytes(),
-            };
+            let value =
+                super::value_field(body).ok_or_else(|| Error::bad_request("Value is missing"))?;
             check_key(&key)?;
             let token = metadata(node, body).await?;
             let reply = node.put(&key, value, token, true).await?;
@@ -404,13 +398,7 @@ fn written(
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
-    if key.is_empty() {
-        return Err(Error::bad_request("Key is missing"));
-    }
-    if key.chars().count() > MAX_KEY_CHARS {
-        return Err(Error::bad_request("Key is too long"));
-    }
-    Ok(())
+    super::check_key_length(key, MAX_KEY_CHARS)
 }
 
 /// The client's `causal-metadata` (absent, null and `""` are the empty context).

@@ -9,6 +9,7 @@
 
 pub mod key_value_store;
 pub mod kv_store;
+pub mod kvs;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,7 +23,7 @@ use crate::error::{Error, ErrorKind};
 use crate::node::Node;
 
 /// Every dialect the node serves, in the order their paths are matched.
-const DIALECTS: [&Dialect; 2] = [&kv_store::DIALECT, &key_value_store::DIALECT];
+const DIALECTS: [&Dialect; 3] = [&kv_store::DIALECT, &key_value_store::DIALECT, &kvs::DIALECT];
 
 /// How a dialect's request bodies are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +78,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         // Retryable by the client, like an unavailable node (a retry is a new write).
         ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorKind::Unsatisfiable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -89,6 +91,36 @@ pub fn dialect_of(path: &str) -> Option<&'static Dialect> {
 /// it (a JSON object with `"error"`), which suits the other dialects' clients too.
 pub fn unknown_path() -> Response {
     kv_store::unknown_path()
+}
+
+/// The key named by the rest of a path, percent-decoded (the JSON dialects take any
+/// characters, up to their length limit).
+pub(crate) fn path_key(raw: &str) -> Result<String, Error> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|k| k.into_owned())
+        .map_err(|e| Error::bad_request(format!("the key is not UTF-8: {e}")))
+}
+
+/// The seeds 002/003 key rule: 1 to `max` characters, with their wording.
+pub(crate) fn check_key_length(key: &str, max: usize) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::bad_request("Key is missing"));
+    }
+    if key.chars().count() > max {
+        return Err(Error::bad_request("Key is too long"));
+    }
+    Ok(())
+}
+
+/// The `value` of a JSON dialect's PUT: a string as its text, any other JSON value as
+/// its JSON text; `None` when absent or `null`.
+pub(crate) fn value_field(body: &serde_json::Value) -> Option<Vec<u8>> {
+    match body.get("value") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone().into_bytes()),
+        Some(other) => Some(other.to_string().into_bytes()),
+    }
 }
 
 /// The admin credential a request carries: the token of an `Authorization: Bearer`

@@ -298,6 +298,7 @@ pub(super) fn responses() -> Vec<Response> {
             token: token.clone(),
             context: token.parts.clone(),
             known: true,
+            served_by: addr(1),
         }),
         Response::Get(ReadReply {
             partition: 1,
@@ -306,6 +307,7 @@ pub(super) fn responses() -> Vec<Response> {
             token: token.clone(),
             context: Default::default(),
             known: false,
+            served_by: addr(2),
         }),
         Response::Put(WriteReply {
             partition: 0,
@@ -313,6 +315,7 @@ pub(super) fn responses() -> Vec<Response> {
             created: true,
             timestamp_ms: 1_796_284_522_000,
             token,
+            served_by: addr(1),
         }),
         Response::Status(Box::new(NodeStatus {
             addr: addr(1),

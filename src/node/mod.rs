@@ -55,6 +55,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+pub use join::JoinPlan;
 pub use keys::{Keys, Refusal, KEY_WAIT};
 pub use reconfig::{Progress, VIEW_CATCHUP_WAIT};
 pub use routing::{
@@ -172,9 +173,9 @@ pub struct NodeConfig {
     pub secret: String,
     /// `ADMIN_TOKEN`: when set, membership changes need it.
     pub admin_token: Option<String>,
-    /// For a node with no view of its own (none stored, no `env_view`): the addresses to
-    /// find its cluster at and the view to form when none answers (`join`).
-    pub join: Option<(Vec<String>, View)>,
+    /// For a node with no view of its own (none stored, no `env_view`): where to find
+    /// its cluster and what to form when there is none (`join`).
+    pub join: Option<JoinPlan>,
 }
 
 /// One kvs server. See the module doc.
@@ -305,9 +306,9 @@ impl Node {
         });
         node.apply_layout(layout);
         node.start_background();
-        if let Some((addresses, formed)) = join {
+        if let Some(plan) = join {
             if node.view().is_none() {
-                node.spawn_join(addresses, formed);
+                node.spawn_join(plan);
             }
         }
         Ok(node)

@@ -187,6 +187,7 @@ impl Node {
             None
         };
         let mut asked = FuturesUnordered::new();
+        let mut unsatisfiable = false;
         loop {
             if asked.is_empty() {
                 match next(&mut last) {
@@ -203,6 +204,12 @@ impl Node {
                         if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) =>
                     {
                         last = format!("{peer}: {e}");
+                    }
+                    // It lacks writes the client's context names: another replica may
+                    // have them; if none does, the read is unsatisfiable, not unreachable.
+                    Ok(Response::Error(e)) if e.kind == ErrorKind::Unsatisfiable => {
+                        last = format!("{peer}: {e}");
+                        unsatisfiable = true;
                     }
                     Ok(Response::Error(e)) => return Err(e),
                     Ok(resp) => return Ok(resp),
@@ -221,9 +228,15 @@ impl Node {
                 }
             }
         }
-        Err(Error::unavailable(format!(
-            "no replica of partition {index} could serve the request (last: {last})"
-        )))
+        let kind = if unsatisfiable {
+            ErrorKind::Unsatisfiable
+        } else {
+            ErrorKind::Unavailable
+        };
+        Err(Error::new(
+            kind,
+            format!("no replica of partition {index} could serve the request (last: {last})"),
+        ))
     }
 
     /// Whether a forwarded request may go to `peer`: yes unless it is believed dead and
@@ -346,6 +359,7 @@ mod tests {
                     token: CausalToken::default(),
                     context: Default::default(),
                     known: false,
+                    served_by: members[1].clone(),
                 })),
             );
         }
@@ -407,6 +421,7 @@ mod tests {
             created: true,
             timestamp_ms: 1,
             token: CausalToken::default(),
+            served_by: second.clone(),
         });
         lock(&transport.answers).insert(second.clone(), Some(accepted));
         for (answer, moves_on) in [

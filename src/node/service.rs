@@ -118,7 +118,10 @@ impl Node {
             let p = view.partition_of_key(key);
             let result = match cur.local(p) {
                 Some(r) => match self.read_local(&view, r, key, &token).await {
-                    Err(e) if e.kind == ErrorKind::Unavailable && may_forward => {
+                    Err(e)
+                        if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Unsatisfiable)
+                            && may_forward =>
+                    {
                         // We could not catch up; a peer may already have what the client saw.
                         self.forward_get(&view, p, key, token.clone(), true)
                             .await
@@ -318,6 +321,7 @@ impl Node {
             created: outcome.created,
             timestamp_ms: outcome.timestamp_ms,
             token: outcome.token,
+            served_by: self.addr.clone(),
         })
     }
 
@@ -379,6 +383,7 @@ impl Node {
                     token: out.token,
                     context: out.context,
                     known: out.known,
+                    served_by: self.addr.clone(),
                 });
             }
             drop(txn);
@@ -386,7 +391,8 @@ impl Node {
                 break;
             }
         }
-        Err(Error::unavailable(
+        Err(Error::new(
+            ErrorKind::Unsatisfiable,
             "this replica has not yet received writes the causal context depends on, and its peers did not supply them in time",
         ))
     }
@@ -403,11 +409,24 @@ impl Node {
 /// The error of a request this replica could not serve and its peers could not either:
 /// both reasons, the local one first (it is usually why the client's request failed).
 fn with_local_reason(local: &Error, peers: Error) -> Error {
-    if peers.kind != ErrorKind::Unavailable {
+    if !matches!(
+        peers.kind,
+        ErrorKind::Unavailable | ErrorKind::Unsatisfiable
+    ) {
         return peers;
     }
-    Error::unavailable(format!(
-        "{}; and the other replicas could not serve it: {}",
-        local.message, peers.message
-    ))
+    // Unsatisfiable if either side found the context unsatisfiable: the client's
+    // context is the reason, whatever else failed.
+    let kind = if peers.kind == ErrorKind::Unsatisfiable {
+        peers.kind
+    } else {
+        local.kind
+    };
+    Error::new(
+        kind,
+        format!(
+            "{}; and the other replicas could not serve it: {}",
+            local.message, peers.message
+        ),
+    )
 }

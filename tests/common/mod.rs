@@ -81,6 +81,8 @@ enum Mode {
     K(usize),
     /// Seed 002: `SOCKET_ADDRESS`, `VIEW` and, when given, `SHARD_COUNT`.
     Shards(Option<usize>),
+    /// Seed 003: `ADDRESS`, `VIEW` and, when given, `REPL_FACTOR`.
+    Replication(Option<usize>),
 }
 
 /// A running cluster of `kvs` processes (K mode and the seed-001 dialect, or seed 002's
@@ -189,6 +191,30 @@ impl Cluster {
         c
     }
 
+    /// Starts `n` nodes the seed-003 way (`ADDRESS`, `VIEW`, and `REPL_FACTOR` when `r`
+    /// is given), with `spares` more slots that [`Cluster::join`] starts later (with a
+    /// `VIEW` of every slot: they wait for the view change that adds them); waits until
+    /// every node is ready.
+    pub async fn start_replicated(
+        test_id: u8,
+        n: usize,
+        spares: usize,
+        r: Option<usize>,
+    ) -> Cluster {
+        let mut c = Cluster::start_full_with_dirs_in(
+            test_id,
+            n,
+            spares,
+            Mode::Replication(r),
+            DEFAULT_SECRET,
+            &[],
+            &[],
+        )
+        .await;
+        c.k = r.unwrap_or(1);
+        c
+    }
+
     async fn start_full(
         test_id: u8,
         n: usize,
@@ -224,6 +250,7 @@ impl Cluster {
         let k = match mode {
             Mode::K(k) => k,
             Mode::Shards(_) => 0,
+            Mode::Replication(r) => r.unwrap_or(1),
         };
         assert!(
             (1..=250).contains(&(n + spares)),
@@ -283,6 +310,21 @@ impl Cluster {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         for i in 0..n {
             cluster.wait_ready_until(i, deadline).await;
+        }
+        // Seed 003's nodes find each other before they form the cluster: a node is
+        // started once it is in it (and, being ready, holds its key).
+        if matches!(cluster.mode, Mode::Replication(_)) {
+            for i in 0..n {
+                while cluster.view_of(i).await.is_none() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {i} formed no cluster\n{}",
+                        cluster.log_tail(i)
+                    );
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                cluster.wait_ready_until(i, deadline).await;
+            }
         }
         cluster
     }
@@ -413,6 +455,12 @@ impl Cluster {
                 cmd.env("SOCKET_ADDRESS", &node.addr);
                 if let (Some(n), false) = (shards, joins) {
                     cmd.env("SHARD_COUNT", n.to_string());
+                }
+            }
+            Mode::Replication(r) => {
+                cmd.env("ADDRESS", &node.addr);
+                if let Some(r) = r {
+                    cmd.env("REPL_FACTOR", r.to_string());
                 }
             }
         }
