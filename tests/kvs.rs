@@ -6,9 +6,9 @@
 //! order whose lists and key counts agree on every node, `"address"` exactly when the
 //! node that received a request passed it on, deletes that stay deleted, whole-view
 //! changes (1 → 4 nodes with r 1 → 2, 2 → 4, two nodes replaced by two new ones) that
-//! keep every key, and the two errors of a read that cannot be served: 400 when the
-//! reachable replicas lack what the client's context needs, 503 when no replica of the
-//! key's shard answers.
+//! keep every key and every delete, and the two errors of a read that cannot be
+//! served: 400 when the reachable replicas lack what the client's context needs, 503
+//! when no replica of the key's shard answers.
 
 mod common;
 
@@ -201,14 +201,46 @@ async fn load(c: &Cluster, via: &[usize], prefix: &str, n: usize) -> (Session, V
     (session, keys)
 }
 
-/// Every key reads back `v<j>` through the nodes `via` in turn (with an empty context:
-/// what any client sees once the change answered).
+/// Every key `<prefix><j>` reads back `v<j>` through the nodes `via` in turn (with an
+/// empty context: what any client sees once the change answered).
 async fn verify(c: &Cluster, via: &[usize], keys: &[String]) {
-    for (j, key) in keys.iter().enumerate() {
-        let i = via[j % via.len()];
+    for (n, key) in keys.iter().enumerate() {
+        let i = via[n % via.len()];
+        let j = key.trim_start_matches(|ch: char| !ch.is_ascii_digit());
         let (st, body) = call(c, i, Method::GET, &keys_path(key), json!({})).await;
         assert_eq!(st, 200, "GET {key} at node {i}: {body}");
         assert_eq!(body["value"], format!("v{j}"), "GET {key} at node {i}");
+    }
+}
+
+/// Deletes every tenth key through the nodes `via` in turn; returns the keys left.
+async fn delete_tenth(
+    c: &Cluster,
+    via: &[usize],
+    session: &mut Session,
+    keys: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let (mut live, mut deleted) = (Vec::new(), Vec::new());
+    for (j, key) in keys.iter().enumerate() {
+        if j % 10 == 9 {
+            let (st, body) = session.delete(c, via[j % via.len()], key).await;
+            assert_eq!(st, 200, "DELETE {key}: {body}");
+            deleted.push(key.clone());
+        } else {
+            live.push(key.clone());
+        }
+    }
+    (live, deleted)
+}
+
+/// Every key of `deleted` is 404 on every node of `nodes`: a view change moved the
+/// deletes with the keys.
+async fn stay_deleted(c: &Cluster, nodes: &[usize], deleted: &[String]) {
+    for key in deleted {
+        for &i in nodes {
+            let (st, body) = call(c, i, Method::GET, &keys_path(key), json!({})).await;
+            assert_eq!(st, 404, "deleted {key} is back at node {i}: {body}");
+        }
     }
 }
 
@@ -444,7 +476,9 @@ async fn one_node_grows_to_four_with_r_from_one_to_two() {
     let c = Cluster::start_replicated(102, 1, 3, None).await;
     c.within(SCENARIO, async {
         let n = view_keys();
-        let (_, keys) = load(&c, &[0], "key", n).await;
+        let (mut session, keys) = load(&c, &[0], "key", n).await;
+        let (keys, deleted) = delete_tenth(&c, &[0], &mut session, &keys).await;
+        let n = keys.len();
         let old = layout(&c, &[&[0]]);
         let before = shards_of_keys(&c, 0, &keys, &old).await;
         for i in 1..4 {
@@ -455,6 +489,7 @@ async fn one_node_grows_to_four_with_r_from_one_to_two() {
         view_change(&c, 0, &[0, 1, 2, 3], Some(2), &new, n as u64, what).await;
         agree(&c, &[0, 1, 2, 3], &new, n as u64).await;
         verify(&c, &[3, 2, 1, 0], &keys).await;
+        stay_deleted(&c, &[0, 1, 2, 3], &deleted).await;
         let after = shards_of_keys(&c, 0, &keys, &new).await;
         movement(what, (&old, &before), (&new, &after));
     })
@@ -467,7 +502,9 @@ async fn two_nodes_grow_to_four() {
     let c = Cluster::start_replicated(103, 2, 2, None).await;
     c.within(SCENARIO, async {
         let n = view_keys();
-        let (_, keys) = load(&c, &[0, 1], "key", n).await;
+        let (mut session, keys) = load(&c, &[0, 1], "key", n).await;
+        let (keys, deleted) = delete_tenth(&c, &[1, 0], &mut session, &keys).await;
+        let n = keys.len();
         let old = layout(&c, &[&[0], &[1]]);
         agree(&c, &[0, 1], &old, n as u64).await;
         let before = shards_of_keys(&c, 0, &keys, &old).await;
@@ -478,6 +515,7 @@ async fn two_nodes_grow_to_four() {
         view_change(&c, 1, &[0, 1, 2, 3], None, &new, n as u64, what).await;
         agree(&c, &[0, 1, 2, 3], &new, n as u64).await;
         verify(&c, &[2, 3, 0, 1], &keys).await;
+        stay_deleted(&c, &[0, 1, 2, 3], &deleted).await;
         let after = shards_of_keys(&c, 2, &keys, &new).await;
         movement(what, (&old, &before), (&new, &after));
     })
@@ -492,7 +530,9 @@ async fn two_nodes_replaced_by_two_new_ones() {
     let c = Cluster::start_replicated(104, 4, 2, None).await;
     c.within(SCENARIO, async {
         let n = view_keys();
-        let (_, keys) = load(&c, &[0, 1, 2, 3], "key", n).await;
+        let (mut session, keys) = load(&c, &[0, 1, 2, 3], "key", n).await;
+        let (keys, deleted) = delete_tenth(&c, &[3, 2, 1, 0], &mut session, &keys).await;
+        let n = keys.len();
         let old = layout(&c, &[&[0], &[1], &[2], &[3]]);
         let counts_before = agree(&c, &[0, 1, 2, 3], &old, n as u64).await;
         let before = shards_of_keys(&c, 0, &keys, &old).await;
@@ -507,6 +547,7 @@ async fn two_nodes_replaced_by_two_new_ones() {
             "a key changed shard although none had to"
         );
         verify(&c, &[4, 5, 0, 1], &keys).await;
+        stay_deleted(&c, &[0, 1, 4, 5], &deleted).await;
         let after = shards_of_keys(&c, 0, &keys, &new).await;
         movement(what, (&old, &before), (&new, &after));
         for gone in [2, 3] {
