@@ -12,8 +12,8 @@
 //! host (a container, a network namespace, a machine) to itself, and it listens on
 //! every interface at its port, because clients and peers may reach it through another
 //! interface than its address (a container connected to a second network: Docker
-//! forwards its published port to the address on the network it joined last; NAT; two
-//! NICs). `LISTEN` (`--listen`) overrides either. Its calls to peers leave from its
+//! forwards its published port to its address on one of the two, not necessarily its
+//! `ADDRESS`; NAT; two NICs). `LISTEN` (`--listen`) overrides either. Its calls to peers leave from its
 //! address only in the loopback case (so a local cluster's traffic is attributable);
 //! otherwise from whatever interface routes to the peer. Peers recognise each other by
 //! the cluster key, never by source address (`kvs::auth`).
