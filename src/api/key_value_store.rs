@@ -50,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{Answer, BodyFormat, Dialect, Request};
+use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request};
 use crate::clock::CausalToken;
 use crate::error::{Error, ErrorKind};
 use crate::node::{Node, MAX_VALUE_BYTES};
@@ -202,10 +202,6 @@ fn method_not_allowed() -> Error {
     )
 }
 
-fn ok(status: StatusCode, body: Value) -> Response {
-    (status, Json(body)).into_response()
-}
-
 async fn handle(node: Arc<Node>, request: Request) -> Response {
     let method = request.method.as_str().to_owned();
     serve(&node, request)
@@ -215,10 +211,7 @@ async fn handle(node: Arc<Node>, request: Request) -> Response {
 
 async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
     let endpoint = Endpoint::parse(&request.method, &request.path)?;
-    let body = &request.json;
-    if !(body.is_object() || body.is_null()) {
-        return Err(Error::bad_request("the body must be a JSON object"));
-    }
+    let body = super::json_object(&request)?;
     match endpoint {
         Endpoint::GetKey(key) => {
             check_key(&key)?;

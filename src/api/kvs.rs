@@ -49,7 +49,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::{Answer, BodyFormat, Dialect, Request};
+use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request};
 use crate::clock::CausalToken;
 use crate::error::{Error, ErrorKind};
 use crate::node::{Node, MAX_VALUE_BYTES};
@@ -166,10 +166,6 @@ fn error_response(e: Error, method: &str) -> Response {
         .into_response()
 }
 
-fn ok(status: StatusCode, body: Value) -> Response {
-    (status, Json(body)).into_response()
-}
-
 async fn handle(node: Arc<Node>, request: Request) -> Response {
     let method = request.method.as_str().to_owned();
     serve(&node, request)
@@ -179,10 +175,7 @@ async fn handle(node: Arc<Node>, request: Request) -> Response {
 
 async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
     let endpoint = Endpoint::parse(&request.method, &request.path)?;
-    let body = &request.json;
-    if !(body.is_object() || body.is_null()) {
-        return Err(Error::bad_request("the body must be a JSON object"));
-    }
+    let body = super::json_object(&request)?;
     match endpoint {
         Endpoint::GetKey(key) => {
             super::check_key_length(&key, MAX_KEY_CHARS)?;

@@ -113,6 +113,22 @@ pub(crate) fn check_key_length(key: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// A JSON answer.
+pub(crate) fn json_reply(status: StatusCode, body: serde_json::Value) -> Response {
+    use axum::response::IntoResponse;
+    (status, axum::Json(body)).into_response()
+}
+
+/// The body of a JSON dialect's request: an object, or `Null` when there was none.
+pub(crate) fn json_object(request: &Request) -> Result<&serde_json::Value, Error> {
+    let body = &request.json;
+    if body.is_object() || body.is_null() {
+        Ok(body)
+    } else {
+        Err(Error::bad_request("the body must be a JSON object"))
+    }
+}
+
 /// The `value` of a JSON dialect's PUT: a string as its text, any other JSON value as
 /// its JSON text; `None` when absent or `null`.
 pub(crate) fn value_field(body: &serde_json::Value) -> Option<Vec<u8>> {
