@@ -11,6 +11,7 @@
 //! | [`auth`] | the cluster key: member proofs, token key, cluster id | pure |
 //! | [`replica`] | key versions and siblings, writes, causal reads, sync protocol | pure over a store |
 //! | [`cluster`] | liveness of peers | pure |
+//! | [`quorum`] | read and write levels (`r=`/`w=`): how many replicas a request involves | pure |
 //! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
 //! | [`node`] | the service every dialect calls, and its I/O: routing, writer, sync, heartbeats, view changes | I/O |
@@ -34,6 +35,7 @@ pub mod keystate;
 pub mod local;
 pub mod node;
 pub mod placement;
+pub mod quorum;
 pub mod replica;
 pub mod rpc;
 pub mod sim;

@@ -30,6 +30,7 @@ use tracing_subscriber::EnvFilter;
 
 use kvs::node::{JoinPlan, Node, NodeConfig};
 use kvs::placement::{parse_addr, parse_view_list, View};
+use kvs::quorum::{Level, Levels};
 use kvs::rpc::HttpTransport;
 use kvs::storage::{MemoryStore, RedbStore, StorageError, Store};
 
@@ -109,6 +110,15 @@ struct ServeArgs {
     /// every node, and a node started later joins the running cluster in no shard.
     #[arg(long, env = "SHARD_COUNT", conflicts_with = "k")]
     shard_count: Option<usize>,
+    /// Replicas a read merges when the request names no `r=`: a number, `quorum` (a
+    /// majority of the key's partition) or `all`. With R + W above the replica count,
+    /// every read sees every write acknowledged before it began.
+    #[arg(long = "r", env = "R", default_value = "1")]
+    r: Level,
+    /// Replicas that must hold a write before it is acknowledged when the request names
+    /// no `w=`: a number, `quorum` or `all`.
+    #[arg(long = "w", env = "W", default_value = "1")]
+    w: Level,
     /// Directory for this node's data (default ./kvs-data/<ipport>).
     #[arg(long, env = "DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -519,6 +529,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         secret,
         admin_token,
         join,
+        levels: Levels {
+            read: args.r,
+            write: args.w,
+        },
     };
     let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
     match node.view() {
@@ -557,6 +571,8 @@ mod tests {
             view: None,
             k: None,
             shard_count: None,
+            r: Level::ONE,
+            w: Level::ONE,
             data_dir: None,
             memory: false,
             cache_mb: 256,

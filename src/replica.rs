@@ -117,6 +117,9 @@ pub struct WriteOutcome {
     pub created: bool,
     pub token: CausalToken,
     pub timestamp_ms: u64,
+    /// The new version's identity; `None` when nothing was written (a delete of a key
+    /// that did not exist). A quorum write waits until enough peers hold it.
+    pub dot: Option<Dot>,
 }
 
 /// What a read returns.
@@ -159,6 +162,10 @@ pub struct SyncResponse {
     /// The answering replica's `absorbed` vector, for the asker to compare with its own
     /// (informational: nothing here lets the asker claim it).
     pub absorbed: VersionVector,
+    /// A quorum write at the answering replica waits for its peers: after applying this
+    /// page the asker should report its new `have` at once (with another request)
+    /// rather than at its next interval. Set by the node, not by [`Replica::serve_sync`].
+    pub ack_wanted: bool,
 }
 
 /// Ask for a page of a replica's keys in a set of slots: its whole state (a peer that
@@ -357,6 +364,7 @@ impl Replica {
                 created,
                 token,
                 timestamp_ms: req.now_ms,
+                dot: None,
             });
         }
         let counter = self.applied.get(self.id) + 1;
@@ -407,6 +415,7 @@ impl Replica {
             created,
             token,
             timestamp_ms,
+            dot: Some(dot),
         })
     }
 

@@ -44,6 +44,7 @@ use crate::auth::{ClusterKey, Nonce};
 use crate::clock::{CausalToken, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
+use crate::quorum::Level;
 use crate::replica::{Claim, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 /// Answers of Paxos acceptors (with the proposer that reads them, in `viewchange`).
 pub use crate::viewchange::PaxosReply;
@@ -68,7 +69,9 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// requests `KeyCount` and `Join`.
 /// 5: `Change::Replace`; read and write replies name the replica that served them
 /// (`served_by`); `ErrorKind::Unsatisfiable`.
-pub const PROTOCOL_VERSION: &str = "5";
+/// 6: client reads and writes carry their quorum level (`r`, `w`); sync pages say
+/// whether a quorum write waits for the asker's report (`ack_wanted`).
+pub const PROTOCOL_VERSION: &str = "6";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -106,14 +109,21 @@ pub enum Request {
     /// "I accepted new writes in this partition": the receiver should pull from the
     /// sender soon. Answered with [`Response::Ok`].
     Poke { partition: PartitionUid },
-    /// A client read forwarded to a replica of the key's partition.
-    Get { key: String, token: CausalToken },
-    /// A client write forwarded to a replica of the key's partition; `None` deletes.
+    /// A client read forwarded to a replica of the key's partition, which merges the
+    /// state of `r` replicas (asking its peers with `r` = 1).
+    Get {
+        key: String,
+        token: CausalToken,
+        r: Level,
+    },
+    /// A client write forwarded to a replica of the key's partition; `None` deletes. The
+    /// replica answers once `w` replicas hold it.
     Put {
         key: String,
         #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
         token: CausalToken,
+        w: Level,
     },
     /// The receiver's view, transition and configuration: answered with
     /// [`Response::Status`]. Used before a view change and to learn a newer view.

@@ -93,6 +93,7 @@ impl Cluster {
             secret: "shard-test".into(),
             admin_token: None,
             join: None,
+            levels: Default::default(),
         };
         let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
             .expect("node starts");
@@ -125,7 +126,7 @@ impl Cluster {
                 let probe = format!("ready_{}", name.replace(['.', ':'], "_"));
                 let put = self
                     .node(&name)
-                    .put(&probe, b"r".to_vec(), CausalToken::default(), true)
+                    .put(&probe, b"r".to_vec(), CausalToken::default(), None, true)
                     .await;
                 match put {
                     Ok(_) => {
@@ -150,7 +151,7 @@ impl Cluster {
             let value = format!("value {i}").into_bytes();
             let via = &members[i % members.len()];
             self.node(via)
-                .put(&key, value.clone(), CausalToken::default(), true)
+                .put(&key, value.clone(), CausalToken::default(), None, true)
                 .await
                 .unwrap_or_else(|e| panic!("put {key} via {via}: {e}"));
             self.keys.push((key, value));
@@ -163,7 +164,7 @@ impl Cluster {
             for (key, value) in &self.keys {
                 let got = self
                     .node(name)
-                    .get(key, CausalToken::default(), true)
+                    .get(key, CausalToken::default(), None, true)
                     .await
                     .unwrap_or_else(|e| panic!("get {key} via {name}: {e}"));
                 assert_eq!(

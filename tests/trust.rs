@@ -16,6 +16,7 @@ use common::Cluster;
 use kvs::client::{header, Client, Method};
 use kvs::clock::{CausalToken, TokenKey, VersionVector};
 use kvs::placement::View;
+use kvs::quorum::Level;
 use kvs::replica::SnapshotRequest;
 use kvs::rpc::{decode, encode, Envelope, Request, Response};
 
@@ -137,6 +138,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
                     key: "key_0".into(),
                     value: Some(b"injected".to_vec()),
                     token: poison.clone(),
+                    w: Level::ONE,
                 },
             ),
             (
@@ -145,6 +147,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
                 Request::Get {
                     key: "key_1".into(),
                     token: CausalToken::default(),
+                    r: Level::ONE,
                 },
             ),
         ];
@@ -208,6 +211,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
             key: "big".into(),
             value: Some(vec![b'x'; 1 << 20]),
             token: CausalToken::default(),
+            w: Level::ONE,
         },
     )
     .await;

@@ -217,7 +217,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
             check_key(&key)?;
             let token = metadata(node, body).await?;
             let client = token.clone();
-            let reply = node.get(&key, token, true).await?;
+            let reply = node
+                .get(&key, token, super::level(&request.fields, "r")?, true)
+                .await?;
             let Some((value, _)) = reply.value else {
                 return Ok(ok(
                     StatusCode::NOT_FOUND,
@@ -249,7 +251,15 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                 super::value_field(body).ok_or_else(|| Error::bad_request("Value is missing"))?;
             check_key(&key)?;
             let token = metadata(node, body).await?;
-            let reply = node.put(&key, value, token, true).await?;
+            let reply = node
+                .put(
+                    &key,
+                    value,
+                    token,
+                    super::level(&request.fields, "w")?,
+                    true,
+                )
+                .await?;
             let (status, message) = if reply.created {
                 (StatusCode::CREATED, "Added successfully")
             } else {
@@ -260,7 +270,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
         Endpoint::DeleteKey(key) => {
             check_key(&key)?;
             let token = metadata(node, body).await?;
-            let reply = node.delete(&key, token, true).await?;
+            let reply = node
+                .delete(&key, token, super::level(&request.fields, "w")?, true)
+                .await?;
             if reply.created {
                 return Ok(ok(
                     StatusCode::NOT_FOUND,

@@ -214,7 +214,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
         }
         Endpoint::Get(key) => {
             let token = token().await?;
-            let reply = node.get(&key, token, true).await?;
+            let reply = node
+                .get(&key, token, super::level(&fields, "r")?, true)
+                .await?;
             let (value, ts) = reply
                 .value
                 .ok_or_else(|| Error::new(ErrorKind::NotFound, "key does not exist"))?;
@@ -227,7 +229,15 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                 .remove("val")
                 .ok_or_else(|| Error::bad_request("val is missing"))?;
             let token = token().await?;
-            let reply = node.put(&key, value.into_bytes(), token, true).await?;
+            let reply = node
+                .put(
+                    &key,
+                    value.into_bytes(),
+                    token,
+                    super::level(&fields, "w")?,
+                    true,
+                )
+                .await?;
             let status = if reply.created {
                 StatusCode::CREATED
             } else {
@@ -237,7 +247,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
         }
         Endpoint::Delete(key) => {
             let token = token().await?;
-            let reply = node.delete(&key, token, true).await?;
+            let reply = node
+                .delete(&key, token, super::level(&fields, "w")?, true)
+                .await?;
             if reply.created {
                 return Err(Error::new(ErrorKind::NotFound, "key does not exist"));
             }

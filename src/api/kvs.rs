@@ -180,7 +180,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
         Endpoint::GetKey(key) => {
             super::check_key_length(&key, MAX_KEY_CHARS)?;
             let token = context(node, body).await?;
-            let reply = node.get(&key, token, true).await?;
+            let reply = node
+                .get(&key, token, super::level(&request.fields, "r")?, true)
+                .await?;
             let mut answer = Map::new();
             let status = match reply.value {
                 Some((value, _)) => {
@@ -203,7 +205,15 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                 super::value_field(body).ok_or_else(|| Error::bad_request("Value is missing"))?;
             super::check_key_length(&key, MAX_KEY_CHARS)?;
             let token = context(node, body).await?;
-            let reply = node.put(&key, value, token, true).await?;
+            let reply = node
+                .put(
+                    &key,
+                    value,
+                    token,
+                    super::level(&request.fields, "w")?,
+                    true,
+                )
+                .await?;
             let (status, message) = if reply.created {
                 (StatusCode::CREATED, "Added successfully")
             } else {
@@ -217,7 +227,9 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
         Endpoint::DeleteKey(key) => {
             super::check_key_length(&key, MAX_KEY_CHARS)?;
             let token = context(node, body).await?;
-            let reply = node.delete(&key, token, true).await?;
+            let reply = node
+                .delete(&key, token, super::level(&request.fields, "w")?, true)
+                .await?;
             let mut answer = Map::new();
             let status = if reply.created {
                 // Nothing was there to delete (and nothing was written).

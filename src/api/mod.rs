@@ -21,6 +21,7 @@ use axum::response::Response;
 
 use crate::error::{Error, ErrorKind};
 use crate::node::Node;
+use crate::quorum::Level;
 
 /// Every dialect the node serves, in the order their paths are matched.
 const DIALECTS: [&Dialect; 3] = [&kv_store::DIALECT, &key_value_store::DIALECT, &kvs::DIALECT];
@@ -111,6 +112,18 @@ pub(crate) fn check_key_length(key: &str, max: usize) -> Result<(), Error> {
         return Err(Error::bad_request("Key is too long"));
     }
     Ok(())
+}
+
+/// The level a request names in field `name` (`r` for reads, `w` for writes; see
+/// `crate::quorum`), `None` when it names none (the cluster's default applies).
+pub(crate) fn level(fields: &HashMap<String, String>, name: &str) -> Result<Option<Level>, Error> {
+    fields
+        .get(name)
+        .map(|text| {
+            text.parse()
+                .map_err(|e| Error::bad_request(format!("{name}: {e}")))
+        })
+        .transpose()
 }
 
 /// A JSON answer.

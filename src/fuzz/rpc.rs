@@ -2,6 +2,7 @@
 //! proposals and key states messages carry.
 
 use super::*;
+use crate::quorum::Level;
 
 /// Checks that `value`, decoded from `data`, re-encodes to at most `data.len()` bytes
 /// that decode to a value with the same encoding.
@@ -186,16 +187,19 @@ pub(super) fn envelopes() -> Vec<Envelope> {
         Request::Get {
             key: "hello".into(),
             token: token.clone(),
+            r: Level::Quorum,
         },
         Request::Put {
             key: "hello".into(),
             value: Some(b"world".to_vec()),
             token: token.clone(),
+            w: Level::Count(2),
         },
         Request::Put {
             key: "gone".into(),
             value: None,
             token: CausalToken::default(),
+            w: Level::All,
         },
         Request::Status,
         Request::KeyCount { partition: 2 },
@@ -284,6 +288,7 @@ pub(super) fn responses() -> Vec<Response> {
             complete: false,
             gap: true,
             absorbed: vv.clone(),
+            ack_wanted: true,
         }),
         Response::Snapshot(SnapshotPage {
             states,

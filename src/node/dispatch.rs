@@ -53,15 +53,22 @@ impl Node {
                 .await
                 .map(Response::Sync),
             Request::Snapshot(req) => self.serve_snapshot(&cur, req).await.map(Response::Snapshot),
-            Request::Get { key, token } => {
+            Request::Get { key, token, r } => {
                 // The sender routed by a newer view: learn it before deciding whether the
                 // key is ours (else the sender's request fails at the switch).
                 let _ = self.catch_up_view(env.epoch).await;
-                self.get(&key, token, false).await.map(Response::Get)
+                self.get(&key, token, Some(r), false)
+                    .await
+                    .map(Response::Get)
             }
-            Request::Put { key, value, token } => {
+            Request::Put {
+                key,
+                value,
+                token,
+                w,
+            } => {
                 let _ = self.catch_up_view(env.epoch).await;
-                self.write(&key, value, token, false)
+                self.write(&key, value, token, Some(w), false)
                     .await
                     .map(Response::Put)
             }

@@ -15,6 +15,9 @@
 //! * **The service** (`service.rs`): get, put and delete for the dialects, in
 //!   dialect-neutral types; a replica's local read and write paths, which wait for it to
 //!   catch up with the client's causal token; encoding and checking those tokens.
+//! * **Quorums** (`quorum.rs`): a write at level `w` waits for its peers' reports that
+//!   they applied it; a read at level `r` folds its peers' state of the key into the
+//!   client's token before reading.
 //! * **Routing** (`routing.rs`): forwarding requests for partitions this node does not
 //!   hold to their replicas, hedged reads, probes of replicas believed dead, and the
 //!   calls every other file makes to peers.
@@ -39,6 +42,7 @@ mod dispatch;
 mod heartbeat;
 mod join;
 mod keys;
+mod quorum;
 mod reconfig;
 mod routing;
 mod service;
@@ -57,6 +61,7 @@ use tokio::task::JoinSet;
 
 pub use join::JoinPlan;
 pub use keys::{Keys, Refusal, KEY_WAIT};
+pub use quorum::QUORUM_WAIT;
 pub use reconfig::{Progress, VIEW_CATCHUP_WAIT};
 pub use routing::{
     DEAD_PEER_PROBE_INTERVAL_MS, DEAD_PEER_TIMEOUT, FORWARD_TIMEOUT, HEDGE_AFTER, MAX_FORWARDS,
@@ -70,6 +75,7 @@ use crate::clock::{PartitionUid, ReplicaId, VersionVector};
 use crate::cluster::Liveness;
 use crate::error::{Error, Result};
 use crate::placement::{Role, SlotSet, View};
+use crate::quorum::Levels;
 use crate::rpc::{Response, Transport};
 use crate::storage::Store;
 use crate::viewchange::{Acceptor, PullKey, PullProgress, Transition};
@@ -114,8 +120,13 @@ struct ReplicaHandle {
     peers: Vec<(String, Arc<Notify>)>,
     /// Slots the partition owns in the current view.
     owned: SlotSet,
-    /// What each peer last said it has (from its sync requests); decides log trimming.
+    /// What each peer last said it has (from its sync requests); decides log trimming
+    /// and which peers acknowledged a quorum write.
     peer_have: Mutex<BTreeMap<String, VersionVector>>,
+    /// Quorum writes waiting for their peers' reports (see `quorum.rs`).
+    ack_waiters: AtomicUsize,
+    /// Woken whenever a peer reports how far it is.
+    acked: Notify,
 }
 
 /// What a node routes by: swapped whole on every view-change step it takes.
@@ -176,6 +187,8 @@ pub struct NodeConfig {
     /// For a node with no view of its own (none stored, no `env_view`): where to find
     /// its cluster and what to form when there is none (`join`).
     pub join: Option<JoinPlan>,
+    /// `R` and `W`: the levels of client requests that name none.
+    pub levels: Levels,
 }
 
 /// One kvs server. See the module doc.
@@ -186,6 +199,8 @@ pub struct Node {
     transport: Arc<dyn Transport>,
     secret: String,
     admin_token: Option<String>,
+    /// The levels of client requests that name none.
+    levels: Levels,
     /// The cluster key and what derives from it (`None` until this node has it); swapped
     /// whole. Plain lock: held to clone or swap the `Arc`, never across an await.
     keys: RwLock<Option<Arc<Keys>>>,
@@ -275,6 +290,7 @@ impl Node {
             transport,
             secret: cfg.secret,
             admin_token: cfg.admin_token,
+            levels: cfg.levels,
             keys: RwLock::new(None),
             keys_changed: Notify::new(),
             exchange: Mutex::new(keys::Exchange::default()),
@@ -385,6 +401,8 @@ impl Node {
                         .collect(),
                     owned: view.slots_of(partition),
                     peer_have: Mutex::new(BTreeMap::new()),
+                    ack_waiters: AtomicUsize::new(0),
+                    acked: Notify::new(),
                 })),
             },
             _ => None,

@@ -26,6 +26,7 @@ use crate::clock::{CausalToken, PartitionUid};
 use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::View;
+use crate::quorum::Level;
 use crate::rpc::{CallError, Envelope, ReadReply, Request, Response, WriteReply};
 
 /// Timeout of one forwarded client request: above
@@ -86,11 +87,13 @@ impl Node {
         p: PartitionUid,
         key: &str,
         token: CausalToken,
+        r: Level,
         skip_self: bool,
     ) -> Result<ReadReply> {
         let req = Request::Get {
             key: key.to_string(),
             token,
+            r,
         };
         match self.forward(view, p, req, skip_self).await? {
             Response::Get(reply) => Ok(reply),
@@ -98,20 +101,18 @@ impl Node {
         }
     }
 
+    /// Forwards a [`Request::Put`].
     pub(super) async fn forward_put(
         &self,
         view: &View,
         p: PartitionUid,
-        key: &str,
-        value: Option<Vec<u8>>,
-        token: CausalToken,
+        req: Request,
         skip_self: bool,
     ) -> Result<WriteReply> {
-        let req = Request::Put {
-            key: key.to_string(),
-            value,
-            token,
-        };
+        debug_assert!(
+            matches!(req, Request::Put { .. }),
+            "forward_put takes a put"
+        );
         match self.forward(view, p, req, skip_self).await? {
             Response::Put(reply) => Ok(reply),
             other => Err(unexpected(&other)),
@@ -370,6 +371,7 @@ mod tests {
             secret: "s".into(),
             admin_token: None,
             join: None,
+            levels: Default::default(),
         };
         let node =
             Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");
@@ -385,7 +387,7 @@ mod tests {
         for _ in 0..view.partitions[0].replicas.len() {
             lock(&transport.calls).clear();
             let r = node
-                .put("key", b"v".to_vec(), CausalToken::default(), true)
+                .put("key", b"v".to_vec(), CausalToken::default(), None, true)
                 .await;
             if lock(&transport.calls).first().map(|c| &c.0) == Some(&first) {
                 result = Some(r);
@@ -437,7 +439,7 @@ mod tests {
             for _ in 0..view.partitions[0].replicas.len() {
                 lock(&transport.calls).clear();
                 let r = node
-                    .put("key", b"v".to_vec(), CausalToken::default(), true)
+                    .put("key", b"v".to_vec(), CausalToken::default(), None, true)
                     .await;
                 let calls = lock(&transport.calls).clone();
                 if calls.first().map(|c| &c.0) != Some(&first) {
@@ -466,7 +468,7 @@ mod tests {
             lock(&transport.calls).clear();
             let started = tokio::time::Instant::now();
             let reply = node
-                .get("key", CausalToken::default(), true)
+                .get("key", CausalToken::default(), None, true)
                 .await
                 .expect("the other replica answers");
             assert_eq!(reply.value.map(|(v, _)| v), Some(b"v".to_vec()));
@@ -507,7 +509,7 @@ mod tests {
         }
         let reads = (0..20).map(|_| async {
             let started = tokio::time::Instant::now();
-            let r = node.get("key", CausalToken::default(), true).await;
+            let r = node.get("key", CausalToken::default(), None, true).await;
             (r, started.elapsed())
         });
         let results = futures_util::future::join_all(reads).await;

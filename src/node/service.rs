@@ -23,11 +23,13 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
 
+use super::quorum::AckWaiter;
 use super::{monotonic_ms, now_ms, Node, ReplicaHandle, ReplicaStatus, WriterCmd};
 use crate::clock::{CausalToken, PartitionUid};
 use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, View};
+use crate::quorum::Level;
 use crate::replica::{Replica, WriteRequest};
 use crate::rpc::{ReadReply, Request, Response, WriteReply};
 
@@ -101,13 +103,18 @@ impl Node {
 
     /// Reads `key` for a client. `may_forward` is false for requests that were already
     /// forwarded to us, so a request never travels more than one hop.
+    ///
+    /// `level` is how many replicas' state the answer merges (`None`: the cluster's
+    /// default; see `crate::quorum`).
     pub async fn get(
         self: &Arc<Self>,
         key: &str,
         token: CausalToken,
+        level: Option<Level>,
         may_forward: bool,
     ) -> Result<ReadReply> {
         check_bounds(key, None)?;
+        let level = level.unwrap_or(self.levels.read);
         if may_forward {
             self.catch_up_view(self.epoch_needed(&token)).await?;
         }
@@ -116,20 +123,24 @@ impl Node {
             let cur = self.current();
             let view = cur.view()?.clone();
             let p = view.partition_of_key(key);
+            let need = self.needed(&view, p, level)?;
             let result = match cur.local(p) {
-                Some(r) => match self.read_local(&view, r, key, &token).await {
+                Some(r) => match self.read_here(&view, r, key, &token, need).await {
                     Err(e)
                         if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Unsatisfiable)
                             && may_forward =>
                     {
                         // We could not catch up; a peer may already have what the client saw.
-                        self.forward_get(&view, p, key, token.clone(), true)
+                        self.forward_get(&view, p, key, token.clone(), level, true)
                             .await
                             .map_err(|other| with_local_reason(&e, other))
                     }
                     other => other,
                 },
-                None if may_forward => self.forward_get(&view, p, key, token.clone(), false).await,
+                None if may_forward => {
+                    self.forward_get(&view, p, key, token.clone(), level, false)
+                        .await
+                }
                 // Forwarded to us, but we do not hold the partition: say so, the sender
                 // tries another replica.
                 None => Err(self.not_a_replica(p)),
@@ -169,6 +180,7 @@ impl Node {
                 let req = Request::Get {
                     key: key.to_string(),
                     token: token.clone(),
+                    r: Level::ONE,
                 };
                 self.call(r, req, MISS_WAIT)
             })
@@ -190,16 +202,19 @@ impl Node {
             .unwrap_or(miss)
     }
 
-    /// Writes `key` for a client; durable on this replica (or the one forwarded to)
-    /// before it returns.
+    /// Writes `key` for a client; durable on this replica (or the one forwarded to),
+    /// and on as many replicas as `level` asks (`None`: the cluster's default), before
+    /// it returns.
     pub async fn put(
         self: &Arc<Self>,
         key: &str,
         value: Vec<u8>,
         token: CausalToken,
+        level: Option<Level>,
         may_forward: bool,
     ) -> Result<WriteReply> {
-        self.write(key, Some(value), token, may_forward).await
+        self.write(key, Some(value), token, level, may_forward)
+            .await
     }
 
     /// Deletes `key` for a client: writes a tombstone, durable like a write. The reply's
@@ -208,9 +223,10 @@ impl Node {
         self: &Arc<Self>,
         key: &str,
         token: CausalToken,
+        level: Option<Level>,
         may_forward: bool,
     ) -> Result<WriteReply> {
-        self.write(key, None, token, may_forward).await
+        self.write(key, None, token, level, may_forward).await
     }
 
     /// A put (`Some`) or a delete (`None`).
@@ -219,9 +235,17 @@ impl Node {
         key: &str,
         value: Option<Vec<u8>>,
         token: CausalToken,
+        level: Option<Level>,
         may_forward: bool,
     ) -> Result<WriteReply> {
         check_bounds(key, value.as_deref())?;
+        let level = level.unwrap_or(self.levels.write);
+        let forwarded = || Request::Put {
+            key: key.to_string(),
+            value: value.clone(),
+            token: token.clone(),
+            w: level,
+        };
         if may_forward {
             self.catch_up_view(self.epoch_needed(&token)).await?;
         }
@@ -231,6 +255,7 @@ impl Node {
             let view = cur.view()?.clone();
             let slot = slot_of(key);
             let p = view.owner_of_slot(slot);
+            let need = self.needed(&view, p, level)?;
             if let Some(t) = &cur.transition {
                 let next = t.to().owner_of_slot(slot);
                 if next != p {
@@ -244,7 +269,7 @@ impl Node {
             let result = match cur.local(p) {
                 Some(r) => {
                     match self
-                        .write_local(&view, r, key, value.clone(), token.clone())
+                        .write_local(&view, r, key, value.clone(), token.clone(), need)
                         .await
                     {
                         // This replica is leaving its partition, was replaced, or its
@@ -255,17 +280,14 @@ impl Node {
                                 && may_forward
                                 && !r.peers.is_empty() =>
                         {
-                            self.forward_put(&view, p, key, value.clone(), token.clone(), true)
+                            self.forward_put(&view, p, forwarded(), true)
                                 .await
                                 .map_err(|other| with_local_reason(&e, other))
                         }
                         other => other,
                     }
                 }
-                None if may_forward => {
-                    self.forward_put(&view, p, key, value.clone(), token.clone(), false)
-                        .await
-                }
+                None if may_forward => self.forward_put(&view, p, forwarded(), false).await,
                 None => Err(self.not_a_replica(p)),
             };
             match result {
@@ -275,6 +297,8 @@ impl Node {
         }
     }
 
+    /// Applies a write at this replica and, when `need` replicas must hold it, waits
+    /// for `need - 1` peers to confirm it (see `quorum.rs`).
     async fn write_local(
         &self,
         view: &View,
@@ -282,6 +306,7 @@ impl Node {
         key: &str,
         value: Option<Vec<u8>>,
         token: CausalToken,
+        need: usize,
     ) -> Result<WriteReply> {
         // A disk that refuses writes makes waiting pointless: its peers take the write.
         if let Some(fault) = self.disk_fault() {
@@ -297,6 +322,7 @@ impl Node {
                 view.index_of(r.partition).unwrap_or_default()
             )));
         }
+        let _waiting = (need > 1).then(|| AckWaiter::new(r));
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
             slot: slot_of(key),
@@ -314,6 +340,9 @@ impl Node {
         let mut outcome = rx
             .await
             .map_err(|_| Error::unavailable("the node is shutting down"))??;
+        if let Some(dot) = outcome.dot.filter(|_| need > 1) {
+            self.await_acks(view, r, dot, need - 1).await?;
+        }
         outcome.token.observe_epoch(view.epoch);
         Ok(WriteReply {
             partition: r.partition,
@@ -354,7 +383,23 @@ impl Node {
         matches!(caught_up, Ok(Ok(_)))
     }
 
-    async fn read_local(
+    /// Reads at this replica, merging the state of `need - 1` peers when `need` > 1.
+    async fn read_here(
+        self: &Arc<Self>,
+        view: &View,
+        r: &ReplicaHandle,
+        key: &str,
+        token: &CausalToken,
+        need: usize,
+    ) -> Result<ReadReply> {
+        if need > 1 {
+            self.read_quorum(view, r, key, token, need - 1).await
+        } else {
+            self.read_local(view, r, key, token).await
+        }
+    }
+
+    pub(super) async fn read_local(
         &self,
         view: &View,
         r: &ReplicaHandle,

@@ -7,6 +7,7 @@
 //! incarnation that is gone, so a page in flight across a switch cannot land in the
 //! wrong replica.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,13 +111,17 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
                 r.peers.len(),
                 node.current().transition.is_some(),
             );
-            if !resp.log.is_empty() || !resp.states.is_empty() {
+            let brought = !resp.log.is_empty() || !resp.states.is_empty();
+            // A quorum write at the peer waits for this replica to report the page.
+            let report = brought && resp.ack_wanted;
+            if brought {
                 if let Err(e) = node.apply_page(&r, resp).await {
                     tracing::warn!(%peer, "applying a sync page failed: {e}");
                     break;
                 }
             }
             match next {
+                Next::Done if report => continue,
                 Next::More => continue,
                 Next::Done | Next::Wait => break,
                 Next::CopyState => {
@@ -197,8 +202,10 @@ impl Node {
     ) -> Result<SyncResponse> {
         let r = self.serving_replica(cur, req.partition)?;
         // Remember how far this peer is: it decides how much of the log may be trimmed.
+        // It also acknowledges quorum writes waiting here.
         if r.peers.iter().any(|(a, _)| a == from) {
             lock(&r.peer_have).insert(from.to_string(), req.have.clone());
+            r.acked.notify_waiters();
         }
         let req = SyncRequest {
             max_entries: req.max_entries.min(SYNC_PAGE_ENTRIES),
@@ -206,10 +213,13 @@ impl Node {
             ..req
         };
         let owned = r.owned.clone();
-        self.serve_from_snapshot(&r, move |txn, state| {
-            Replica::serve_sync(txn, state, &owned, &req)
-        })
-        .await
+        let mut resp = self
+            .serve_from_snapshot(&r, move |txn, state| {
+                Replica::serve_sync(txn, state, &owned, &req)
+            })
+            .await?;
+        resp.ack_wanted = r.ack_waiters.load(Ordering::SeqCst) > 0;
+        Ok(resp)
     }
 
     pub(super) async fn serve_snapshot(
