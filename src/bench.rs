@@ -29,6 +29,7 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 use crate::client::{Client, ClientError, Response, StatusCode};
+use crate::quorum::Level;
 
 /// What to run.
 #[derive(Clone, Debug, clap::Args)]
@@ -63,6 +64,13 @@ pub struct BenchArgs {
     /// Seconds one request may take before it counts as an error.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+    /// Read level sent with every GET (`r=`: a replica count, `quorum` or `all`);
+    /// without it the nodes' default `R` applies.
+    #[arg(long = "r")]
+    pub r: Option<Level>,
+    /// Write level sent with every PUT (`w=`); without it the nodes' default `W`.
+    #[arg(long = "w")]
+    pub w: Option<Level>,
 }
 
 /// Results of one kind of operation.
@@ -85,6 +93,9 @@ pub struct BenchReport {
     pub keys: u64,
     pub value_size: u64,
     pub reads: f64,
+    /// The levels sent (`None`: the nodes' defaults).
+    pub r: Option<String>,
+    pub w: Option<String>,
     pub get: OpStats,
     pub put: OpStats,
     /// The first error seen, to say what went wrong.
@@ -156,10 +167,13 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
         let target = targets[w as usize % targets.len()].clone();
         let (done, stop, value) = (done.clone(), stop.clone(), value.clone());
         let (keys, reads) = (args.keys, args.reads);
+        let levels = (args.r.map(|l| l.to_string()), args.w.map(|l| l.to_string()));
         workers.spawn(async move {
             // Its own client, so its own pooled connection.
             let client = Client::builder().timeout(timeout).build();
-            let node = client.kv_store(&target);
+            let node = client
+                .kv_store(&target)
+                .levels(levels.0.as_deref(), levels.1.as_deref());
             let mut rng = rand::rngs::SmallRng::seed_from_u64(w);
             let mut me = Worker {
                 get: histogram(),
@@ -248,6 +262,8 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
         keys: args.keys,
         value_size: args.value_size,
         reads: args.reads,
+        r: args.r.map(|l| l.to_string()),
+        w: args.w.map(|l| l.to_string()),
         get: stats(&get, get_errors, seconds),
         put: stats(&put, put_errors, seconds),
         first_error,
@@ -280,14 +296,17 @@ fn absorb(reply: &Response, read: bool, token: &mut String) -> Result<(), Client
 
 /// The report as the table `kvs bench` prints.
 pub fn render(r: &BenchReport) -> String {
+    let level = |l: &Option<String>| l.clone().unwrap_or_else(|| "default".into());
     let mut out = format!(
-        "{:.1} s, {} clients, {} keys, {}-byte values, {:.0} % reads\n\
+        "{:.1} s, {} clients, {} keys, {}-byte values, {:.0} % reads, r={} w={}\n\
          {:<4} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
         r.seconds,
         r.concurrency,
         r.keys,
         r.value_size,
         r.reads * 100.0,
+        level(&r.r),
+        level(&r.w),
         "op",
         "ok",
         "errors",

@@ -13,6 +13,9 @@ pub struct KvStore<'a> {
     client: &'a Client,
     addr: &'a str,
     timeout: Option<Duration>,
+    /// `r=` of reads and `w=` of writes and deletes, when given (see `crate::quorum`).
+    read_level: Option<&'a str>,
+    write_level: Option<&'a str>,
 }
 
 impl<'a> KvStore<'a> {
@@ -21,7 +24,28 @@ impl<'a> KvStore<'a> {
             client,
             addr,
             timeout: None,
+            read_level: None,
+            write_level: None,
         }
+    }
+
+    /// Key reads through this handle send `r=<read>`, writes and deletes `w=<write>`
+    /// (a replica count, `quorum` or `all`); `None` leaves the node's default.
+    pub fn levels(mut self, read: Option<&'a str>, write: Option<&'a str>) -> Self {
+        self.read_level = read;
+        self.write_level = write;
+        self
+    }
+
+    /// `fields`, plus `name=level` when a level is set.
+    fn with_level<'f>(
+        fields: &[(&'f str, &'f str)],
+        name: &'f str,
+        level: Option<&'f str>,
+    ) -> Vec<(&'f str, &'f str)> {
+        let mut all = fields.to_vec();
+        all.extend(level.map(|l| (name, l)));
+        all
     }
 
     /// The node's address.
@@ -50,7 +74,11 @@ impl<'a> KvStore<'a> {
     pub async fn get(self, key: &str, causal_payload: &str) -> Result<Response, ClientError> {
         let call = self
             .call(Method::GET, format_args!("/kv-store/{key}"))
-            .form(&[("causal_payload", causal_payload)]);
+            .form(&Self::with_level(
+                &[("causal_payload", causal_payload)],
+                "r",
+                self.read_level,
+            ));
         call.send().await
     }
 
@@ -63,7 +91,11 @@ impl<'a> KvStore<'a> {
     ) -> Result<Response, ClientError> {
         let call = self
             .call(Method::PUT, format_args!("/kv-store/{key}"))
-            .form(&[("val", val), ("causal_payload", causal_payload)]);
+            .form(&Self::with_level(
+                &[("val", val), ("causal_payload", causal_payload)],
+                "w",
+                self.write_level,
+            ));
         call.send().await
     }
 
@@ -71,7 +103,11 @@ impl<'a> KvStore<'a> {
     pub async fn delete(self, key: &str, causal_payload: &str) -> Result<Response, ClientError> {
         let call = self
             .call(Method::DELETE, format_args!("/kv-store/{key}"))
-            .form(&[("causal_payload", causal_payload)]);
+            .form(&Self::with_level(
+                &[("causal_payload", causal_payload)],
+                "w",
+                self.write_level,
+            ));
         call.send().await
     }
 
