@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{form, value_of, Cluster};
+use common::{form, value_of, Cluster, POLL_INTERVAL};
 use kvs::client::Method;
 use serde_json::{json, Value};
 
@@ -33,6 +33,23 @@ fn assert_written(what: &str, (status, body): &(u16, Value)) {
         *status == 200 || *status == 201,
         "{what} answered {status}: {body}"
     );
+}
+
+/// Waits (bounded) until node `i`'s status counts `n` live replicas in partition 0.
+async fn live_replicas(c: &Cluster, i: usize, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.status(i).await;
+        let live = &status["view"]["partitions"][0]["live_replicas"];
+        if live.as_u64() == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} still counts {live} live replicas, not {n}: {status}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 fn error_of(body: &Value) -> String {
@@ -89,6 +106,8 @@ async fn quorum_requests_with_one_and_two_replicas_frozen() {
             error_of(&body).contains("1 answered"),
             "the 503 says how many answered: {body}"
         );
+        // The status shows the partition down to one live replica.
+        live_replicas(&c, 0, 1).await;
         // Level 1 stays available.
         assert_written("PUT w=1", &put(&c, 0, "level_one", "v1", "w=1").await);
         let (st, body) = get(&c, 0, "one_frozen_3", "r=1").await;
@@ -96,6 +115,7 @@ async fn quorum_requests_with_one_and_two_replicas_frozen() {
 
         c.resume(1);
         c.resume(2);
+        live_replicas(&c, 0, 3).await;
         // Every replica, asked for all three, agrees; the write whose outcome was
         // unknown was durable on node 0, so it is there too.
         for via in 0..3 {

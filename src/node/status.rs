@@ -3,7 +3,8 @@
 
 use serde_json::{json, Value};
 
-use super::Node;
+use super::{monotonic_ms, Node};
+use crate::cluster::Health;
 use crate::error::Result;
 use crate::placement::Role;
 use crate::rpc::NodeStatus;
@@ -31,6 +32,16 @@ impl Node {
             .read()
             .and_then(|t| t.key_count())
             .map_err(|e| e.to_string());
+        // A replica is live when this node's failure detector does not believe it dead
+        // (this node itself always is): what a partition can count on right now.
+        let now = monotonic_ms();
+        let liveness = self.liveness();
+        let live = |replicas: &[String]| {
+            replicas
+                .iter()
+                .filter(|r| **r == self.addr || liveness.health(r, now) != Health::Dead)
+                .count()
+        };
         let view = cur.view.as_ref().map(|v| {
             json!({
                 "epoch": v.epoch,
@@ -40,10 +51,12 @@ impl Node {
                     "partition_id": i,
                     "uid": p.uid,
                     "members": p.replicas,
+                    "live_replicas": live(&p.replicas),
                     "slots": v.slots.iter().filter(|&&u| u == p.uid).count(),
                 })).collect::<Vec<_>>(),
             })
         });
+        drop(liveness);
         let (role, partition_id) = match cur.view.as_ref().and_then(|v| v.role_of(&self.addr)) {
             Some(Role::Replica(uid)) => (
                 "replica",
