@@ -11,6 +11,7 @@
 //! | [`auth`] | the cluster key: member proofs, token key, cluster id | pure |
 //! | [`replica`] | key versions and siblings, writes, causal reads, sync protocol | pure over a store |
 //! | [`cluster`] | liveness of peers | pure |
+//! | [`merkle`] | digests of a replica's state over slots, for state-based anti-entropy | pure over a store |
 //! | [`quorum`] | read and write levels (`r=`/`w=`): how many replicas a request involves | pure |
 //! | [`viewchange`] | deciding the next view (Paxos), each node's duties in a change | pure |
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
@@ -33,6 +34,7 @@ pub mod fuzz;
 pub mod http;
 pub mod keystate;
 pub mod local;
+pub mod merkle;
 pub mod node;
 pub mod placement;
 pub mod quorum;

@@ -72,9 +72,9 @@
 //! * A sync page ships the *current* state of each key it names, which may hold versions
 //!   beyond what the page claims. They are real writes and normally get claimed by a later
 //!   page; but if their accepting replica loses its disk before any peer claimed them,
-//!   the log that would carry them is gone and replicas can keep different states for
-//!   that key. State-based anti-entropy (Merkle digests over slots, the fault-tolerance
-//!   issue) closes this.
+//!   the log that would carry them is gone and the log sync alone would leave replicas
+//!   with different states for that key. The digest rounds (`crate::merkle`,
+//!   `node/digests.rs`) compare states and close the difference within a few seconds.
 //! * Tombstones are kept forever (a key's tombstone is one small version, replaced by
 //!   the key's next write). Dropping one is only safe once every replica, including a
 //!   partitioned one and the sources of any handoff in flight, has merged it; without

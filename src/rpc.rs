@@ -70,7 +70,8 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// 5: `Change::Replace`; read and write replies name the replica that served them
 /// (`served_by`); `ErrorKind::Unsatisfiable`.
 /// 6: client reads and writes carry their quorum level (`r`, `w`); sync pages say
-/// whether a quorum write waits for the asker's report (`ack_wanted`).
+/// whether a quorum write waits for the asker's report (`ack_wanted`); anti-entropy
+/// digests (`Request::Digest`, `Response::Digests`).
 pub const PROTOCOL_VERSION: &str = "6";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
@@ -176,6 +177,12 @@ pub enum Request {
     /// change and adds the sender. Answered with [`Response::Status`] (no view: the
     /// receiver is in no cluster).
     Join { admin_token: Option<String> },
+    /// Anti-entropy: the sender's bucket digests of its replica of `partition` (see
+    /// `merkle`). Answered with [`Response::Digests`].
+    Digest {
+        partition: PartitionUid,
+        buckets: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,6 +204,12 @@ pub enum Response {
     /// The answer to a ping from a node whose disk refuses writes, and why (its peers
     /// then send it writes last).
     DiskFault(String),
+    /// The answer to [`Request::Digest`]: the buckets whose digests differ from the
+    /// sender's, and the receiver's non-zero slot digests in them.
+    Digests {
+        buckets: Vec<u32>,
+        slots: Vec<(u32, u64)>,
+    },
 }
 
 /// What a node reports about itself.

@@ -9,52 +9,21 @@
 //! node's store holding exactly the keys of its shard once handed-over slots are
 //! collected.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvs::clock::CausalToken;
 use kvs::node::{Node, NodeConfig};
 use kvs::placement::{Change, Layout, Movement, Role, View};
-use kvs::rpc::{CallError, CallFuture, Envelope, Response, Transport};
 use kvs::storage::MemoryStore;
+
+use common::loopback::Loopback;
 
 /// How long a scenario waits for the cluster to form, or for collection to finish.
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// Delivers every call to the named node's `handle_rpc` on its own task, through the
-/// codec. A name with no running node is "nobody there".
-#[derive(Default)]
-struct Loopback {
-    nodes: Mutex<HashMap<String, Weak<Node>>>,
-}
-
-impl Transport for Loopback {
-    fn call(&self, to: &str, envelope: &Envelope, timeout: Duration) -> CallFuture<'_> {
-        let node = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(to)
-            .and_then(Weak::upgrade);
-        let bytes = kvs::rpc::encode(envelope);
-        let to = to.to_string();
-        Box::pin(async move {
-            let Some(node) = node else {
-                return Err(CallError::NotSent(to, "nobody there".into()));
-            };
-            let env: Envelope = kvs::rpc::decode(&bytes)
-                .map_err(|e| CallError::Refused(to.clone(), e.to_string()))?;
-            let task = tokio::spawn(async move { kvs::rpc::encode(&node.handle_rpc(env).await) });
-            match tokio::time::timeout(timeout, task).await {
-                Ok(Ok(answer)) => kvs::rpc::decode::<Response>(&answer)
-                    .map_err(|e| CallError::Unreachable(to, e.to_string())),
-                Ok(Err(e)) => Err(CallError::Unreachable(to, e.to_string())),
-                Err(_) => Err(CallError::Timeout(to, timeout)),
-            }
-        })
-    }
-}
 
 fn addr(i: usize) -> String {
     format!("127.0.0.{i}:7000")
@@ -97,11 +66,7 @@ impl Cluster {
         };
         let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
             .expect("node starts");
-        self.transport
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), Arc::downgrade(&node));
+        self.transport.register(name, &node);
         self.nodes.insert(name.to_string(), node);
     }
 

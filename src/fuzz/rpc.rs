@@ -203,6 +203,10 @@ pub(super) fn envelopes() -> Vec<Envelope> {
         },
         Request::Status,
         Request::KeyCount { partition: 2 },
+        Request::Digest {
+            partition: 2,
+            buckets: vec![7, 0, u64::MAX],
+        },
         Request::Join {
             admin_token: Some("t0ken".into()),
         },
@@ -360,6 +364,10 @@ pub(super) fn responses() -> Vec<Response> {
         Response::Key(KeyAnswer::Delivered),
         Response::Key(KeyAnswer::NoKey),
         Response::Count(1_234),
+        Response::Digests {
+            buckets: vec![3, 63],
+            slots: vec![(200, 9), (4_095, u64::MAX)],
+        },
         Response::Error(Error::new(ErrorKind::OutcomeUnknown, "disk failed")),
         Response::DiskFault("No space left on device (os error 28)".into()),
     ]

@@ -29,6 +29,9 @@
 //! * **Sync** (`sync.rs`): per peer of the partition a puller (asks for what this replica
 //!   lacks every [`SYNC_INTERVAL`], at once when poked, and when a read needs to catch
 //!   up) and a poker (tells the peer to pull after local writes); a log trimmer.
+//! * **Digest rounds** (`digests.rs`): per peer, every [`DIGEST_INTERVAL`], compare
+//!   Merkle digests of the replicas' states and fetch the keys of the slots that
+//!   differ (state-based anti-entropy, `crate::merkle`).
 //! * **Heartbeats** (`heartbeat.rs`): pings to every other member feed the failure
 //!   detector (`cluster.rs`) that orders the replicas a request is forwarded to.
 //! * **The cluster key** (`keys.rs`): which calls a node admits, how a forming cluster
@@ -38,6 +41,7 @@
 //!   re-drive a stalled change, collect handed-over slots and catch up with newer views.
 
 mod context;
+mod digests;
 mod dispatch;
 mod heartbeat;
 mod join;
@@ -59,6 +63,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+pub use digests::DIGEST_INTERVAL;
 pub use join::JoinPlan;
 pub use keys::{Keys, Refusal, KEY_WAIT};
 pub use quorum::QUORUM_WAIT;
@@ -250,6 +255,8 @@ pub struct Node {
     replica_tasks: Mutex<JoinSet<()>>,
     /// Background tasks for the node's life.
     tasks: Mutex<JoinSet<()>>,
+    /// What the digest rounds (state-based anti-entropy) did.
+    digest_stats: digests::DigestStats,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -319,6 +326,7 @@ impl Node {
             learned_at: Mutex::new(None),
             replica_tasks: Mutex::new(JoinSet::new()),
             tasks: Mutex::new(JoinSet::new()),
+            digest_stats: Default::default(),
         });
         node.apply_layout(layout);
         node.start_background();

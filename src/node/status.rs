@@ -87,6 +87,7 @@ impl Node {
             "view_change": self.progress(),
             "disk": self.disk_health(),
             "peers": self.peer_health(),
+            "anti_entropy": self.digest_stats.report(),
         })
     }
 }

@@ -51,6 +51,11 @@ pub(super) fn spawn_replica_tasks(
             notify.clone(),
         ));
         tasks.spawn(poker(node.clone(), r.clone(), peer.clone()));
+        tasks.spawn(super::digests::digest_rounds(
+            node.clone(),
+            r.clone(),
+            peer.clone(),
+        ));
     }
     tasks.spawn(trimmer(node.clone(), r.clone()));
 }
@@ -282,7 +287,7 @@ impl Node {
     }
 
     /// Hands a page to the writer and waits until it is committed.
-    async fn apply_page(&self, r: &ReplicaHandle, page: SyncResponse) -> Result<()> {
+    pub(super) async fn apply_page(&self, r: &ReplicaHandle, page: SyncResponse) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send_writer(WriterCmd::Sync {
             page,

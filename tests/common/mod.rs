@@ -25,6 +25,8 @@
 // Each test crate uses a different subset of the helpers.
 #![allow(dead_code)]
 
+pub mod loopback;
+
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::future::Future;
