@@ -119,6 +119,11 @@ struct ServeArgs {
     /// no `w=`: a number, `quorum` or `all`.
     #[arg(long = "w", env = "W", default_value = "1")]
     w: Level,
+    /// Seconds a delete's tombstone is kept, at least, once every replica of its
+    /// partition has it; then it is dropped (a key written and deleted over and over,
+    /// or many keys deleted, take no space for long).
+    #[arg(long, env = "KVS_TOMBSTONE_HORIZON", default_value_t = 60)]
+    tombstone_horizon: u64,
     /// Directory for this node's data (default ./kvs-data/<ipport>).
     #[arg(long, env = "DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -533,6 +538,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             read: args.r,
             write: args.w,
         },
+        tombstone_horizon: std::time::Duration::from_secs(args.tombstone_horizon),
     };
     let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
     match node.view() {
@@ -573,6 +579,7 @@ mod tests {
             shard_count: None,
             r: Level::ONE,
             w: Level::ONE,
+            tombstone_horizon: 60,
             data_dir: None,
             memory: false,
             cache_mb: 256,

@@ -75,10 +75,12 @@
 //!   the log that would carry them is gone and the log sync alone would leave replicas
 //!   with different states for that key. The digest rounds (`crate::merkle`,
 //!   `node/digests.rs`) compare states and close the difference within a few seconds.
-//! * Tombstones are kept forever (a key's tombstone is one small version, replaced by
-//!   the key's next write). Dropping one is only safe once every replica, including a
-//!   partitioned one and the sources of any handoff in flight, has merged it; without
-//!   that a stale copy would resurrect the value, so no collection is done yet.
+//! * Tombstones are collected ([`Replica::collectable`]): only once every replica of the
+//!   partition has applied the delete (their reported vectors, the log trimmer's floor),
+//!   a horizon has passed, and no view change is under way (the sources of a handoff
+//!   may still hold the value). A replica that is down or cut off holds the floor back,
+//!   so it learns the delete before anyone drops it. Tombstones that arrived through a
+//!   handoff (their dots are in `absorbed`, which peers do not report) are kept.
 //! * Dots are unique because replica ids are random per data directory; a *copied* data
 //!   directory running as a second node would reuse them. Merge keeps mutually
 //!   containing versions as siblings rather than losing both, but do not clone data
@@ -611,6 +613,29 @@ impl Replica {
     /// Log entries every replica of the partition has: for each origin, the minimum of
     /// this replica's and every peer's applied counter. Only call with the vectors of
     /// *all* peers, or the log could be trimmed under a peer that still needs it.
+    /// Whether a key's state may be dropped altogether (tombstone collection): every
+    /// version is a tombstone written at or before `cutoff_ms`, and `floor` (what every
+    /// replica of the partition has applied, see [`Self::trim_floor`]) holds each. Then
+    /// every replica reflects the delete or something newer, so no replica's copy can
+    /// bring the value back, and the key's absence means what the tombstone meant.
+    pub fn collectable(state: &KeyState, floor: &VersionVector, cutoff_ms: u64) -> bool {
+        !state.versions.is_empty()
+            && state
+                .versions
+                .iter()
+                .all(|v| v.value.is_none() && v.timestamp_ms <= cutoff_ms && floor.contains(v.dot))
+    }
+
+    /// Whether `state` holds only deletes this replica already reflects (`served` holds
+    /// each dot). Merging it changes nothing a client can see; a peer that still holds
+    /// such a tombstone must not hand it back to a replica that collected it.
+    pub fn known_deletes(state: &KeyState, served: &VersionVector) -> bool {
+        state
+            .versions
+            .iter()
+            .all(|v| v.value.is_none() && served.contains(v.dot))
+    }
+
     pub fn trim_floor<'a>(
         applied: &VersionVector,
         peers: impl IntoIterator<Item = &'a VersionVector>,
@@ -627,6 +652,7 @@ impl Replica {
 mod tests {
     use super::*;
     use crate::keystate::tests::version;
+    use crate::keystate::Version;
     use crate::storage::{MemoryStore, Store};
     use crate::testing::Rng;
 
@@ -753,6 +779,51 @@ mod tests {
             )
             .expect("serve")
         }
+    }
+
+    #[test]
+    fn only_old_deletes_every_replica_has_are_collectable() {
+        let tombstone = |counter, ts| Version {
+            value: None,
+            ..version(1, counter, &[], ts)
+        };
+        let floor: VersionVector = [(1, 5)].into_iter().collect();
+        let state = |versions| KeyState { versions };
+        assert!(Replica::collectable(
+            &state(vec![tombstone(5, 10)]),
+            &floor,
+            10
+        ));
+        // Too young, not everywhere yet, a value beside it, nothing at all: kept.
+        assert!(!Replica::collectable(
+            &state(vec![tombstone(5, 11)]),
+            &floor,
+            10
+        ));
+        assert!(!Replica::collectable(
+            &state(vec![tombstone(6, 10)]),
+            &floor,
+            10
+        ));
+        assert!(!Replica::collectable(
+            &state(vec![tombstone(4, 10), version(1, 5, &[], 1)]),
+            &floor,
+            10
+        ));
+        assert!(!Replica::collectable(&state(vec![]), &floor, 10));
+        // A peer's copy of a delete this replica reflects is not merged back.
+        assert!(Replica::known_deletes(
+            &state(vec![tombstone(5, 10)]),
+            &floor
+        ));
+        assert!(!Replica::known_deletes(
+            &state(vec![tombstone(6, 10)]),
+            &floor
+        ));
+        assert!(!Replica::known_deletes(
+            &state(vec![version(1, 2, &[], 1)]),
+            &floor
+        ));
     }
 
     #[test]

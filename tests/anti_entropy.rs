@@ -59,6 +59,7 @@ impl Cluster {
                 admin_token: None,
                 join: None,
                 levels: Default::default(),
+                tombstone_horizon: std::time::Duration::from_secs(60),
             };
             let node = Node::start(cfg, store.clone(), transport.clone()).expect("node starts");
             transport.register(&m, &node);
@@ -144,11 +145,25 @@ impl Cluster {
         sum
     }
 
-    /// Writes `state` for `key` straight into node `i`'s store: no log entry, no vector.
-    fn plant(&self, i: usize, key: &str, state: &KeyState) {
-        let mut txn = self.stores[i].write().expect("txn");
-        txn.put(slot_of(key), key, state).expect("put");
-        txn.commit().expect("commit");
+    /// Changes node `i`'s store behind its back: no log entry, no vector. The in-memory
+    /// store's transactions copy and replace its tables, so one the node's writer began
+    /// before may commit over the change: it is checked, and made again if lost.
+    async fn tamper(
+        &self,
+        i: usize,
+        change: impl Fn(&mut dyn kvs::storage::WriteTxn),
+        holds: impl Fn(&dyn kvs::storage::ReadTxn) -> bool,
+    ) {
+        for _ in 0..20 {
+            let mut txn = self.stores[i].write().expect("txn");
+            change(&mut *txn);
+            txn.commit().expect("commit");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if holds(&*self.stores[i].read().expect("read")) {
+                return;
+            }
+        }
+        panic!("node {i}'s writer kept overwriting the change");
     }
 
     async fn stop(self) {
@@ -224,7 +239,13 @@ async fn digest_rounds_repair_what_the_log_cannot_and_cost_little_when_equal() {
 
     // One key differs: a version only node 2 has, which no log will ever ship.
     let before = c.stats();
-    c.plant(2, "key_1", &orphan("orphan", 1));
+    let planted = orphan("orphan", 1);
+    c.tamper(
+        2,
+        |txn| txn.put(slot_of("key_1"), "key_1", &planted).expect("put"),
+        |txn| txn.get(slot_of("key_1"), "key_1").ok().flatten().as_ref() == Some(&planted),
+    )
+    .await;
     for i in 0..3 {
         wait_value(&c, i, "key_1", Some(b"orphan")).await;
     }
@@ -245,12 +266,14 @@ async fn digest_rounds_repair_what_the_log_cannot_and_cost_little_when_equal() {
         .map(|i| format!("key_{i}"))
         .filter(|k| slot_of(k) == slot)
         .collect();
-    {
-        let mut txn = c.stores[1].write().expect("txn");
-        txn.delete_slot(slot, usize::MAX).expect("delete slot");
-        txn.commit().expect("commit");
-    }
-    assert_eq!(c.local_value(1, "key_7").await, None, "the slot is gone");
+    c.tamper(
+        1,
+        |txn| {
+            txn.delete_slot(slot, usize::MAX).expect("delete slot");
+        },
+        |txn| txn.slot_is_empty(slot).unwrap_or(false),
+    )
+    .await;
     for key in &lost {
         wait_value(&c, 1, key, Some(b"v")).await;
     }

@@ -63,6 +63,7 @@ impl Cluster {
             admin_token: None,
             join: None,
             levels: Default::default(),
+            tombstone_horizon: std::time::Duration::from_secs(60),
         };
         let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
             .expect("node starts");

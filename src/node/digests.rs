@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::{unexpected, Node, ReplicaHandle, SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES, SYNC_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::merkle;
-use crate::replica::{SnapshotRequest, SyncResponse};
+use crate::replica::{Replica, SnapshotRequest, SyncResponse};
 use crate::rpc::{Request, Response};
 
 /// Time between two digest rounds of a replica with one peer. Each round hashes the
@@ -123,9 +123,20 @@ impl Node {
             stats.bytes.fetch_add(size_of(&page), Ordering::Relaxed);
             fetched += page.states.len() as u64;
             after = page.next.clone();
+            // Deletes this replica already reflects are left out: it may have collected
+            // them, and the peer will too.
+            let served = self
+                .status_of(r)
+                .map(|s| s.served.clone())
+                .unwrap_or_default();
+            let states: Vec<_> = page
+                .states
+                .into_iter()
+                .filter(|(_, _, state)| !Replica::known_deletes(state, &served))
+                .collect();
             // States only: merged like a transfer's, claiming nothing.
             let states = SyncResponse {
-                states: page.states,
+                states,
                 complete: true,
                 ..SyncResponse::default()
             };

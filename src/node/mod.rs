@@ -58,7 +58,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -194,6 +194,8 @@ pub struct NodeConfig {
     pub join: Option<JoinPlan>,
     /// `R` and `W`: the levels of client requests that name none.
     pub levels: Levels,
+    /// How old a tombstone every replica has must be before it is collected.
+    pub tombstone_horizon: Duration,
 }
 
 /// One kvs server. See the module doc.
@@ -206,6 +208,8 @@ pub struct Node {
     admin_token: Option<String>,
     /// The levels of client requests that name none.
     levels: Levels,
+    /// See [`NodeConfig::tombstone_horizon`].
+    tombstone_horizon: Duration,
     /// The cluster key and what derives from it (`None` until this node has it); swapped
     /// whole. Plain lock: held to clone or swap the `Arc`, never across an await.
     keys: RwLock<Option<Arc<Keys>>>,
@@ -298,6 +302,7 @@ impl Node {
             secret: cfg.secret,
             admin_token: cfg.admin_token,
             levels: cfg.levels,
+            tombstone_horizon: cfg.tombstone_horizon,
             keys: RwLock::new(None),
             keys_changed: Notify::new(),
             exchange: Mutex::new(keys::Exchange::default()),

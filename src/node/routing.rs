@@ -372,6 +372,7 @@ mod tests {
             admin_token: None,
             join: None,
             levels: Default::default(),
+            tombstone_horizon: std::time::Duration::from_secs(60),
         };
         let node =
             Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");

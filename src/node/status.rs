@@ -27,11 +27,10 @@ impl Node {
     /// coordinates, and what its failure detector believes about each peer.
     pub fn status_report(&self) -> Value {
         let cur = self.current();
-        let keys = self
-            .store
-            .read()
-            .and_then(|t| t.key_count())
-            .map_err(|e| e.to_string());
+        let (keys, tombstones) = match self.store.read() {
+            Ok(t) => (t.key_count().ok(), t.dead_count().ok()),
+            Err(_) => (None, None),
+        };
         // A replica is live when this node's failure detector does not believe it dead
         // (this node itself always is): what a partition can count on right now.
         let now = monotonic_ms();
@@ -77,7 +76,8 @@ impl Node {
             "epoch": cur.epoch(),
             "role": role,
             "partition_id": partition_id,
-            "keys": keys.ok(),
+            "keys": keys,
+            "tombstones": tombstones,
             "view": view,
             "transition": cur.transition.as_ref().map(|t| json!({
                 "change": t.proposal.change.to_string(),

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use super::{lock, unexpected, Current, Node, ReplicaHandle, WriterCmd};
 use crate::antientropy::{Next, Puller, Transfer};
+use crate::clock::VersionVector;
 use crate::error::{Error, Result};
 use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 use crate::rpc::{Request, Response};
@@ -165,8 +166,15 @@ async fn poker(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String) {
     }
 }
 
-/// Periodically trims log entries every peer of the partition has.
+/// Dead keys examined per trim round for collection: bounds the round's work; the next
+/// round goes on from where this one stopped.
+const COLLECT_PER_ROUND: usize = 1_000;
+
+/// Periodically trims log entries every peer of the partition has, and collects the
+/// tombstones every peer has (see `Replica::collectable`).
 async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
+    // Where the collection of tombstones goes on from (`None`: the start).
+    let mut cursor = None;
     loop {
         tokio::time::sleep(TRIM_INTERVAL).await;
         // During a view change a member joining the partition will resume the log from
@@ -189,11 +197,16 @@ async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
             continue;
         }
         let cmd = WriterCmd::Trim {
-            floor,
+            floor: floor.clone(),
             replica: r.id,
         };
         if node.writer.send(cmd).await.is_err() {
             return;
+        }
+        match node.collect_tombstones(&r, floor, &mut cursor).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(tombstones = n, "collected tombstones every replica has"),
+            Err(e) => tracing::debug!("collecting tombstones failed: {e}"),
         }
     }
 }
@@ -284,6 +297,57 @@ impl Node {
         })
         .await
         .map_err(|e| Error::internal(format!("serving task failed: {e}")))?
+    }
+
+    /// One round of tombstone collection: picks, from a snapshot, up to
+    /// [`COLLECT_PER_ROUND`] dead keys after `cursor` that every replica has applied and
+    /// that are older than the horizon, and has the writer drop those still so. Returns
+    /// how many it dropped.
+    async fn collect_tombstones(
+        self: &Arc<Self>,
+        r: &ReplicaHandle,
+        floor: VersionVector,
+        cursor: &mut Option<(u32, String)>,
+    ) -> Result<usize> {
+        let horizon = self.tombstone_horizon.as_millis() as u64;
+        let cutoff_ms = super::now_ms().saturating_sub(horizon);
+        let node = self.clone();
+        let owned = r.owned.clone();
+        let (after, pick_floor) = (cursor.clone(), floor.clone());
+        let (candidates, next) = tokio::task::spawn_blocking(move || {
+            let txn = node.store.read()?;
+            let dead = txn.dead_keys(after.as_ref(), COLLECT_PER_ROUND)?;
+            let next = (dead.len() == COLLECT_PER_ROUND)
+                .then(|| dead.last().cloned())
+                .flatten();
+            let mut candidates = Vec::new();
+            for (slot, key) in dead.into_iter().filter(|(slot, _)| owned.contains(*slot)) {
+                if txn
+                    .get(slot, &key)?
+                    .is_some_and(|s| Replica::collectable(&s, &pick_floor, cutoff_ms))
+                {
+                    candidates.push((slot, key));
+                }
+            }
+            Ok::<_, Error>((candidates, next))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("collection task failed: {e}")))??;
+        *cursor = next;
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_writer(WriterCmd::Collect {
+            candidates,
+            floor,
+            cutoff_ms,
+            replica: r.id,
+            tx,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::unavailable("the node is shutting down"))?
     }
 
     /// Hands a page to the writer and waits until it is committed.

@@ -195,6 +195,10 @@ impl WriteTxn for MemWrite<'_> {
         }
         Ok(keys.len())
     }
+    fn delete(&mut self, slot: u32, key: &str) -> Result<()> {
+        self.staged.kv.remove(&(slot, key.to_string()));
+        Ok(())
+    }
     fn log_clear(&mut self) -> Result<()> {
         self.staged.log.clear();
         Ok(())

@@ -119,6 +119,45 @@ pub trait ReadTxn {
     fn slot_is_empty(&self, slot: u32) -> Result<bool> {
         Ok(self.scan_slot(slot, None, 1)?.is_empty())
     }
+    /// Keys whose state shows no value (deleted: their tombstones), in `(slot, key)`
+    /// order strictly after `after`, at most `limit`. This default scans every key; an
+    /// engine with an index of them answers from it.
+    fn dead_keys(&self, after: Option<&(u32, String)>, limit: usize) -> Result<Vec<(u32, String)>> {
+        let mut out = Vec::new();
+        let mut cursor = after.cloned();
+        while out.len() < limit {
+            let chunk = self.scan(cursor.as_ref(), 1_024)?;
+            let Some((slot, key, _)) = chunk.last() else {
+                break;
+            };
+            cursor = Some((*slot, key.clone()));
+            let done = chunk.len() < 1_024;
+            out.extend(
+                chunk
+                    .into_iter()
+                    .filter(|(_, _, state)| !state.is_live())
+                    .map(|(slot, key, _)| (slot, key))
+                    .take(limit - out.len()),
+            );
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+    /// Number of dead keys (see [`ReadTxn::dead_keys`]).
+    fn dead_count(&self) -> Result<u64> {
+        let mut n = 0;
+        let mut after = None;
+        loop {
+            let chunk = self.dead_keys(after.as_ref(), 1_024)?;
+            n += chunk.len() as u64;
+            match chunk.last() {
+                Some(last) if chunk.len() == 1_024 => after = Some(last.clone()),
+                _ => return Ok(n),
+            }
+        }
+    }
 }
 
 /// An atomic, durable batch of changes.
@@ -131,6 +170,8 @@ pub trait WriteTxn: ReadTxn {
     fn delete_meta(&mut self, name: &str) -> Result<()>;
     /// Deletes up to `limit` keys of `slot`; returns how many it deleted.
     fn delete_slot(&mut self, slot: u32, limit: usize) -> Result<usize>;
+    /// Removes one key's state altogether (a collected tombstone).
+    fn delete(&mut self, slot: u32, key: &str) -> Result<()>;
     /// Drops every log entry (the log belongs to one replica incarnation).
     fn log_clear(&mut self) -> Result<()>;
     /// Makes the changes durable, or none of them.

@@ -155,6 +155,28 @@ fn scan_in(
     Ok(out)
 }
 
+fn dead_keys_in(
+    t: &impl ReadableTable<KvKey, ()>,
+    after: Option<&(u32, String)>,
+    limit: usize,
+) -> Result<Vec<(u32, String)>> {
+    let range = match after {
+        Some((slot, key)) => t.range::<(u32, &str)>((
+            std::ops::Bound::Excluded((*slot, key.as_str())),
+            std::ops::Bound::Unbounded,
+        )),
+        None => t.range::<(u32, &str)>(..),
+    }
+    .map_err(engine)?;
+    let mut out = Vec::new();
+    for item in range.take(limit) {
+        let (k, _) = item.map_err(engine)?;
+        let (slot, key) = k.value();
+        out.push((slot, key.to_string()));
+    }
+    Ok(out)
+}
+
 fn scan_slot_in(
     t: &impl ReadableTable<KvKey, &'static [u8]>,
     slot: u32,
@@ -217,6 +239,16 @@ impl ReadTxn for RedbRead {
     }
     fn key_count(&self) -> Result<u64> {
         key_count_in(self.kv()?, &self.txn.open_table(DEAD).map_err(engine)?)
+    }
+    fn dead_keys(&self, after: Option<&(u32, String)>, limit: usize) -> Result<Vec<(u32, String)>> {
+        dead_keys_in(&self.txn.open_table(DEAD).map_err(engine)?, after, limit)
+    }
+    fn dead_count(&self) -> Result<u64> {
+        self.txn
+            .open_table(DEAD)
+            .map_err(engine)?
+            .len()
+            .map_err(engine)
     }
     fn scan(
         &self,
@@ -364,6 +396,10 @@ impl ReadTxn for RedbWrite<'_> {
     fn key_count(&self) -> Result<u64> {
         self.txn.with_dependent(|_, t| key_count_in(&t.kv, &t.dead))
     }
+    fn dead_keys(&self, after: Option<&(u32, String)>, limit: usize) -> Result<Vec<(u32, String)>> {
+        self.txn
+            .with_dependent(|_, t| dead_keys_in(&t.dead, after, limit))
+    }
     fn scan(
         &self,
         after: Option<&(u32, String)>,
@@ -423,6 +459,13 @@ impl WriteTxn for RedbWrite<'_> {
             })?;
         }
         Ok(keys.len())
+    }
+
+    fn delete(&mut self, slot: u32, key: &str) -> Result<()> {
+        self.record(WalOp::DeleteKey {
+            slot,
+            key: key.to_string(),
+        })
     }
 
     fn log_clear(&mut self) -> Result<()> {

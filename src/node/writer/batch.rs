@@ -71,6 +71,29 @@ pub(super) fn run_batch(
                 }
                 Outcome::Done
             }
+            WriterCmd::Collect {
+                candidates,
+                floor,
+                cutoff_ms,
+                replica,
+                ..
+            } => match incarnation(d, *replica) {
+                Ok(_) => {
+                    let mut dropped = 0;
+                    // Re-checked here: a write may have revived the key since the
+                    // candidates were picked from a snapshot.
+                    for (slot, key) in candidates {
+                        let state = txn.get(*slot, key)?;
+                        if state.is_some_and(|s| Replica::collectable(&s, floor, *cutoff_ms)) {
+                            txn.delete(*slot, key)?;
+                            dropped += 1;
+                        }
+                    }
+                    dirty.any |= dropped > 0;
+                    Outcome::Deleted(dropped)
+                }
+                Err(e) => Outcome::Failed(e),
+            },
             WriterCmd::Learn { transition, .. } => match learn(d, transition) {
                 Ok(changed) => {
                     if changed {

@@ -73,6 +73,15 @@ pub(super) enum WriterCmd {
         floor: VersionVector,
         replica: ReplicaId,
     },
+    /// Drop the keys of `candidates` whose states are still collectable tombstones (see
+    /// `Replica::collectable`); answers how many were dropped.
+    Collect {
+        candidates: Vec<(u32, String)>,
+        floor: VersionVector,
+        cutoff_ms: u64,
+        replica: ReplicaId,
+        tx: Reply<usize>,
+    },
     /// Record a chosen proposal; answers with the replica's `served` vector after it.
     Learn {
         transition: Transition,
@@ -336,8 +345,12 @@ fn answer(cmd: WriterCmd, outcome: Outcome) {
         (WriterCmd::Acceptor { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
         (WriterCmd::SetKey { tx, .. }, Outcome::Keyed(l)) => send(tx, Ok(l)),
         (WriterCmd::SetKey { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
-        (WriterCmd::Gc { tx, .. }, Outcome::Deleted(n)) => send(tx, Ok(n)),
-        (WriterCmd::Gc { tx, .. }, Outcome::Failed(e)) => send(tx, Err(e)),
+        (WriterCmd::Gc { tx, .. } | WriterCmd::Collect { tx, .. }, Outcome::Deleted(n)) => {
+            send(tx, Ok(n))
+        }
+        (WriterCmd::Gc { tx, .. } | WriterCmd::Collect { tx, .. }, Outcome::Failed(e)) => {
+            send(tx, Err(e))
+        }
         (WriterCmd::Trim { .. } | WriterCmd::Stop, _) => {}
         (_, _) => debug_assert!(false, "a writer command got an outcome of another kind"),
     }
