@@ -124,6 +124,11 @@ struct ServeArgs {
     /// or many keys deleted, take no space for long).
     #[arg(long, env = "KVS_TOMBSTONE_HORIZON", default_value_t = 60)]
     tombstone_horizon: u64,
+    /// Replace a member that has been dead (no heartbeat answered) for this many seconds
+    /// by a spare node (a proxy, a node in no shard), bringing its partition back to its
+    /// replica count. Off by default.
+    #[arg(long, env = "KVS_AUTO_REPLACE_AFTER", value_parser = clap::value_parser!(u64).range(1..))]
+    auto_replace_after: Option<u64>,
     /// Directory for this node's data (default ./kvs-data/<ipport>).
     #[arg(long, env = "DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -539,6 +544,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             write: args.w,
         },
         tombstone_horizon: std::time::Duration::from_secs(args.tombstone_horizon),
+        auto_replace_after: args.auto_replace_after.map(std::time::Duration::from_secs),
     };
     let node = Node::start(cfg, store, transport).map_err(|e| e.to_string())?;
     match node.view() {
@@ -580,6 +586,7 @@ mod tests {
             r: Level::ONE,
             w: Level::ONE,
             tombstone_horizon: 60,
+            auto_replace_after: None,
             data_dir: None,
             memory: false,
             cache_mb: 256,

@@ -60,6 +60,7 @@ impl Cluster {
                 join: None,
                 levels: Default::default(),
                 tombstone_horizon: std::time::Duration::from_secs(60),
+                auto_replace_after: None,
             };
             let node = Node::start(cfg, store.clone(), transport.clone()).expect("node starts");
             transport.register(&m, &node);

@@ -64,6 +64,7 @@ impl Cluster {
             join: None,
             levels: Default::default(),
             tombstone_horizon: std::time::Duration::from_secs(60),
+            auto_replace_after: None,
         };
         let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
             .expect("node starts");

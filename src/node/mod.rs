@@ -32,6 +32,8 @@
 //! * **Digest rounds** (`digests.rs`): per peer, every [`DIGEST_INTERVAL`], compare
 //!   Merkle digests of the replicas' states and fetch the keys of the slots that
 //!   differ (state-based anti-entropy, `crate::merkle`).
+//! * **Stabilization** (`stabilize.rs`): with `--auto-replace-after`, a member dead that
+//!   long is replaced by a spare node.
 //! * **Heartbeats** (`heartbeat.rs`): pings to every other member feed the failure
 //!   detector (`cluster.rs`) that orders the replicas a request is forwarded to.
 //! * **The cluster key** (`keys.rs`): which calls a node admits, how a forming cluster
@@ -51,6 +53,7 @@ mod reconfig;
 mod routing;
 mod service;
 mod shards;
+mod stabilize;
 mod status;
 mod sync;
 mod writer;
@@ -196,6 +199,8 @@ pub struct NodeConfig {
     pub levels: Levels,
     /// How old a tombstone every replica has must be before it is collected.
     pub tombstone_horizon: Duration,
+    /// Replace a member dead this long by a spare (`None`: never; see `stabilize.rs`).
+    pub auto_replace_after: Option<Duration>,
 }
 
 /// One kvs server. See the module doc.
@@ -210,6 +215,8 @@ pub struct Node {
     levels: Levels,
     /// See [`NodeConfig::tombstone_horizon`].
     tombstone_horizon: Duration,
+    /// See [`NodeConfig::auto_replace_after`].
+    auto_replace_after: Option<Duration>,
     /// The cluster key and what derives from it (`None` until this node has it); swapped
     /// whole. Plain lock: held to clone or swap the `Arc`, never across an await.
     keys: RwLock<Option<Arc<Keys>>>,
@@ -303,6 +310,7 @@ impl Node {
             admin_token: cfg.admin_token,
             levels: cfg.levels,
             tombstone_horizon: cfg.tombstone_horizon,
+            auto_replace_after: cfg.auto_replace_after,
             keys: RwLock::new(None),
             keys_changed: Notify::new(),
             exchange: Mutex::new(keys::Exchange::default()),
@@ -451,6 +459,9 @@ impl Node {
         let mut tasks = lock(&self.tasks);
         tasks.spawn(reconfig::redrive_loop(self.clone()));
         tasks.spawn(heartbeat::heartbeat_loop(self.clone()));
+        if let Some(after) = self.auto_replace_after {
+            tasks.spawn(stabilize::auto_replace_loop(self.clone(), after));
+        }
         // A node that was down may have missed view changes: ask the members once (a
         // node still waiting for the cluster key asks once it has it).
         if self.keys().is_some() {

@@ -373,6 +373,7 @@ mod tests {
             join: None,
             levels: Default::default(),
             tombstone_horizon: std::time::Duration::from_secs(60),
+            auto_replace_after: None,
         };
         let node =
             Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");
