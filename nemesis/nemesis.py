@@ -14,31 +14,63 @@ clients run in the host namespace and reach every node over the bridge. Faults:
 
 The workload: C clients, each a causal session (it passes the causal_payload of every
 answer into its next request), writes its own keys (value = "<client>:<seq>") and reads
-everyone's keys, through random nodes. Every operation is recorded (invoke, ok, fail,
-unknown). The checker then reports:
+everyone's keys, through random nodes. A share of the writes (--delete-fraction) are
+deletes of one of the client's own keys (`DELETE /kv-store/<key>` with the session's
+causal_payload): 200 when there was a value to delete (a tombstone is written), 404 when
+the replica, reflecting everything the token names, saw none (nothing is written). A
+delete takes the client's next seq like a put, so the history records it as a write of
+"deleted" and the causal bookkeeping (which write of a key depends on which) covers it.
+Every operation is recorded (invoke, ok, fail, unknown; a delete answered 404 is
+"absent"). A write answered 503 saying its outcome is unknown counts as unknown, not
+failed: the store may still apply it.
 
-  lost writes        a key whose final value (read through every replica once all faults
-                     are healed) is older than its last acknowledged write
-  causal anomalies   a successful read returning a value older than one the client's
-                     token already covered (its own acknowledged write, a value it read
-                     before, or anything those depended on)
-  divergence         replicas of a partition answering different final values
+What an answer proves. A value proves that write; a 404 proves the key is deleted or was
+never written, as far as the reader's token reaches. A DELETE is answered by a replica
+that first reflects the token, so it reads too: a 404 read "absent", a 200 read "some
+value". The checker then reports:
+
+  lost writes        a key whose final value (read through every member once all faults
+                     are healed, with an empty token) is older than its last
+                     acknowledged write, or a final 404 where that write is a put no
+                     delete of unknown outcome after it could have removed
+  resurrected        a key whose last acknowledged operation is a delete, yet a final
+                     read returns a value that delete superseded
+  causal anomalies   an answer older than what the client's token already covered (its
+                     own acknowledged writes and deletes, values it read before, and what
+                     those depended on): a value older than a covered write or delete; a
+                     404 (to a GET or a DELETE) when the newest covered write is a put and
+                     no delete after it, acknowledged or of unknown outcome and issued
+                     before the answer, explains the absence; a DELETE answered 200 when
+                     the newest covered write is a delete and no put after it explains a
+                     live value (a deleted value come back during the run)
+  deletes            issued, ok (200), 404 (nothing to delete), failed, unknown; a run in
+                     which no delete answered 200 fails (the deletes were not exercised)
+  divergence         members answering different final values for a key
+  unanswered         final reads that got no answer (an error, not a value or a 404)
   convergence        after each heal: time until every replica of each partition serves
-                     (with an empty token) the last write acknowledged during the fault
+                     (with an empty token) the last write or delete acknowledged during
+                     the fault, or a later one
 
 A read may legitimately return a write whose outcome its writer never learned (a 503
 or a timeout) instead of a later acknowledged one, when the later write did not depend
-on it (they are concurrent siblings and the dialect shows one winner); those are counted
-separately, not as anomalies.
+on it (they are concurrent siblings and the dialect shows one winner); the same holds
+for a 404 that an unknown-outcome delete concurrent with the covered put explains, and
+for such a put shown (or found by a DELETE) after an acknowledged delete. Those are
+counted as siblings, not as anomalies (nor as lost or resurrected at the end). The
+report also says how many 404s were held to a covered write and how many values to a
+covered delete, so a run in which the delete rules never applied shows it.
 
 Bounded: every phase has a fixed length, every HTTP call a timeout, the whole run a time
 limit; the namespaces, the bridge, the iptables rule and every process are removed on
 exit, error or Ctrl-C. Needs root (ip netns, iptables).
 
 usage: cargo build --release && sudo python3 nemesis/nemesis.py [--nodes 4] [--k 2]
-           [--clients 6] [--fault-seconds 8] [--heal-seconds 6] [--seed S] [--json PATH]
+           [--clients 6] [--delete-fraction 0.15] [--fault-seconds 8] [--heal-seconds 6]
+           [--seed S] [--json PATH]
+       python3 nemesis/nemesis.py --self-test     (the checker alone, no root needed)
 """
 import argparse
+import bisect
 import http.client
 import json
 import os
@@ -224,14 +256,45 @@ def request(addr, method, path, fields, timeout=OP_TIMEOUT, conn=None):
 # ---------------------------------------------------------------------------------------
 # Workload and history
 
+# What a read of an absent key (a 404) is recorded as: seq 0, "no write".
+ABSENT = 0
+# What a DELETE answered 200 read: some live value, which one unknown.
+LIVE = -1
+# Write outcomes after which the write may be (or is) in the store.
+MAYBE_APPLIED = ("ok", "unknown", "pending")
+
+
+def write_outcome(status, body, delete):
+    """What an answer to a PUT or DELETE proves about the write: "ok" (applied), "absent"
+    (a DELETE answered 404: the replica, reflecting the client's token, had no value to
+    delete and wrote nothing), "fail" (certainly not applied) or "unknown"."""
+    if status == 200 or (status == 201 and not delete):
+        return "ok"
+    if status == 404 and delete:
+        return "absent"
+    if status is None:
+        # A refused connection certainly delivered nothing: a plain failure. Anything
+        # else (reset, timeout) may have been acted on: unknown.
+        return "fail" if body.get("refused") else "unknown"
+    # A forwarded write whose replica may have received it, one whose disk failed during
+    # the commit, or one short of its w= quorum is answered 503 "... outcome is unknown
+    # ..." (see the store's node::routing and node::quorum): it may still be applied.
+    # Other errors are refusals.
+    if status >= 500 and "outcome is unknown" in str(body.get("error", "")):
+        return "unknown"
+    return "fail"
+
 
 class History:
     def __init__(self):
         self.lock = threading.Lock()
         self.ops = []
         self.phase = "setup"
-        # (key, seq) -> {"deps": {key: seq} the writer's session depended on, "outcome": ...}
+        # (key, seq) -> {"deps": {key: seq} the writer's session depended on, "outcome": ...,
+        #                "delete": whether it is a delete, "t0": when it was issued}
         self.writes = {}
+        # key -> seqs of its deletes, in issue order
+        self.deletes = {}
 
     def add(self, op):
         with self.lock:
@@ -243,9 +306,10 @@ class Client(threading.Thread):
     """One causal session. `deps` maps each key to the newest write of it this session
     depends on (seqs are the writer's, increasing over time)."""
 
-    def __init__(self, cid, nodes, keys_per_client, clients, history, rng, stop):
+    def __init__(self, cid, nodes, keys_per_client, clients, history, rng, stop, delete_fraction):
         super().__init__(daemon=True)
         self.cid, self.nodes, self.history, self.rng, self.stop = cid, nodes, history, rng, stop
+        self.delete_fraction = delete_fraction
         self.own = [f"c{cid}_k{j}" for j in range(keys_per_client)]
         self.all_keys = [f"c{c}_k{j}" for c in range(clients) for j in range(keys_per_client)]
         self.token = ""
@@ -276,8 +340,6 @@ class Client(threading.Thread):
             c = self.conns.pop(i, None)
             if c:
                 c.close()
-            # A refused connection certainly delivered nothing: a plain failure. Anything
-            # else (reset, timeout) may have been acted on: unknown.
             return None, {"transport": str(e), "refused": isinstance(e, ConnectionRefusedError)}
 
     def run(self):
@@ -290,41 +352,62 @@ class Client(threading.Thread):
     def loop(self):
         while not self.stop.is_set():
             i = self.rng.randint(1, self.nodes)
-            t0 = time.time()
             if self.rng.random() < 0.5:
-                key = self.rng.choice(self.own)
-                self.seq += 1
-                seq = self.seq
-                with self.history.lock:
-                    self.history.writes[(key, seq)] = {"deps": dict(self.deps), "outcome": "pending"}
-                st, body = self.call(i, "PUT", key, {"val": f"{self.cid}:{seq}", "causal_payload": self.token})
-                outcome = "ok" if st in (200, 201) else \
-                    ("unknown" if st is None and not body.get("refused") else "fail")
-                with self.history.lock:
-                    self.history.writes[(key, seq)]["outcome"] = outcome
-                if outcome == "ok":
-                    self.token = body.get("causal_payload", self.token)
-                    self.depend(key, seq)
-                self.history.add({"client": self.cid, "f": "write", "key": key, "seq": seq, "node": i,
-                                  "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
-                                  "partition": body.get("partition_id")})
+                self.write(i, self.rng.choice(self.own), delete=self.rng.random() < self.delete_fraction)
             else:
-                key = self.rng.choice(self.all_keys)
-                floor = self.deps.get(key, 0)
-                st, body = self.call(i, "GET", key, {"causal_payload": self.token})
-                got = None
-                outcome = "unknown" if st is None and not body.get("refused") else "fail"
-                if st == 200:
-                    outcome = "ok"
-                    got = int(str(body.get("value", ":0")).split(":")[-1] or 0)
-                    self.token = body.get("causal_payload", self.token)
-                    self.depend(key, got)
-                elif st == 404:
-                    outcome, got = "ok", 0
-                self.history.add({"client": self.cid, "f": "read", "key": key, "got": got, "floor": floor,
-                                  "node": i, "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
-                                  "partition": body.get("partition_id")})
+                self.read(i, self.rng.choice(self.all_keys))
             time.sleep(0.005)
+
+    def write(self, i, key, delete):
+        """A PUT, or a DELETE: both are writes of the key at the client's next seq."""
+        t0 = time.time()
+        floor = self.deps.get(key, 0)
+        self.seq += 1
+        seq = self.seq
+        with self.history.lock:
+            self.history.writes[(key, seq)] = {"deps": dict(self.deps), "outcome": "pending",
+                                               "delete": delete, "t0": t0}
+            if delete:
+                self.history.deletes.setdefault(key, []).append(seq)
+        if delete:
+            st, body = self.call(i, "DELETE", key, {"causal_payload": self.token})
+        else:
+            st, body = self.call(i, "PUT", key, {"val": f"{self.cid}:{seq}", "causal_payload": self.token})
+        outcome = write_outcome(st, body, delete)
+        with self.history.lock:
+            self.history.writes[(key, seq)]["outcome"] = outcome
+        if outcome == "ok":
+            self.token = body.get("causal_payload", self.token)
+            self.depend(key, seq)
+        # A 404 to a DELETE carries no causal_payload: the session's token, and so what
+        # it depends on, stays as it was.
+        op = {"client": self.cid, "f": "delete" if delete else "write", "key": key, "seq": seq,
+              "node": i, "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
+              "partition": body.get("partition_id")}
+        if delete:
+            # A 404 is also a read of "absent" by a replica that reflected the token: the
+            # checker holds it to what the token covered when the delete was issued.
+            op["floor"] = floor
+        self.history.add(op)
+
+    def read(self, i, key):
+        t0 = time.time()
+        floor = self.deps.get(key, 0)
+        st, body = self.call(i, "GET", key, {"causal_payload": self.token})
+        got = None
+        outcome = "unknown" if st is None and not body.get("refused") else "fail"
+        if st == 200:
+            outcome = "ok"
+            got = int(str(body.get("value", ":0")).split(":")[-1] or 0)
+            self.token = body.get("causal_payload", self.token)
+            self.depend(key, got)
+        elif st == 404:
+            # Deleted or never written. The answer carries no causal_payload, so the
+            # session depends on nothing new.
+            outcome, got = "ok", ABSENT
+        self.history.add({"client": self.cid, "f": "read", "key": key, "got": got, "floor": floor,
+                          "node": i, "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
+                          "partition": body.get("partition_id")})
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,27 +415,91 @@ class Client(threading.Thread):
 
 
 class Order:
-    """Causal order among the writes of one key: write s depends on deps_s[key], which
-    depends on its own deps[key], and so on: a chain of decreasing seqs."""
+    """Causal order among the writes (puts and deletes) of one key. Write s depends on
+    deps_s[key], which depends on its own deps[key], and so on: each write has one parent
+    (a smaller seq; 0 for none), so the writes of a key form a tree rooted at 0, and
+    "follows" is "descends from". One depth-first pass gives every write its enter and
+    exit times, which answer that in constant time (a history holds tens of thousands of
+    reads, and walking parent chains for each made the check take minutes)."""
 
     def __init__(self, history):
         self.writes = history.writes
+        # Per key, the deletes and the puts that are or may be in the store, by seq: what
+        # can explain a 404, and a live value.
+        self.deletes, self.puts = {}, {}
+        children = {}
+        for (key, seq), w in self.writes.items():
+            if w["outcome"] in MAYBE_APPLIED:
+                (self.deletes if w.get("delete") else self.puts).setdefault(key, []).append(seq)
+            children.setdefault(key, {}).setdefault(w["deps"].get(key, 0), []).append(seq)
+        for seqs in list(self.deletes.values()) + list(self.puts.values()):
+            seqs.sort()
+        self.span = {}
+        clock = 0
+        for key, kids in children.items():
+            # A parent with no record of its own (never the case for writes this script
+            # issued) hangs from the root, as the parent walk in `follows` treats it.
+            orphans = [p for p in kids if p and (key, p) not in self.writes]
+            kids.setdefault(0, []).extend(orphans)
+            enter = {}
+            stack = [(0, False)]
+            while stack:
+                node, leaving = stack.pop()
+                if leaving:
+                    self.span[(key, node)] = (enter[node], clock)
+                else:
+                    enter[node] = clock
+                    stack.append((node, True))
+                    stack.extend((c, False) for c in kids.get(node, ()))
+                clock += 1
+
+    def is_delete(self, key, seq):
+        return bool(self.writes.get((key, seq), {}).get("delete"))
 
     def follows(self, key, later, earlier):
         """Whether write (key, later) causally follows (key, earlier) (or is it)."""
-        s = later
-        while s > earlier:
+        a, b = self.span.get((key, earlier)), self.span.get((key, later))
+        if a and b:
+            return a[0] <= b[0] and b[1] <= a[1]
+        s = later  # a seq with no record (hand-made histories): walk its parents
+        while s > earlier and s > 0:
             s = self.writes.get((key, s), {"deps": {}})["deps"].get(key, 0)
         return s == earlier
 
-    def relation(self, key, got, floor):
-        """How a value `got` read for `key` relates to `floor`, the newest write of it the
-        reader depended on: 'ok' (floor or after it), 'stale' (strictly before it, or
-        missing) or 'concurrent' (a sibling the dialect may show instead)."""
+    def explained(self, key, floor, candidates, before):
+        """Whether a write among `candidates` (sorted seqs of the key's writes of the other
+        kind than `floor`, the newest the reader covered) explains an answer `floor`
+        cannot: 'ok' if one follows `floor`, 'concurrent' if one is a sibling of it (it
+        may win), else 'stale'. Only writes issued before the answer count."""
+        first_later = bisect.bisect_right(candidates, floor)
+        rel = "stale"
+        for c in candidates[first_later:]:
+            if self.writes[(key, c)]["t0"] >= before:
+                break  # one writer per key, one write at a time: the rest came later still
+            if self.follows(key, c, floor):
+                return "ok"
+            rel = "concurrent"  # issued later, without having seen the floor
+        if any(not self.follows(key, floor, c) for c in candidates[:first_later]):
+            rel = "concurrent"  # issued earlier, and the floor did not see it
+        return rel
+
+    def relation(self, key, got, floor, before=float("inf")):
+        """How an answer for `key` relates to `floor`, the newest write of it the reader
+        depended on. `got` is the seq of the put whose value was read, ABSENT for a 404,
+        or LIVE for a DELETE answered 200 (some value was there). A 404 after a covered
+        put needs a delete, a live value after a covered delete needs a put, issued
+        before `before` (when the answer came). 'ok' (floor or after it), 'stale'
+        (strictly before it) or 'concurrent' (a sibling the dialect may show instead)."""
         if not floor or got == floor:
             return "ok"
-        if not got:
-            return "stale"
+        if got == ABSENT:
+            if self.is_delete(key, floor):
+                return "ok"
+            return self.explained(key, floor, self.deletes.get(key, []), before)
+        if got == LIVE:
+            if not self.is_delete(key, floor):
+                return "ok"
+            return self.explained(key, floor, self.puts.get(key, []), before)
         if got > floor and self.follows(key, got, floor):
             return "ok"
         if got < floor and self.follows(key, floor, got):
@@ -361,50 +508,195 @@ class Order:
 
 
 def check(history, final):
+    """The history against causal consistency, and the final reads (`final`: key ->
+    {node: seq of the value read, ABSENT for a 404, None for no answer}) against the
+    acknowledged writes. Returns a dict of lists (and counts) the run reports."""
     order = Order(history)
     anomalies, siblings = [], 0
+    # How often the delete rules applied: 404s whose token covered a write of the key,
+    # and values read although the token covered a delete.
+    checked_404s = checked_after_delete = 0
     for op in history.ops:
         if op["f"] == "read" and op["outcome"] == "ok":
-            rel = order.relation(op["key"], op["got"], op["floor"])
-            if rel == "stale":
-                anomalies.append(op)
-            elif rel == "concurrent":
-                siblings += 1
+            got = op["got"]
+        elif op["f"] == "delete" and op["outcome"] == "absent":
+            got = ABSENT
+        elif op["f"] == "delete" and op["outcome"] == "ok":
+            # A 200: the replica, reflecting the token, had a value to delete.
+            got = LIVE
+        else:
+            continue
+        if op["floor"]:
+            checked_404s += got == ABSENT
+            checked_after_delete += got != ABSENT and order.is_delete(op["key"], op["floor"])
+        rel = order.relation(op["key"], got, op["floor"], before=op.get("t1", float("inf")))
+        if rel == "stale":
+            anomalies.append(op)
+        elif rel == "concurrent":
+            siblings += 1
     last_acked = {}
     for (key, seq), w in history.writes.items():
         if w["outcome"] == "ok" and seq > last_acked.get(key, 0):
             last_acked[key] = seq
-    lost, divergent, final_siblings = [], [], 0
+    lost, resurrected, unanswered, divergent, final_siblings = [], [], [], [], 0
     for key, last in last_acked.items():
         values = final.get(key, {})
         if len(set(values.values())) > 1:
             divergent.append((key, values))
         for node, got in values.items():
-            rel = order.relation(key, got, last) if got is not None else "stale"
+            if got is None:
+                unanswered.append((key, node))
+                continue
+            rel = order.relation(key, got, last)
             if rel == "stale":
-                lost.append((key, node, got, last))
+                # Older than the last acknowledged operation: a value that a delete had
+                # removed is back, or an acknowledged put is gone (or older than itself).
+                (resurrected if order.is_delete(key, last) else lost).append((key, node, got, last))
             elif rel == "concurrent":
                 final_siblings += 1
-    return anomalies, siblings, lost, divergent, final_siblings
+    deleted_keys = sorted(key for key, last in last_acked.items() if order.is_delete(key, last))
+    return {"anomalies": anomalies, "siblings": siblings, "lost": lost, "resurrected": resurrected,
+            "unanswered": unanswered, "divergent": divergent, "final_siblings": final_siblings,
+            "deleted_keys": deleted_keys, "checked_404s": checked_404s,
+            "checked_after_delete": checked_after_delete}
 
 
 def self_test():
-    """The checker on hand-made histories: what it must flag and what it must allow."""
+    """The checker on hand-made histories: what it must flag and what it must allow. Every
+    expectation is an exact list or count, so a checker that flags nothing fails it."""
+    assert write_outcome(200, {}, False) == "ok" and write_outcome(201, {}, False) == "ok"
+    assert write_outcome(200, {}, True) == "ok" and write_outcome(404, {}, True) == "absent"
+    assert write_outcome(None, {"refused": True}, True) == "fail"
+    assert write_outcome(None, {"transport": "timed out"}, True) == "unknown"
+    assert write_outcome(503, {"error": "the write's outcome is unknown: reset"}, True) == "unknown"
+    assert write_outcome(503, {"error": "no replica of partition 0 could serve"}, False) == "fail"
+    assert write_outcome(404, {}, False) == "fail" and write_outcome(400, {}, True) == "fail"
+
     h = History()
-    # Writer 0 on key k: 1 (ok) <- 2 (ok) <- 4 (ok); 3 failed, issued after 2 (not in 4's past).
+
+    def w(key, seq, dep, outcome, delete=False, t0=0.0):
+        h.writes[(key, seq)] = {"deps": {key: dep} if dep else {}, "outcome": outcome, "delete": delete, "t0": t0}
+
+    def read(key, got, floor, label, t1=1e9):
+        return {"f": "read", "key": key, "got": got, "floor": floor, "outcome": "ok", "t1": t1, "label": label}
+
+    # Key k, puts only. Writer: 1 (ok) <- 2 (ok) <- 4 (ok); 3 failed, issued after 2 (not in 4's past).
     for seq, dep, outcome in [(1, 0, "ok"), (2, 1, "ok"), (3, 2, "fail"), (4, 2, "ok")]:
-        h.writes[("k", seq)] = {"deps": {"k": dep} if dep else {}, "outcome": outcome}
+        w("k", seq, dep, outcome)
+    # Key d: put 1 (ok) <- delete 2 (ok) <- put 3 (ok) <- delete 4 (outcome unknown,
+    # issued at t=100).
+    w("d", 1, 0, "ok")
+    w("d", 2, 1, "ok", delete=True)
+    w("d", 3, 2, "ok")
+    w("d", 4, 3, "unknown", delete=True, t0=100.0)
+    # Key e: delete 1 (unknown) and put 2 (ok) that did not depend on it: concurrent.
+    w("e", 1, 0, "unknown", delete=True)
+    w("e", 2, 0, "ok")
+    # Key g: put 1 (ok) <- delete 2 answered 404 (nothing written: explains nothing).
+    w("g", 1, 0, "ok")
+    w("g", 2, 1, "absent", delete=True)
+    # Key r: put 1 (ok) <- delete 2 (ok): deleted for good.
+    w("r", 1, 0, "ok")
+    w("r", 2, 1, "ok", delete=True)
+    # Key s: put 1 (ok) <- delete 2 (ok) <- put 3 (unknown): 3 may show at the end.
+    w("s", 1, 0, "ok")
+    w("s", 2, 1, "ok", delete=True)
+    w("s", 3, 2, "unknown")
+    # Key u: put 1 (unknown) and delete 2 (ok) that did not depend on it: concurrent.
+    w("u", 1, 0, "unknown")
+    w("u", 2, 0, "ok", delete=True)
+    # Key h: put 1 (unknown, yet read by someone) and a later delete 2 (ok) whose writer
+    # never saw it: the delete is concurrent with the put, not after it.
+    w("h", 1, 0, "unknown")
+    w("h", 2, 0, "ok", delete=True)
 
-    def read(got, floor):
-        return {"f": "read", "key": "k", "got": got, "floor": floor, "outcome": "ok"}
+    h.ops = [
+        read("k", 4, 4, "k same"), read("k", 2, 1, "k newer"), read("k", 1, 4, "k stale value"),
+        read("k", ABSENT, 2, "k 404 after covered put, no delete"), read("k", 3, 4, "k failed sibling"),
+        read("k", 4, 0, "k no floor"), read("k", ABSENT, 0, "k 404 no floor"),
+        read("d", ABSENT, 2, "d 404 after covered delete"),
+        read("d", 1, 2, "d value after covered delete"),
+        read("d", 3, 2, "d put after covered delete"),
+        read("d", ABSENT, 1, "d 404, acked delete after covered put"),
+        read("d", ABSENT, 3, "d 404, unknown delete issued before", t1=200.0),
+        read("d", ABSENT, 3, "d 404, unknown delete issued after", t1=50.0),
+        read("e", ABSENT, 2, "e 404, concurrent unknown delete"),
+        read("u", 1, 2, "u concurrent put after acked delete"),
+        read("h", ABSENT, 1, "h 404, later delete that did not see the put"),
+        # A DELETE answered 404 is a read of "absent" held to the token's floor.
+        {"f": "delete", "key": "g", "seq": 2, "floor": 1, "outcome": "absent", "t1": 1e9,
+         "label": "g delete 404 after covered put"},
+        {"f": "delete", "key": "r", "seq": 3, "floor": 2, "outcome": "absent", "t1": 1e9,
+         "label": "r delete 404 after covered delete"},
+        # A DELETE answered 200 found a live value: after a covered delete, a put must
+        # explain it.
+        {"f": "delete", "key": "r", "seq": 4, "floor": 2, "outcome": "ok", "t1": 1e9,
+         "label": "r delete 200 after covered delete, no put since"},
+        {"f": "delete", "key": "s", "seq": 4, "floor": 2, "outcome": "ok", "t1": 1e9,
+         "label": "s delete 200, the unknown put after the delete"},
+        {"f": "delete", "key": "u", "seq": 3, "floor": 2, "outcome": "ok", "t1": 1e9,
+         "label": "u delete 200, the concurrent unknown put"},
+        {"f": "delete", "key": "d", "seq": 5, "floor": 3, "outcome": "ok", "t1": 1e9,
+         "label": "d delete 200 after covered put"},
+        # A read of g after the 404 delete: that delete wrote nothing, so it explains nothing.
+        read("g", ABSENT, 1, "g 404 after covered put, delete answered 404"),
+        # Ops the checker must skip: a failed read, a delete of unknown outcome.
+        {"f": "read", "key": "k", "got": None, "floor": 4, "outcome": "fail", "label": "failed read"},
+        {"f": "delete", "key": "d", "seq": 4, "floor": 3, "outcome": "unknown", "label": "unknown delete"},
+    ]
+    final = {
+        "k": {1: 4, 2: 3, 3: 2, 4: None, 5: ABSENT},   # 3: sibling; 2 and 404: lost; 4: no answer
+        "d": {1: ABSENT, 2: 3},                     # 404 explained by the unknown delete 4
+        "e": {1: ABSENT},                           # the concurrent unknown delete won
+        "g": {1: ABSENT},                           # last acknowledged: put 1; nothing deletes it
+        "r": {1: ABSENT, 2: 1},                     # 2: resurrected
+        "s": {1: 3, 2: ABSENT},                     # the later put landed on 1 (not resurrected)
+        "u": {1: 1, 2: ABSENT},                     # the concurrent put won on 1 (not resurrected)
+        "h": {1: ABSENT, 2: ABSENT},                # deleted everywhere
+    }
+    r = check(h, final)
+    assert [o["label"] for o in r["anomalies"]] == [
+        "k stale value", "k 404 after covered put, no delete", "d value after covered delete",
+        "d 404, unknown delete issued after", "g delete 404 after covered put",
+        "r delete 200 after covered delete, no put since",
+        "g 404 after covered put, delete answered 404"], [o["label"] for o in r["anomalies"]]
+    # k: the failed put 3; e and h: the concurrent delete; u: the concurrent put (read,
+    # and found by a delete).
+    assert r["siblings"] == 5, r["siblings"]
+    assert sorted(r["lost"]) == [("g", 1, ABSENT, 1), ("k", 3, 2, 4), ("k", 5, ABSENT, 4)], r["lost"]
+    assert r["resurrected"] == [("r", 2, 1, 2)], r["resurrected"]
+    assert r["unanswered"] == [("k", 4)], r["unanswered"]
+    # k's sibling 3, e's winning delete, u's winning put.
+    assert r["final_siblings"] == 3, r["final_siblings"]
+    assert sorted(k for k, _ in r["divergent"]) == ["d", "k", "r", "s", "u"], r["divergent"]
+    assert r["deleted_keys"] == ["h", "r", "s", "u"], r["deleted_keys"]
+    assert (r["checked_404s"], r["checked_after_delete"]) == (10, 6), (r["checked_404s"], r["checked_after_delete"])
 
-    h.ops = [read(4, 4), read(2, 1), read(1, 4), read(0, 2), read(3, 4), read(4, 0)]
-    anomalies, siblings, lost, divergent, final_siblings = check(
-        h, {"k": {1: 4, 2: 3, 3: 2, 4: None}})
-    assert [(o["got"], o["floor"]) for o in anomalies] == [(1, 4), (0, 2)], anomalies
-    assert siblings == 1, siblings                      # 3 is concurrent with 4
-    assert sorted((n, g) for _, n, g, _ in lost) == [(3, 2), (4, None)], lost
-    assert final_siblings == 1 and len(divergent) == 1, (final_siblings, divergent)
+    # The constant-time "follows" agrees with walking the parent chain, on a random
+    # history of one writer whose session sometimes loses track of its own writes.
+    rng = random.Random(7)
+    h = History()
+    for seq in range(1, 400):
+        parent = rng.choice([seq - 1, rng.randrange(seq), 0])
+        h.writes[("x", seq)] = {"deps": {"x": parent} if parent else {}, "outcome": "ok"}
+    order = Order(h)
+
+    def walk(later, earlier):
+        s = later
+        while s > earlier:
+            s = h.writes.get(("x", s), {"deps": {}})["deps"].get("x", 0)
+        return s == earlier
+
+    def ancestor(s):  # some write s descends from: half the pairs are related
+        for _ in range(rng.randrange(5)):
+            s = h.writes.get(("x", s), {"deps": {}})["deps"].get("x", 0)
+        return s
+
+    pairs = [(a, ancestor(a) if rng.random() < 0.5 else rng.randrange(400))
+             for a in (rng.randrange(400) for _ in range(20000))]
+    answers = [order.follows("x", a, b) for a, b in pairs]
+    assert answers == [walk(a, b) for a, b in pairs]
+    assert 5000 < sum(answers) < 15000, sum(answers)  # both answers are exercised
     log("checker self-test passed")
 
 
@@ -430,52 +722,72 @@ def key_partitions(history):
     return out
 
 
+def read_seq(node, key, timeout=OP_TIMEOUT):
+    """Reads `key` through `node` with an empty token: the seq of the value it answers,
+    ABSENT for a 404, None for no answer (an error or a transport failure)."""
+    try:
+        st, body = request(f"{Net.ip(node)}:{PORT}", "GET", f"/kv-store/{key}", {"causal_payload": ""},
+                           timeout=timeout)
+        if st == 404:
+            return ABSENT
+        return int(body["value"].split(":")[1]) if st == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError):
+        return None
+
+
 def converge_after_heal(history, parts, fault_start, limit):
-    """Seconds until every replica of every partition serves the last write acknowledged
-    during the fault (per partition), read with an empty token directly from the replica."""
+    """Seconds until every replica of every partition serves the last write (put or
+    delete) acknowledged during the fault (per partition), or a later write of that key,
+    read with an empty token directly from the replica."""
     kp = key_partitions(history)
     targets = {}
     with history.lock:
         for op in history.ops:
-            if op["f"] == "write" and op["outcome"] == "ok" and op["t1"] >= fault_start:
+            if op["f"] in ("write", "delete") and op["outcome"] == "ok" and op["t1"] >= fault_start:
                 p = kp.get(op["key"])
                 if p is not None:
                     targets[p] = (op["key"], op["seq"])
+
+    def serves(key, seq, got):
+        if got is None:
+            return False
+        if got != ABSENT:
+            return got >= seq
+        # A 404 is the target itself when it is a delete, or a later delete (which the
+        # workload, still running, may have issued since) taking effect.
+        with history.lock:
+            for d in reversed(history.deletes.get(key, [])):
+                if d < seq:
+                    return False
+                if history.writes[(key, d)]["outcome"] in MAYBE_APPLIED:
+                    return True
+            return False
+
     t0 = time.time()
     pending = [(p, r, key, seq) for p, (key, seq) in targets.items() for r in parts.get(p, [])]
     while pending and time.time() - t0 < limit:
-        still = []
-        for p, r, key, seq in pending:
-            try:
-                st, body = request(f"{Net.ip(r)}:{PORT}", "GET", f"/kv-store/{key}", {"causal_payload": ""},
-                                   timeout=1)
-                ok = st == 200 and int(body["value"].split(":")[1]) >= seq
-            except (OSError, http.client.HTTPException, ValueError, KeyError):
-                ok = False
-            if not ok:
-                still.append((p, r, key, seq))
-        pending = still
+        pending = [(p, r, key, seq) for p, r, key, seq in pending
+                   if not serves(key, seq, read_seq(r, key, timeout=1))]
         if pending:
             time.sleep(0.02)
     return (time.time() - t0) if not pending else None
 
 
-def final_reads(history, parts, keys):
-    kp = key_partitions(history)
+def final_reads(parts, keys):
+    """Every key read through every member with an empty token (key -> {node: seq, ABSENT
+    or None}). Every member, not only the key's replicas as the history last saw them: a
+    key moved by a view change, or one whose only answers were 404s (which name no
+    partition), is still read on each of its replicas, and a non-replica's forwarded
+    answer is some replica's."""
+    members = sorted({r for rs in parts.values() for r in rs})
     final = {}
     for key in keys:
-        p = kp.get(key)
-        replicas = parts.get(p, []) if p is not None else []
         final[key] = {}
-        for r in replicas:
-            try:
-                t = time.time()
-                st, body = request(f"{Net.ip(r)}:{PORT}", "GET", f"/kv-store/{key}", {"causal_payload": ""})
-                if os.environ.get("NEMESIS_DEBUG") and time.time() - t > 0.3:
-                    log(f"  slow final read of {key} at node {r}: {time.time() - t:.2f} s: {st} {body}")
-                final[key][r] = int(body["value"].split(":")[1]) if st == 200 else None
-            except (OSError, http.client.HTTPException, ValueError, KeyError):
-                final[key][r] = None
+        for r in members:
+            t = time.time()
+            final[key][r] = read_seq(r, key)
+            if os.environ.get("NEMESIS_DEBUG") and time.time() - t > 0.3:
+                log(f"  slow final read of {key} at node {r}: {time.time() - t:.2f} s: {final[key][r]}")
     return final
 
 
@@ -490,6 +802,8 @@ def main():
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--keys-per-client", type=int, default=4)
+    ap.add_argument("--delete-fraction", type=float, default=0.15,
+                    help="share of the writes that are deletes of one of the client's own keys")
     ap.add_argument("--fault-seconds", type=float, default=8)
     ap.add_argument("--heal-seconds", type=float, default=6)
     ap.add_argument("--seed", type=int, default=None)
@@ -500,6 +814,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=900)
     ap.add_argument("--self-test", action="store_true", help="only check the checker on made-up histories")
     args = ap.parse_args()
+    if not 0 <= args.delete_fraction <= 1:
+        ap.error("--delete-fraction must be between 0 and 1")
     self_test()
     if args.self_test:
         return
@@ -509,7 +825,8 @@ def main():
         sys.exit(f"{args.binary} does not exist: cargo build --release first (or --binary)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    log(f"nemesis: seed {seed}, {args.nodes} nodes, K={args.k}, {args.clients} clients; binary {args.binary}")
+    log(f"nemesis: seed {seed}, {args.nodes} nodes, K={args.k}, {args.clients} clients "
+        f"(deletes: {args.delete_fraction:.0%} of writes); binary {args.binary}")
 
     deadline = time.time() + args.time_limit
     tmp = tempfile.mkdtemp(prefix="kvs-nemesis-")
@@ -587,7 +904,8 @@ def main():
                        lambda: finish_add(spares[1], b, pending["t"])))
 
         clients = [Client(c, args.nodes, args.keys_per_client, args.clients, history,
-                          random.Random(rng.randrange(1 << 30)), stop) for c in range(args.clients)]
+                          random.Random(rng.randrange(1 << 30)), stop, args.delete_fraction)
+                   for c in range(args.clients)]
         history.phase = "baseline"
         for c in clients:
             c.start()
@@ -622,17 +940,19 @@ def main():
         # Replicas agree within moments of the last heal; give them up to 10 s.
         t_final = time.time()
         while True:
-            final = final_reads(history, parts, keys)
+            final = final_reads(parts, keys)
             differ = [k for k, v in final.items() if len(set(v.values())) > 1]
             if not differ or time.time() - t_final > 10:
                 break
             if os.environ.get("NEMESIS_DEBUG"):
                 log(f"  still divergent: {[(k, final[k]) for k in differ[:3]]}")
             time.sleep(0.2)
-        log(f"final reads of {len(keys)} keys: every replica agrees ({time.time() - t_final:.2f} s after "
+        log(f"final reads of {len(keys)} keys through every member: all agree ({time.time() - t_final:.2f} s after "
             f"the workload stopped)" if not differ else "final reads: replicas still disagree after 10 s")
         t_check = time.time()
-        anomalies, siblings, lost, divergent, final_siblings = check(history, final)
+        result = check(history, final)
+        anomalies, lost, resurrected = result["anomalies"], result["lost"], result["resurrected"]
+        unanswered, divergent = result["unanswered"], result["divergent"]
         log(f"history checked in {time.time() - t_check:.2f} s")
 
         # Figures per phase.
@@ -644,41 +964,64 @@ def main():
                 ops = [o for o in history.ops if o["phase"] == label]
                 span = (max(o["t1"] for o in ops) - min(o["t0"] for o in ops)) if ops else 0
                 rate = f"{len(ops) / span:.0f}" if span > 0 else ""
-                ok = sum(o["outcome"] == "ok" for o in ops)
+                # A delete answered 404 was served (the key was already absent).
+                ok = sum(o["outcome"] in ("ok", "absent") for o in ops)
                 fail = sum(o["outcome"] == "fail" for o in ops)
                 unk = sum(o["outcome"] == "unknown" for o in ops)
                 minority = ""
                 if ph["isolated"] and label == ph["name"]:
                     mops = [o for o in ops if o["node"] == ph["isolated"]]
-                    minority = f"{sum(o['outcome'] == 'ok' for o in mops)}/{len(mops)}"
+                    minority = f"{sum(o['outcome'] in ('ok', 'absent') for o in mops)}/{len(mops)}"
                 conv = f"{ph['convergence_s']:.3f}" if (label != ph["name"] or label == "baseline") and \
                     ph["convergence_s"] is not None else ""
                 log(f"{label[:34]:<34} {len(ops):>6} {rate:>6} {ok:>6} {fail:>6} {unk:>7} {minority:>16} {conv:>7}")
         convs = [ph["convergence_s"] for ph in phases[1:] if ph["convergence_s"] is not None]
         not_converged = sum(ph["convergence_s"] is None for ph in phases[1:])
-        log(f"\noperations: {len(history.ops)}; writes acknowledged: "
-            f"{sum(1 for w in history.writes.values() if w['outcome'] == 'ok')}")
+        deletes = [o for o in history.ops if o["f"] == "delete"]
+        counts = {k: sum(o["outcome"] == k for o in deletes) for k in ("ok", "absent", "fail", "unknown")}
+        log(f"\noperations: {len(history.ops)}; puts acknowledged: "
+            f"{sum(1 for w in history.writes.values() if w['outcome'] == 'ok' and not w.get('delete'))}")
+        log(f"deletes: {len(deletes)} issued, {counts['ok']} ok (200), {counts['absent']} 404 (nothing to "
+            f"delete), {counts['fail']} failed, {counts['unknown']} unknown; keys whose last acknowledged "
+            f"operation is a delete (must read 404 everywhere): {len(result['deleted_keys'])}")
         log(f"lost acknowledged writes: {len(lost)}")
-        log(f"causal anomalies: {len(anomalies)} (reads of concurrent unacknowledged siblings: {siblings})")
-        log(f"replicas disagreeing at the end: {len(divergent)} keys (final concurrent siblings: {final_siblings})")
+        log(f"resurrected deleted keys: {len(resurrected)}")
+        log(f"causal anomalies: {len(anomalies)} (reads of concurrent unacknowledged siblings: "
+            f"{result['siblings']}; 404s checked against a covered write: {result['checked_404s']}, "
+            f"values read after a covered delete: {result['checked_after_delete']})")
+        log(f"replicas disagreeing at the end: {len(divergent)} keys (final concurrent siblings: "
+            f"{result['final_siblings']}); final reads unanswered: {len(unanswered)}")
         if convs:
             log(f"convergence after heal: p50 {percentile(convs, 0.5):.3f} s, p99 {percentile(convs, 0.99):.3f} s, "
                 f"max {max(convs):.3f} s over {len(convs)} heals; not converged: {not_converged}")
         for op in anomalies[:10]:
             log(f"  anomaly: {op}")
         for item in lost[:10]:
-            log(f"  lost: key {item[0]} at node {item[1]}: final seq {item[2]}, last acknowledged {item[3]}")
+            log(f"  lost: key {item[0]} at node {item[1]}: final seq {item[2]} (0: 404), "
+                f"last acknowledged {item[3]}")
+        for item in resurrected[:10]:
+            log(f"  resurrected: key {item[0]} at node {item[1]}: final seq {item[2]}, "
+                f"deleted by acknowledged delete {item[3]}")
+        for item in unanswered[:10]:
+            log(f"  unanswered: key {item[0]} at node {item[1]}")
         for item in divergent[:10]:
             log(f"  divergent: {item}")
         crashed = [c.error for c in clients if c.error]
         if crashed:
             log(f"workload clients that crashed: {crashed}")
-        failed = bool(lost or anomalies or divergent or not_converged or crashed
-                      or (convs and max(convs) > CONVERGENCE_BOUND))
+        # Deletes that never took effect would leave the delete checks vacuous.
+        no_deletes = args.delete_fraction > 0 and not counts["ok"]
+        if no_deletes:
+            log("no delete answered 200: the delete workload was not exercised")
+        failed = bool(lost or resurrected or anomalies or divergent or unanswered or not_converged or crashed
+                      or no_deletes or (convs and max(convs) > CONVERGENCE_BOUND))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"seed": seed, "phases": phases, "names": names, "lost": len(lost),
-                           "anomalies": len(anomalies), "siblings": siblings, "divergent": len(divergent),
+                           "resurrected": len(resurrected), "anomalies": len(anomalies),
+                           "siblings": result["siblings"], "divergent": len(divergent),
+                           "unanswered": len(unanswered), "final_siblings": result["final_siblings"],
+                           "deletes": dict(counts, issued=len(deletes)),
                            "convergence": convs, "ops": len(history.ops)}, f, indent=1)
         if args.history:
             with open(args.history, "w") as f:
