@@ -636,6 +636,13 @@ impl Replica {
             .all(|v| v.value.is_none() && served.contains(v.dot))
     }
 
+    /// Whether `state` holds each of `dots` or a version that supersedes it: a handed-
+    /// over key's versions are safe at its new partition.
+    pub fn covers(state: &KeyState, dots: &[Dot]) -> bool {
+        dots.iter()
+            .all(|d| state.versions.iter().any(|v| v.vv.contains(*d)))
+    }
+
     pub fn trim_floor<'a>(
         applied: &VersionVector,
         peers: impl IntoIterator<Item = &'a VersionVector>,

@@ -41,7 +41,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{ClusterKey, Nonce};
-use crate::clock::{CausalToken, PartitionUid, VersionVector};
+use crate::clock::{CausalToken, Dot, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
 use crate::quorum::Level;
@@ -71,7 +71,8 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// (`served_by`); `ErrorKind::Unsatisfiable`.
 /// 6: client reads and writes carry their quorum level (`r`, `w`); sync pages say
 /// whether a quorum write waits for the asker's report (`ack_wanted`); anti-entropy
-/// digests (`Request::Digest`, `Response::Digests`).
+/// digests (`Request::Digest`, `Response::Digests`); the check of a handoff before its
+/// source deletes (`Request::Holds`, `Response::Lacking`).
 pub const PROTOCOL_VERSION: &str = "6";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
@@ -183,6 +184,13 @@ pub enum Request {
         partition: PartitionUid,
         buckets: Vec<u64>,
     },
+    /// Before a node deletes keys it handed over: does the receiver's replica of
+    /// `partition` hold each key's versions (named by their dots), or versions that
+    /// supersede them? Answered with [`Response::Lacking`].
+    Holds {
+        partition: PartitionUid,
+        keys: Vec<(u32, String, Vec<Dot>)>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -210,6 +218,8 @@ pub enum Response {
         buckets: Vec<u32>,
         slots: Vec<(u32, u64)>,
     },
+    /// The answer to [`Request::Holds`]: the keys the receiver does not hold.
+    Lacking(Vec<(u32, String)>),
 }
 
 /// What a node reports about itself.

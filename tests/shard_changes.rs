@@ -16,9 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvs::clock::CausalToken;
+use kvs::clock::Dot;
+use kvs::keystate::{KeyState, Version};
 use kvs::node::{Node, NodeConfig};
+use kvs::placement::slot_of;
 use kvs::placement::{Change, Layout, Movement, Role, View};
-use kvs::storage::MemoryStore;
+use kvs::storage::{MemoryStore, Store};
 
 use common::loopback::Loopback;
 
@@ -32,6 +35,7 @@ fn addr(i: usize) -> String {
 struct Cluster {
     transport: Arc<Loopback>,
     nodes: BTreeMap<String, Arc<Node>>,
+    stores: BTreeMap<String, Arc<MemoryStore>>,
     /// Every key written, with its value.
     keys: Vec<(String, Vec<u8>)>,
 }
@@ -44,6 +48,7 @@ impl Cluster {
         let mut c = Cluster {
             transport: Arc::new(Loopback::default()),
             nodes: BTreeMap::new(),
+            stores: BTreeMap::new(),
             keys: Vec::new(),
         };
         for m in members {
@@ -66,8 +71,9 @@ impl Cluster {
             tombstone_horizon: std::time::Duration::from_secs(60),
             auto_replace_after: None,
         };
-        let node = Node::start(cfg, Arc::new(MemoryStore::new()), self.transport.clone())
-            .expect("node starts");
+        let store = Arc::new(MemoryStore::new());
+        let node = Node::start(cfg, store.clone(), self.transport.clone()).expect("node starts");
+        self.stores.insert(name.to_string(), store);
         self.transport.register(name, &node);
         self.nodes.insert(name.to_string(), node);
     }
@@ -292,5 +298,81 @@ async fn removing_a_shards_last_replica_hands_its_keys_to_the_others() {
     assert_eq!(sizes(&v), vec![2, 2]);
     c.read_everything_everywhere().await;
     c.wait_for_exact_placement().await;
+    c.shutdown().await;
+}
+
+/// The end-to-end check of a handoff: a node deletes keys of a slot it does not own only
+/// once every replica of the slot's partition confirms holding them. A leftover key the
+/// owners lack (planted behind the nodes' backs) stays; one they hold is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handed_over_keys_are_deleted_only_once_the_new_owners_hold_them() {
+    let mut c = Cluster::start(4, 2).await;
+    c.write(40).await;
+    let view = c.view();
+    let (mine, other) = (view.partitions[0].uid, view.partitions[1].uid);
+    let holder = view.partitions[0].replicas[0].clone();
+    let owners = view.partitions[1].replicas.clone();
+    // Two keys of the other shard's slots, left over at `holder`.
+    let foreign: Vec<String> = (0..)
+        .map(|i| format!("leftover_{i}"))
+        .filter(|k| view.partition_of_key(k) == other)
+        .take(2)
+        .collect();
+    assert_ne!(view.partition_of_key(&foreign[0]), mine);
+    let state = |counter| KeyState {
+        versions: vec![Version {
+            dot: Dot {
+                replica: 0x5eed,
+                counter,
+            },
+            vv: [(0x5eed, counter)].into_iter().collect(),
+            deps: Default::default(),
+            timestamp_ms: 1,
+            value: Some(b"left over".to_vec()),
+        }],
+    };
+    // The in-memory store's transactions replace its tables whole: a commit of the
+    // node's writer begun before this one could undo it, so it is checked and redone.
+    let plant = |node: &str, key: &str, st: &KeyState| {
+        for _ in 0..20 {
+            let mut txn = c.stores[node].write().expect("txn");
+            txn.put(slot_of(key), key, st).expect("put");
+            txn.commit().expect("commit");
+            std::thread::sleep(Duration::from_millis(20));
+            let read = c.stores[node].read().expect("read");
+            if read.get(slot_of(key), key).expect("get").as_ref() == Some(st) {
+                return;
+            }
+        }
+        panic!("{node}'s writer kept undoing the planted key");
+    };
+    // The first only at the holder; the second at the holder and every owner.
+    plant(&holder, &foreign[0], &state(1));
+    plant(&holder, &foreign[1], &state(2));
+    for o in &owners {
+        plant(o, &foreign[1], &state(2));
+    }
+    // Any installed change makes every node collect handed-over slots.
+    c.add_process(&addr(5), None);
+    c.change(&addr(2), Change::Add(addr(5))).await;
+    let held = |key: &str| {
+        c.stores[&holder]
+            .read()
+            .expect("read")
+            .get(slot_of(key), key)
+            .expect("get")
+            .is_some()
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while held(&foreign[1]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the confirmed leftover was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Collection has run; the unconfirmed one is still there (and stays).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(held(&foreign[0]), "a key its new owners lack was deleted");
     c.shutdown().await;
 }

@@ -207,6 +207,17 @@ pub(super) fn envelopes() -> Vec<Envelope> {
             partition: 2,
             buckets: vec![7, 0, u64::MAX],
         },
+        Request::Holds {
+            partition: 2,
+            keys: vec![(
+                12,
+                "key_0".into(),
+                vec![Dot {
+                    replica: 5,
+                    counter: 7,
+                }],
+            )],
+        },
         Request::Join {
             admin_token: Some("t0ken".into()),
         },
@@ -368,6 +379,7 @@ pub(super) fn responses() -> Vec<Response> {
             buckets: vec![3, 63],
             slots: vec![(200, 9), (4_095, u64::MAX)],
         },
+        Response::Lacking(vec![(12, "key_0".into())]),
         Response::Error(Error::new(ErrorKind::OutcomeUnknown, "disk failed")),
         Response::DiskFault("No space left on device (os error 28)".into()),
     ]

@@ -75,6 +75,7 @@ impl Node {
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
             Request::KeyCount { partition } => self.count_local(partition).map(Response::Count),
             Request::Digest { partition, buckets } => self.serve_digest(partition, buckets).await,
+            Request::Holds { partition, keys } => self.serve_holds(partition, keys).await,
             Request::Join { admin_token } => self.on_join(&env.from, admin_token.as_deref()).await,
             Request::Prepare { epoch, ballot } => self.on_prepare(epoch, ballot).await,
             Request::Accept {
