@@ -251,20 +251,8 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                 super::value_field(body).ok_or_else(|| Error::bad_request("Value is missing"))?;
             check_key(&key)?;
             let token = metadata(node, body).await?;
-            let reply = node
-                .put(
-                    &key,
-                    value,
-                    token,
-                    super::level(&request.fields, "w")?,
-                    true,
-                )
-                .await?;
-            let (status, message) = if reply.created {
-                (StatusCode::CREATED, "Added successfully")
-            } else {
-                (StatusCode::OK, "Updated successfully")
-            };
+            let (reply, status, message) =
+                super::put_json(node, &request, &key, value, token).await?;
             written(node, status, message, &reply)
         }
         Endpoint::DeleteKey(key) => {

@@ -126,6 +126,26 @@ pub(crate) fn level(fields: &HashMap<String, String>, name: &str) -> Result<Opti
         .transpose()
 }
 
+/// A JSON dialect's PUT (seeds 002 and 003 answer it alike): writes `value` at the
+/// request's `w=` level and returns the reply with the status and message the seeds
+/// give it (201 "Added successfully" for a new key, 200 "Updated successfully").
+pub(crate) async fn put_json(
+    node: &Arc<Node>,
+    request: &Request,
+    key: &str,
+    value: Vec<u8>,
+    token: crate::clock::CausalToken,
+) -> Result<(crate::rpc::WriteReply, StatusCode, &'static str), Error> {
+    let w = level(&request.fields, "w")?;
+    let reply = node.put(key, value, token, w, true).await?;
+    let (status, message) = if reply.created {
+        (StatusCode::CREATED, "Added successfully")
+    } else {
+        (StatusCode::OK, "Updated successfully")
+    };
+    Ok((reply, status, message))
+}
+
 /// A JSON answer.
 pub(crate) fn json_reply(status: StatusCode, body: serde_json::Value) -> Response {
     use axum::response::IntoResponse;

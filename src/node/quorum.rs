@@ -53,6 +53,27 @@ impl Drop for AckWaiter<'_> {
 }
 
 impl Node {
+    /// Reads `key` at each of `replicas` (level 1, no forwarding), all at once; the
+    /// answers in the order they come.
+    pub(super) fn ask_for_key<'a>(
+        self: &'a Arc<Self>,
+        replicas: impl Iterator<Item = &'a String>,
+        key: &str,
+        token: &CausalToken,
+        timeout: Duration,
+    ) -> FuturesUnordered<impl std::future::Future<Output = Result<Response>> + 'a> {
+        replicas
+            .map(|replica| {
+                let req = Request::Get {
+                    key: key.to_string(),
+                    token: token.clone(),
+                    r: Level::ONE,
+                };
+                self.call(replica, req, timeout)
+            })
+            .collect()
+    }
+
     /// The replica count `level` needs in partition `p` of `view`; a request that asks
     /// for more replicas than the partition has is refused.
     pub(super) fn needed(&self, view: &View, p: u32, level: Level) -> Result<usize> {
@@ -122,18 +143,7 @@ impl Node {
             parts: Default::default(),
             ..token.clone()
         };
-        let mut asked: FuturesUnordered<_> = r
-            .peers
-            .iter()
-            .map(|(peer, _)| {
-                let req = Request::Get {
-                    key: key.to_string(),
-                    token: probe.clone(),
-                    r: Level::ONE,
-                };
-                self.call(peer, req, QUORUM_WAIT)
-            })
-            .collect();
+        let mut asked = self.ask_for_key(r.peers.iter().map(|(p, _)| p), key, &probe, QUORUM_WAIT);
         let mut merged = token.clone();
         let mut answered = 0;
         let mut last_error = None;

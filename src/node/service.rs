@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use tokio::sync::oneshot;
 
 use super::quorum::AckWaiter;
@@ -173,18 +173,12 @@ impl Node {
         let Some(replicas) = view.replicas_of(p).filter(|r| r.len() > 1) else {
             return miss;
         };
-        let mut asked: FuturesUnordered<_> = replicas
-            .iter()
-            .filter(|r| **r != self.addr)
-            .map(|r| {
-                let req = Request::Get {
-                    key: key.to_string(),
-                    token: token.clone(),
-                    r: Level::ONE,
-                };
-                self.call(r, req, MISS_WAIT)
-            })
-            .collect();
+        let mut asked = self.ask_for_key(
+            replicas.iter().filter(|r| **r != self.addr),
+            key,
+            token,
+            MISS_WAIT,
+        );
         let found = async {
             while let Some(answer) = asked.next().await {
                 if let Ok(Response::Get(reply)) = answer {

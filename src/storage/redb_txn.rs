@@ -133,19 +133,27 @@ fn key_count_in(kv: &impl ReadableTableMetadata, dead: &impl ReadableTableMetada
     Ok(all.saturating_sub(dead))
 }
 
-fn scan_in(
-    t: &impl ReadableTable<KvKey, &'static [u8]>,
+/// The entries of a `(slot, key)`-keyed table strictly after `after` (all if `None`).
+fn range_after<'t, V: redb::Value + 'static>(
+    t: &'t impl ReadableTable<KvKey, V>,
     after: Option<&(u32, String)>,
-    limit: usize,
-) -> Result<Vec<(u32, String, KeyState)>> {
-    let range = match after {
+) -> Result<redb::Range<'t, KvKey, V>> {
+    match after {
         Some((slot, key)) => t.range::<(u32, &str)>((
             std::ops::Bound::Excluded((*slot, key.as_str())),
             std::ops::Bound::Unbounded,
         )),
         None => t.range::<(u32, &str)>(..),
     }
-    .map_err(engine)?;
+    .map_err(engine)
+}
+
+fn scan_in(
+    t: &impl ReadableTable<KvKey, &'static [u8]>,
+    after: Option<&(u32, String)>,
+    limit: usize,
+) -> Result<Vec<(u32, String, KeyState)>> {
+    let range = range_after(t, after)?;
     let mut out = Vec::new();
     for item in range.take(limit) {
         let (k, v) = item.map_err(engine)?;
@@ -160,14 +168,7 @@ fn dead_keys_in(
     after: Option<&(u32, String)>,
     limit: usize,
 ) -> Result<Vec<(u32, String)>> {
-    let range = match after {
-        Some((slot, key)) => t.range::<(u32, &str)>((
-            std::ops::Bound::Excluded((*slot, key.as_str())),
-            std::ops::Bound::Unbounded,
-        )),
-        None => t.range::<(u32, &str)>(..),
-    }
-    .map_err(engine)?;
+    let range = range_after(t, after)?;
     let mut out = Vec::new();
     for item in range.take(limit) {
         let (k, _) = item.map_err(engine)?;
