@@ -50,6 +50,10 @@ value". The checker then reports:
   convergence        after each heal: time until every replica of each partition serves
                      (with an empty token) the last write or delete acknowledged during
                      the fault, or a later one
+  quorum             quorum writes issued, ok, 503, other; quorum reads likewise; quorum
+                     reads that missed an earlier acknowledged quorum write (below): any
+                     fails the run, and so does a run in which no quorum read was held
+                     to one (the check was not exercised)
 
 A read may legitimately return a write whose outcome its writer never learned (a 503
 or a timeout) instead of a later acknowledged one, when the later write did not depend
@@ -60,12 +64,42 @@ counted as siblings, not as anomalies (nor as lost or resurrected at the end). T
 report also says how many 404s were held to a covered write and how many values to a
 covered delete, so a run in which the delete rules never applied shows it.
 
+Quorum reads and writes. A share of the main run's operations (--quorum-fraction, 20%)
+carry a consistency level in the query string: `?w=quorum` on PUT and DELETE, `?r=quorum`
+on GET. The main cluster has K=2, where a quorum is both replicas: every fault that cuts
+off, kills or stops a replica makes its partition's quorum requests fail, a write with
+503 "outcome unknown" (counted as unknown: the write is durable on one replica and may
+spread), a read with 503 (a failure). That is the level's contract, not a store error.
+Then the quorum phase (--quorum-seconds, 21; 0 turns it off): the main cluster is
+stopped and a fresh one of --quorum-nodes (6) nodes with K=--quorum-k (3) starts in the
+same namespaces (two partitions of 3; a quorum is 2, so one faulty replica leaves a
+majority), with its logs under <tmp>/quorum. Every client operation is at quorum. After
+3 s of calm come faults on replicas a, b, c of one partition, shuffled, in 6 s slots
+(4 s fault, 2 s heal) as many as the length holds: isolate a, kill -9 b (restarted on its
+data), cut a|b (c reaches both), pause c. The phase has its own history, final reads and
+convergence, and every check above applies to it.
+
+The quorum check: no quorum read missed an earlier quorum write. A quorum write is a PUT
+at w=quorum answered 200/201 or a DELETE at w=quorum answered 200 (a DELETE answered 404
+wrote nothing; writes at w=1 promise nothing to a quorum read and are not held). For each
+quorum read (a GET at r=quorum answered 200 or 404) of key k, every quorum write of k
+whose answer arrived before the read was sent (t1 < t0, one clock) is a floor, and the
+answer is held to it exactly as the causal check holds an answer to a covered write: it
+must be that write or one causally after it; a concurrent sibling may win instead (a
+write the floor did not depend on, such as one of unknown outcome its writer's token
+never took in; a 404 explained by a delete issued before the answer that follows the
+floor or is concurrent with it), counted as a sibling. An answer the floor supersedes (an
+older value, a value the floor deleted, a 404 nothing deletes after a floor that is a
+put) is a violation. A read sent before the write was acknowledged is concurrent with it
+and not held to it; a DELETE's own answer is no quorum read (its replica merges no peers).
+
 Bounded: every phase has a fixed length, every HTTP call a timeout, the whole run a time
 limit; the namespaces, the bridge, the iptables rule and every process are removed on
 exit, error or Ctrl-C. Needs root (ip netns, iptables).
 
 usage: cargo build --release && sudo python3 nemesis/nemesis.py [--nodes 4] [--k 2]
            [--clients 6] [--delete-fraction 0.15] [--fault-seconds 8] [--heal-seconds 6]
+           [--quorum-fraction 0.2] [--quorum-seconds 21] [--quorum-nodes 6] [--quorum-k 3]
            [--seed S] [--json PATH]
        python3 nemesis/nemesis.py --self-test     (the checker alone, no root needed)
 """
@@ -306,10 +340,13 @@ class Client(threading.Thread):
     """One causal session. `deps` maps each key to the newest write of it this session
     depends on (seqs are the writer's, increasing over time)."""
 
-    def __init__(self, cid, nodes, keys_per_client, clients, history, rng, stop, delete_fraction):
+    def __init__(self, cid, nodes, keys_per_client, clients, history, rng, stop, delete_fraction, quorum=0.0):
         super().__init__(daemon=True)
         self.cid, self.nodes, self.history, self.rng, self.stop = cid, nodes, history, rng, stop
         self.delete_fraction = delete_fraction
+        # The share of operations sent at w=quorum / r=quorum (0: none, and no random
+        # draw for it, so a run without quorum ops is the run it was before they existed).
+        self.quorum = quorum
         self.own = [f"c{cid}_k{j}" for j in range(keys_per_client)]
         self.all_keys = [f"c{c}_k{j}" for c in range(clients) for j in range(keys_per_client)]
         self.token = ""
@@ -333,9 +370,14 @@ class Client(threading.Thread):
             if s > self.deps.get(k, 0):
                 self.deps[k] = s
 
-    def call(self, i, method, key, fields):
+    def quorum_op(self):
+        return bool(self.quorum) and self.rng.random() < self.quorum
+
+    def call(self, i, method, key, fields, level=""):
+        """`level`: a consistency level for the query string ("w=quorum", "r=quorum"), or none."""
+        path = f"/kv-store/{key}" + (f"?{level}" if level else "")
         try:
-            return request(f"{Net.ip(i)}:{PORT}", method, f"/kv-store/{key}", fields, conn=self.conn(i))
+            return request(f"{Net.ip(i)}:{PORT}", method, path, fields, conn=self.conn(i))
         except (OSError, http.client.HTTPException) as e:
             c = self.conns.pop(i, None)
             if c:
@@ -360,19 +402,21 @@ class Client(threading.Thread):
 
     def write(self, i, key, delete):
         """A PUT, or a DELETE: both are writes of the key at the client's next seq."""
+        q = self.quorum_op()
+        level = "w=quorum" if q else ""
         t0 = time.time()
         floor = self.deps.get(key, 0)
         self.seq += 1
         seq = self.seq
         with self.history.lock:
             self.history.writes[(key, seq)] = {"deps": dict(self.deps), "outcome": "pending",
-                                               "delete": delete, "t0": t0}
+                                               "delete": delete, "t0": t0, "quorum": q}
             if delete:
                 self.history.deletes.setdefault(key, []).append(seq)
         if delete:
-            st, body = self.call(i, "DELETE", key, {"causal_payload": self.token})
+            st, body = self.call(i, "DELETE", key, {"causal_payload": self.token}, level)
         else:
-            st, body = self.call(i, "PUT", key, {"val": f"{self.cid}:{seq}", "causal_payload": self.token})
+            st, body = self.call(i, "PUT", key, {"val": f"{self.cid}:{seq}", "causal_payload": self.token}, level)
         outcome = write_outcome(st, body, delete)
         with self.history.lock:
             self.history.writes[(key, seq)]["outcome"] = outcome
@@ -383,7 +427,7 @@ class Client(threading.Thread):
         # it depends on, stays as it was.
         op = {"client": self.cid, "f": "delete" if delete else "write", "key": key, "seq": seq,
               "node": i, "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
-              "partition": body.get("partition_id")}
+              "partition": body.get("partition_id"), "q": q}
         if delete:
             # A 404 is also a read of "absent" by a replica that reflected the token: the
             # checker holds it to what the token covered when the delete was issued.
@@ -391,9 +435,10 @@ class Client(threading.Thread):
         self.history.add(op)
 
     def read(self, i, key):
+        q = self.quorum_op()
         t0 = time.time()
         floor = self.deps.get(key, 0)
-        st, body = self.call(i, "GET", key, {"causal_payload": self.token})
+        st, body = self.call(i, "GET", key, {"causal_payload": self.token}, "r=quorum" if q else "")
         got = None
         outcome = "unknown" if st is None and not body.get("refused") else "fail"
         if st == 200:
@@ -407,7 +452,7 @@ class Client(threading.Thread):
             outcome, got = "ok", ABSENT
         self.history.add({"client": self.cid, "f": "read", "key": key, "got": got, "floor": floor,
                           "node": i, "status": st, "outcome": outcome, "t0": t0, "t1": time.time(),
-                          "partition": body.get("partition_id")})
+                          "partition": body.get("partition_id"), "q": q})
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,6 +552,57 @@ class Order:
         return "concurrent"
 
 
+def quorum_check(history, order):
+    """No quorum read missed an earlier quorum write. For every quorum read (GET at
+    r=quorum answered 200 or 404) of key k, the quorum writes of k (PUT at w=quorum
+    answered 200/201, DELETE at w=quorum answered 200) that completed before the read
+    was invoked (their t1 < its t0: real time, one clock) are floors the answer is held
+    to, exactly as a covered write is in the causal check (`Order.relation`): the answer
+    must be that write or one that follows it ('ok'), or a sibling that may win
+    ('concurrent': a write the floor did not depend on, e.g. one of unknown outcome the
+    writer's token never took in; a 404 that a delete issued before the answer and
+    concurrent with the floor explains). 'stale', an answer the floor causally
+    supersedes (an older value, a value the floor deleted, a 404 nothing deletes after
+    the floor), is a violation. A read invoked before the write completed (concurrent
+    with it) is not held to it. A DELETE answered 404 wrote nothing, so it is no floor;
+    a DELETE's own answer is not a quorum read. A floor that a floor already found 'ok'
+    follows is 'ok' too (what follows the later one follows the earlier), so only the
+    others are evaluated. Returns (violations, siblings, checked): violations are the
+    reads with "missed" (the seq of the quorum write they missed) added; checked counts
+    the quorum reads that had a floor at all."""
+    acked = {}
+    for op in history.ops:
+        if op.get("q") and op["f"] in ("write", "delete") and op["outcome"] == "ok":
+            acked.setdefault(op["key"], []).append((op["t1"], op["seq"]))
+    for ws in acked.values():
+        ws.sort()
+    violations, siblings, checked = [], 0, 0
+    for op in history.ops:
+        if not (op.get("q") and op["f"] == "read" and op["outcome"] == "ok"):
+            continue
+        key, ws = op["key"], acked.get(op["key"], [])
+        prior = sorted(seq for _, seq in ws[:bisect.bisect_left(ws, (op["t0"],))])
+        if not prior:
+            continue
+        checked += 1
+        oks, missed, concurrent = [], None, False
+        for floor in reversed(prior):  # newest first: it usually settles the rest
+            if any(order.follows(key, o, floor) for o in oks):
+                continue
+            rel = order.relation(key, op["got"], floor, before=op.get("t1", float("inf")))
+            if rel == "ok":
+                oks.append(floor)
+            elif rel == "stale":
+                missed = floor if missed is None else missed
+            else:
+                concurrent = True
+        if missed is not None:
+            violations.append(dict(op, missed=missed))
+        elif concurrent:
+            siblings += 1
+    return violations, siblings, checked
+
+
 def check(history, final):
     """The history against causal consistency, and the final reads (`final`: key ->
     {node: seq of the value read, ABSENT for a 404, None for no answer}) against the
@@ -555,7 +651,10 @@ def check(history, final):
             elif rel == "concurrent":
                 final_siblings += 1
     deleted_keys = sorted(key for key, last in last_acked.items() if order.is_delete(key, last))
-    return {"anomalies": anomalies, "siblings": siblings, "lost": lost, "resurrected": resurrected,
+    quorum_violations, quorum_siblings, quorum_checked = quorum_check(history, order)
+    return {"quorum_violations": quorum_violations, "quorum_siblings": quorum_siblings,
+            "quorum_checked": quorum_checked,
+            "anomalies": anomalies, "siblings": siblings, "lost": lost, "resurrected": resurrected,
             "unanswered": unanswered, "divergent": divergent, "final_siblings": final_siblings,
             "deleted_keys": deleted_keys, "checked_404s": checked_404s,
             "checked_after_delete": checked_after_delete}
@@ -671,6 +770,71 @@ def self_test():
     assert sorted(k for k, _ in r["divergent"]) == ["d", "k", "r", "s", "u"], r["divergent"]
     assert r["deleted_keys"] == ["h", "r", "s", "u"], r["deleted_keys"]
     assert (r["checked_404s"], r["checked_after_delete"]) == (10, 6), (r["checked_404s"], r["checked_after_delete"])
+    # None of those ops is a quorum op: the quorum check has nothing to hold.
+    assert (r["quorum_violations"], r["quorum_siblings"], r["quorum_checked"]) == ([], 0, 0)
+
+    # The quorum check: quorum reads against the quorum writes that completed before
+    # they began (real times t0/t1). The reads carry no causal floor (floor 0: a session
+    # that never saw the key), so only the quorum check can flag them.
+    h = History()
+
+    def qw(key, seq, dep, outcome, t0, t1, delete=False, q=True):
+        h.writes[(key, seq)] = {"deps": {key: dep} if dep else {}, "outcome": outcome, "delete": delete,
+                                "t0": t0, "quorum": q}
+        h.ops.append({"f": "delete" if delete else "write", "key": key, "seq": seq, "floor": 0,
+                      "outcome": outcome, "t0": t0, "t1": t1, "q": q})
+
+    def qr(key, got, t0, t1, label, q=True, outcome="ok"):
+        h.ops.append({"f": "read", "key": key, "got": got, "floor": 0, "outcome": outcome, "t0": t0,
+                      "t1": t1, "q": q, "label": label})
+
+    # Key qa: quorum puts 1 (done at 11) <- 2 (issued 20, done at 21).
+    qw("qa", 1, 0, "ok", 10, 11)
+    qw("qa", 2, 1, "ok", 20, 21)
+    qr("qa", 1, 25, 26, "qa missed put 2")
+    qr("qa", 2, 25, 26, "qa read put 2")
+    qr("qa", 1, 20.5, 22, "qa concurrent with put 2")      # began before 2 completed
+    qr("qa", ABSENT, 15, 16, "qa 404 after put 1")         # nothing deletes 1
+    qr("qa", ABSENT, 5, 6, "qa 404 before any write")      # no floor: not checked
+    qr("qa", 1, 25, 26, "qa not a quorum read", q=False)   # not held to quorum writes
+    qr("qa", None, 25, 26, "qa failed read", outcome="fail")
+    # Key qb: quorum put 1 (done at 11) <- quorum delete 2 (done at 21).
+    qw("qb", 1, 0, "ok", 10, 11)
+    qw("qb", 2, 1, "ok", 20, 21, delete=True)
+    qr("qb", 1, 30, 31, "qb value the delete removed")
+    qr("qb", ABSENT, 30, 31, "qb 404 after the delete")
+    qr("qb", 1, 15, 16, "qb value before the delete")
+    # Key qc: quorum put 1 (done at 11); put 2 at w=quorum answered 503 (unknown, issued
+    # 12); put 3 (issued 14, done at 15) whose token never took in 2: 2 and 3 are siblings.
+    qw("qc", 1, 0, "ok", 10, 11)
+    qw("qc", 2, 1, "unknown", 12, 13.5)
+    qw("qc", 3, 1, "ok", 14, 15)
+    qr("qc", 2, 20, 21, "qc unknown sibling of put 3")
+    qr("qc", 1, 20, 21, "qc missed put 3")
+    # Key qd: a put acknowledged at w=1, then a quorum read that misses it: w=1 gives no
+    # quorum guarantee, so the quorum check holds nothing against it.
+    qw("qd", 1, 0, "ok", 10, 11, q=False)
+    qr("qd", ABSENT, 20, 21, "qd 404 after a w=1 put")
+    # Key qe: put 1 (quorum, done at 11) <- delete 2 at w=quorum answered 503 (unknown,
+    # issued 12): a 404 answered after 12 is explained by it, one answered before is not.
+    qw("qe", 1, 0, "ok", 10, 11)
+    qw("qe", 2, 1, "unknown", 12, 13.5, delete=True)
+    qr("qe", ABSENT, 20, 21, "qe 404, the unknown delete")
+    qr("qe", ABSENT, 11.5, 11.8, "qe 404 answered before the delete was issued")
+    # Key qf: a delete at w=quorum answered 404 wrote nothing: no floor.
+    qw("qf", 1, 0, "absent", 10, 11, delete=True)
+    qr("qf", ABSENT, 20, 21, "qf 404 after a delete answered 404")
+    r = check(h, {})
+    assert [o["label"] for o in r["quorum_violations"]] == [
+        "qa missed put 2", "qa 404 after put 1", "qb value the delete removed", "qc missed put 3",
+        "qe 404 answered before the delete was issued"], [o["label"] for o in r["quorum_violations"]]
+    assert [o["missed"] for o in r["quorum_violations"]] == [2, 1, 2, 3, 1], r["quorum_violations"]
+    # qc's unknown put 2 (qe's unknown delete follows put 1: its 404 is simply 'ok').
+    assert r["quorum_siblings"] == 1, r["quorum_siblings"]
+    # Every successful quorum read with a floor: qa 4, qb 3, qc 2, qe 2 (not "qa 404
+    # before any write", "qd", "qf", the w=1 read, the failed read).
+    assert r["quorum_checked"] == 11, r["quorum_checked"]
+    assert r["anomalies"] == [], r["anomalies"]  # the causal check has no floors to hold
 
     # The constant-time "follows" agrees with walking the parent chain, on a random
     # history of one writer whose session sometimes loses track of its own writes.
@@ -796,6 +960,196 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
+def settle_final(parts, keys):
+    """Final reads, repeated until every member agrees on every key or 10 s have passed
+    (replicas agree within moments of the last heal). Returns (final, differing keys)."""
+    t_final = time.time()
+    while True:
+        final = final_reads(parts, keys)
+        differ = [k for k, v in final.items() if len(set(v.values())) > 1]
+        if not differ or time.time() - t_final > 10:
+            break
+        if os.environ.get("NEMESIS_DEBUG"):
+            log(f"  still divergent: {[(k, final[k]) for k in differ[:3]]}")
+        time.sleep(0.2)
+    log(f"final reads of {len(keys)} keys through every member: all agree ({time.time() - t_final:.2f} s after "
+        f"the workload stopped)" if not differ else "final reads: replicas still disagree after 10 s")
+    return final, differ
+
+
+def phase_table(history, phases):
+    """Figures per phase: operations, rate, outcomes, the isolated node's share, convergence."""
+    log(f"\n{'phase':<34} {'ops':>6} {'ops/s':>6} {'ok':>6} {'fail':>6} {'unknown':>7} "
+        f"{'minority ok/ops':>16} {'conv s':>7}")
+    for ph in phases:
+        for label in ([ph["name"], f"healed after {ph['name']}"] if ph["name"] != "baseline" else ["baseline"]):
+            ops = [o for o in history.ops if o["phase"] == label]
+            span = (max(o["t1"] for o in ops) - min(o["t0"] for o in ops)) if ops else 0
+            rate = f"{len(ops) / span:.0f}" if span > 0 else ""
+            # A delete answered 404 was served (the key was already absent).
+            ok = sum(o["outcome"] in ("ok", "absent") for o in ops)
+            fail = sum(o["outcome"] == "fail" for o in ops)
+            unk = sum(o["outcome"] == "unknown" for o in ops)
+            minority = ""
+            if ph["isolated"] and label == ph["name"]:
+                mops = [o for o in ops if o["node"] == ph["isolated"]]
+                minority = f"{sum(o['outcome'] in ('ok', 'absent') for o in mops)}/{len(mops)}"
+            conv = f"{ph['convergence_s']:.3f}" if (label != ph["name"] or label == "baseline") and \
+                ph["convergence_s"] is not None else ""
+            log(f"{label[:34]:<34} {len(ops):>6} {rate:>6} {ok:>6} {fail:>6} {unk:>7} {minority:>16} {conv:>7}")
+
+
+def quorum_counts(history):
+    """What the quorum operations of a history got. Writes (puts and deletes at
+    w=quorum): ok (acknowledged by a quorum), absent (a delete answered 404: nothing to
+    delete), 503 (short of the quorum: outcome unknown; or no replica could serve),
+    other (refused, transport error or timeout). Reads (GETs at r=quorum): ok (200 or
+    404), 503 (fewer replicas than the quorum answered), other."""
+    c = {"writes": 0, "writes_ok": 0, "writes_absent": 0, "writes_503": 0, "writes_other": 0,
+         "reads": 0, "reads_ok": 0, "reads_503": 0, "reads_other": 0}
+    for o in history.ops:
+        if not o.get("q"):
+            continue
+        kind = "reads" if o["f"] == "read" else "writes"
+        c[kind] += 1
+        if o["outcome"] == "ok":
+            c[f"{kind}_ok"] += 1
+        elif o["outcome"] == "absent":
+            c["writes_absent"] += 1
+        elif o["status"] == 503:
+            c[f"{kind}_503"] += 1
+        else:
+            c[f"{kind}_other"] += 1
+    return c
+
+
+def report_quorum(history, result, what):
+    """Logs the quorum figures of a history and its quorum check; returns whether they fail
+    the run (a violation, or no quorum read held to an earlier quorum write at all)."""
+    c = quorum_counts(history)
+    log(f"quorum writes{what}: {c['writes']} issued, {c['writes_ok']} ok, {c['writes_absent']} 404 (nothing "
+        f"to delete), {c['writes_503']} 503, {c['writes_other']} other failures/unknown")
+    log(f"quorum reads{what}: {c['reads']} issued, {c['reads_ok']} ok (200 or 404), {c['reads_503']} 503, "
+        f"{c['reads_other']} other failures")
+    violations = result["quorum_violations"]
+    log(f"quorum reads that missed an earlier acknowledged quorum write: {len(violations)} (quorum reads held "
+        f"to one: {result['quorum_checked']}; answered a concurrent sibling: {result['quorum_siblings']})")
+    for op in violations[:10]:
+        log(f"  quorum violation: {op}")
+    if not result["quorum_checked"]:
+        log(f"no quorum read{what} followed an acknowledged quorum write: the quorum check was not exercised")
+    return bool(violations) or not result["quorum_checked"]
+
+
+def quorum_phase(args, rng, net, tmp, deadline, clusters):
+    """The quorum phase: a fresh cluster of --quorum-nodes nodes with K=--quorum-k (two
+    partitions of 3 replicas by default, so a majority survives one faulty replica), in
+    the same namespaces, its logs under <tmp>/quorum. Every client operation is sent at
+    w=quorum / r=quorum. A calm stretch, then faults on replicas of one partition (a, b,
+    c) that leave it a majority: isolate a, kill -9 b (restarted on its data), cut a|b
+    (c still reaches both), pause c; shuffled, as many 6 s slots (4 s fault, 2 s heal)
+    as --quorum-seconds holds, at least one. Then final reads and the whole check.
+    Returns (failed, summary for --json)."""
+    qtmp = os.path.join(tmp, "quorum")
+    os.makedirs(qtmp, exist_ok=True)
+    n, k = args.quorum_nodes, args.quorum_k
+    nodes = Nodes(n, k, args.binary, qtmp)
+    clusters.append(nodes)
+    net.heal()
+    t_start = time.time()
+    for i in range(1, n + 1):
+        nodes.start(i)
+    for i in range(1, n + 1):
+        nodes.wait_ready(i)
+    parts = members_of(nodes.addr(1))
+    log(f"\nquorum phase: {n} nodes, K={k}, partitions {parts}; every operation at w=quorum / r=quorum "
+        f"(ready in {time.time() - t_start:.1f} s)")
+    rs = parts[sorted(parts)[0]]
+    a, b, c = rs[0], rs[1 % len(rs)], rs[2 % len(rs)]
+
+    def isolate(x):
+        for j in range(1, n + 1):
+            if j != x:
+                net.cut(x, j)
+
+    faults = [
+        (f"q: isolate {a}", lambda: isolate(a), net.heal),
+        (f"q: kill -9 {b}", lambda: nodes.kill(b), lambda: (nodes.start(b), nodes.wait_ready(b))),
+        (f"q: split {a}|{b} ({c} reaches both)", lambda: net.cut(a, b), net.heal),
+        (f"q: pause {c}", lambda: nodes.signal(c, signal.SIGSTOP), lambda: nodes.signal(c, signal.SIGCONT)),
+    ]
+    rng.shuffle(faults)
+    fault_s, heal_s = 4.0, 2.0
+    calm = min(3.0, args.quorum_seconds / 4)
+    slots = max(1, int((args.quorum_seconds - calm) // (fault_s + heal_s)))
+    faults = faults[:slots]
+
+    history, stop = History(), threading.Event()
+    clients = [Client(cid, n, args.keys_per_client, args.clients, history, random.Random(rng.randrange(1 << 30)),
+                      stop, args.delete_fraction, quorum=1.0)
+               for cid in range(args.clients)]
+    history.phase = "baseline"
+    for cl in clients:
+        cl.start()
+    phases = [{"name": "baseline", "isolated": None, "t0": 0, "convergence_s": None}]
+    try:
+        time.sleep(calm)
+        for name, inject, heal in faults:
+            if time.time() + fault_s + heal_s + 30 > deadline:
+                log("time limit: skipping the remaining quorum faults")
+                break
+            history.phase = name
+            t_fault = time.time()
+            log(f"fault: {name}")
+            inject()
+            time.sleep(fault_s)
+            heal()
+            history.phase = f"healed after {name}"
+            conv = converge_after_heal(history, parts, t_fault, limit=30)
+            log(f"  healed; replicas converged in {conv:.3f} s" if conv is not None
+                else "  healed; replicas did NOT converge within 30 s")
+            phases.append({"name": name, "isolated": a if "isolate" in name else None, "t0": t_fault,
+                           "convergence_s": conv})
+            time.sleep(max(0.0, heal_s - (conv or 0)))
+    finally:
+        stop.set()
+        for cl in clients:
+            cl.join(timeout=OP_TIMEOUT + 2)
+    history.phase = "final"
+    keys = [f"c{cid}_k{j}" for cid in range(args.clients) for j in range(args.keys_per_client)]
+    final, _ = settle_final(parts, keys)
+    result = check(history, final)
+    phase_table(history, phases)
+    convs = [ph["convergence_s"] for ph in phases[1:] if ph["convergence_s"] is not None]
+    not_converged = sum(ph["convergence_s"] is None for ph in phases[1:])
+    anomalies, lost, resurrected = result["anomalies"], result["lost"], result["resurrected"]
+    unanswered, divergent = result["unanswered"], result["divergent"]
+    log(f"\nquorum phase: operations: {len(history.ops)}; lost acknowledged writes: {len(lost)}; resurrected "
+        f"deleted keys: {len(resurrected)}; causal anomalies: {len(anomalies)} (siblings: {result['siblings']}); "
+        f"replicas disagreeing at the end: {len(divergent)}; final reads unanswered: {len(unanswered)}")
+    if convs:
+        log(f"quorum phase: convergence after heal: max {max(convs):.3f} s over {len(convs)} heals; "
+            f"not converged: {not_converged}")
+    quorum_failed = report_quorum(history, result, " (quorum phase)")
+    for op in anomalies[:10]:
+        log(f"  anomaly: {op}")
+    for item in lost[:10] + resurrected[:10] + unanswered[:10] + divergent[:10]:
+        log(f"  lost/resurrected/unanswered/divergent: {item}")
+    crashed = [cl.error for cl in clients if cl.error]
+    if crashed:
+        log(f"quorum workload clients that crashed: {crashed}")
+    nodes.stop_all()
+    log(f"quorum phase took {time.time() - t_start:.1f} s")
+    failed = bool(lost or resurrected or anomalies or divergent or unanswered or not_converged or crashed
+                  or quorum_failed or (convs and max(convs) > CONVERGENCE_BOUND))
+    summary = {"phases": [ph["name"] for ph in phases], "ops": len(history.ops), "lost": len(lost),
+               "resurrected": len(resurrected), "anomalies": len(anomalies), "divergent": len(divergent),
+               "unanswered": len(unanswered), "convergence": convs, "counts": quorum_counts(history),
+               "violations": len(result["quorum_violations"]), "checked": result["quorum_checked"],
+               "siblings": result["quorum_siblings"]}
+    return failed, summary
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=4)
@@ -806,6 +1160,12 @@ def main():
                     help="share of the writes that are deletes of one of the client's own keys")
     ap.add_argument("--fault-seconds", type=float, default=8)
     ap.add_argument("--heal-seconds", type=float, default=6)
+    ap.add_argument("--quorum-fraction", type=float, default=0.2,
+                    help="share of the main run's operations sent at w=quorum / r=quorum (0: none)")
+    ap.add_argument("--quorum-seconds", type=float, default=21,
+                    help="length of the quorum phase's workload, on its own K=--quorum-k cluster (0: no phase)")
+    ap.add_argument("--quorum-nodes", type=int, default=6)
+    ap.add_argument("--quorum-k", type=int, default=3)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "kvs"))
     ap.add_argument("--json", default=None)
@@ -816,6 +1176,10 @@ def main():
     args = ap.parse_args()
     if not 0 <= args.delete_fraction <= 1:
         ap.error("--delete-fraction must be between 0 and 1")
+    if not 0 <= args.quorum_fraction <= 1:
+        ap.error("--quorum-fraction must be between 0 and 1")
+    if args.quorum_seconds < 0 or (args.quorum_seconds and not 1 <= args.quorum_k <= args.quorum_nodes):
+        ap.error("--quorum-seconds must be 0 or more, and --quorum-k between 1 and --quorum-nodes")
     self_test()
     if args.self_test:
         return
@@ -826,13 +1190,17 @@ def main():
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     log(f"nemesis: seed {seed}, {args.nodes} nodes, K={args.k}, {args.clients} clients "
-        f"(deletes: {args.delete_fraction:.0%} of writes); binary {args.binary}")
+        f"(deletes: {args.delete_fraction:.0%} of writes; at quorum: {args.quorum_fraction:.0%} of operations); "
+        f"quorum phase: " + (f"{args.quorum_seconds:g} s, {args.quorum_nodes} nodes, K={args.quorum_k}"
+                             if args.quorum_seconds else "off") + f"; binary {args.binary}")
 
     deadline = time.time() + args.time_limit
     tmp = tempfile.mkdtemp(prefix="kvs-nemesis-")
     spares = [args.nodes + 1, args.nodes + 2]
-    net = Net(args.nodes + len(spares))
+    net = Net(max(args.nodes + len(spares), args.quorum_nodes if args.quorum_seconds else 0))
     nodes = Nodes(args.nodes, args.k, args.binary, tmp)
+    # Every cluster started, for the cleanup (the quorum phase adds its own).
+    clusters = [nodes]
     stop = threading.Event()
     history = History()
     interrupted = []
@@ -854,7 +1222,7 @@ def main():
         p0 = sorted(parts)[0]
         a, b = parts[p0][0], parts[p0][1 % len(parts[p0])]
         other = next(i for i in range(1, args.nodes + 1) if i not in parts[p0])
-        everyone = range(1, net.n + 1)
+        everyone = range(1, args.nodes + len(spares) + 1)
 
         def isolate(x):
             for j in everyone:
@@ -904,7 +1272,7 @@ def main():
                        lambda: finish_add(spares[1], b, pending["t"])))
 
         clients = [Client(c, args.nodes, args.keys_per_client, args.clients, history,
-                          random.Random(rng.randrange(1 << 30)), stop, args.delete_fraction)
+                          random.Random(rng.randrange(1 << 30)), stop, args.delete_fraction, args.quorum_fraction)
                    for c in range(args.clients)]
         history.phase = "baseline"
         for c in clients:
@@ -937,44 +1305,15 @@ def main():
             c.join(timeout=OP_TIMEOUT + 2)
         history.phase = "final"
         keys = [f"c{c}_k{j}" for c in range(args.clients) for j in range(args.keys_per_client)]
-        # Replicas agree within moments of the last heal; give them up to 10 s.
-        t_final = time.time()
-        while True:
-            final = final_reads(parts, keys)
-            differ = [k for k, v in final.items() if len(set(v.values())) > 1]
-            if not differ or time.time() - t_final > 10:
-                break
-            if os.environ.get("NEMESIS_DEBUG"):
-                log(f"  still divergent: {[(k, final[k]) for k in differ[:3]]}")
-            time.sleep(0.2)
-        log(f"final reads of {len(keys)} keys through every member: all agree ({time.time() - t_final:.2f} s after "
-            f"the workload stopped)" if not differ else "final reads: replicas still disagree after 10 s")
+        final, differ = settle_final(parts, keys)
         t_check = time.time()
         result = check(history, final)
         anomalies, lost, resurrected = result["anomalies"], result["lost"], result["resurrected"]
         unanswered, divergent = result["unanswered"], result["divergent"]
         log(f"history checked in {time.time() - t_check:.2f} s")
 
-        # Figures per phase.
-        log(f"\n{'phase':<34} {'ops':>6} {'ops/s':>6} {'ok':>6} {'fail':>6} {'unknown':>7} "
-            f"{'minority ok/ops':>16} {'conv s':>7}")
         names = [ph["name"] for ph in phases]
-        for ph in phases:
-            for label in ([ph["name"], f"healed after {ph['name']}"] if ph["name"] != "baseline" else ["baseline"]):
-                ops = [o for o in history.ops if o["phase"] == label]
-                span = (max(o["t1"] for o in ops) - min(o["t0"] for o in ops)) if ops else 0
-                rate = f"{len(ops) / span:.0f}" if span > 0 else ""
-                # A delete answered 404 was served (the key was already absent).
-                ok = sum(o["outcome"] in ("ok", "absent") for o in ops)
-                fail = sum(o["outcome"] == "fail" for o in ops)
-                unk = sum(o["outcome"] == "unknown" for o in ops)
-                minority = ""
-                if ph["isolated"] and label == ph["name"]:
-                    mops = [o for o in ops if o["node"] == ph["isolated"]]
-                    minority = f"{sum(o['outcome'] in ('ok', 'absent') for o in mops)}/{len(mops)}"
-                conv = f"{ph['convergence_s']:.3f}" if (label != ph["name"] or label == "baseline") and \
-                    ph["convergence_s"] is not None else ""
-                log(f"{label[:34]:<34} {len(ops):>6} {rate:>6} {ok:>6} {fail:>6} {unk:>7} {minority:>16} {conv:>7}")
+        phase_table(history, phases)
         convs = [ph["convergence_s"] for ph in phases[1:] if ph["convergence_s"] is not None]
         not_converged = sum(ph["convergence_s"] is None for ph in phases[1:])
         deletes = [o for o in history.ops if o["f"] == "delete"]
@@ -994,6 +1333,7 @@ def main():
         if convs:
             log(f"convergence after heal: p50 {percentile(convs, 0.5):.3f} s, p99 {percentile(convs, 0.99):.3f} s, "
                 f"max {max(convs):.3f} s over {len(convs)} heals; not converged: {not_converged}")
+        quorum_failed = report_quorum(history, result, "") if args.quorum_fraction else False
         for op in anomalies[:10]:
             log(f"  anomaly: {op}")
         for item in lost[:10]:
@@ -1013,8 +1353,15 @@ def main():
         no_deletes = args.delete_fraction > 0 and not counts["ok"]
         if no_deletes:
             log("no delete answered 200: the delete workload was not exercised")
-        failed = bool(lost or resurrected or anomalies or divergent or unanswered or not_converged or crashed
-                      or no_deletes or (convs and max(convs) > CONVERGENCE_BOUND))
+        main_failed = bool(lost or resurrected or anomalies or divergent or unanswered or not_converged or crashed
+                           or no_deletes or quorum_failed or (convs and max(convs) > CONVERGENCE_BOUND))
+        if args.history:
+            with open(args.history, "w") as f:
+                json.dump(history.ops, f)
+        # The main cluster is done: the quorum phase starts its own in the same namespaces.
+        nodes.stop_all()
+        q_failed, q_summary = (quorum_phase(args, rng, net, tmp, deadline, clusters) if args.quorum_seconds
+                               else (False, None))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"seed": seed, "phases": phases, "names": names, "lost": len(lost),
@@ -1022,16 +1369,19 @@ def main():
                            "siblings": result["siblings"], "divergent": len(divergent),
                            "unanswered": len(unanswered), "final_siblings": result["final_siblings"],
                            "deletes": dict(counts, issued=len(deletes)),
-                           "convergence": convs, "ops": len(history.ops)}, f, indent=1)
-        if args.history:
-            with open(args.history, "w") as f:
-                json.dump(history.ops, f)
-        log("RESULT: " + ("FAIL" if failed else "PASS") + f" (seed {seed})")
+                           "convergence": convs, "ops": len(history.ops),
+                           "quorum": dict(quorum_counts(history), violations=len(result["quorum_violations"]),
+                                          checked=result["quorum_checked"], siblings=result["quorum_siblings"]),
+                           "quorum_phase": q_summary}, f, indent=1)
+        failed = main_failed or q_failed
+        log("RESULT: " + ("FAIL" if failed else "PASS") + f" (seed {seed})"
+            + (" (the main run failed)" if main_failed else "") + (" (the quorum phase failed)" if q_failed else ""))
     except KeyboardInterrupt:
         log(f"interrupted ({interrupted or 'Ctrl-C'})")
     finally:
         stop.set()
-        nodes.stop_all()
+        for cluster in clusters:
+            cluster.stop_all()
         net.teardown()
         if failed or args.keep:
             log(f"node logs kept in {tmp}")
