@@ -375,7 +375,7 @@ fn seeds_are_valid_inputs() {
         kvs::rpc::decode::<kvs::rpc::Response>(&seed).expect("response seeds decode");
         variants.insert(seed[0]);
     }
-    assert_eq!(variants.len(), 13, "a Response variant has no seed");
+    assert_eq!(variants.len(), 15, "a Response variant has no seed");
     let variants: std::collections::BTreeSet<u8> = fuzz::seeds("envelope")
         .iter()
         .map(|s| {
@@ -383,7 +383,7 @@ fn seeds_are_valid_inputs() {
             kvs::rpc::encode(&env.body)[0]
         })
         .collect();
-    assert_eq!(variants.len(), 17, "a Request variant has no seed");
+    assert_eq!(variants.len(), 19, "a Request variant has no seed");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("w");
     let (mut opened, mut refused) = (0, 0);
