@@ -1,13 +1,23 @@
-//! Client sessions and their operations.
+//! Client sessions and their requests, modelled on the node's read and write paths
+//! (`node/service.rs`, `node/quorum.rs`): a request waits for its replica to catch up
+//! with its token, a quorum write for its peers' acknowledgements, a quorum read for its
+//! peers' state of the key. A session sends its next request once the last one is
+//! answered.
 
-use crate::clock::{CausalToken, Dot};
+use crate::clock::{CausalToken, Dot, VersionVector};
 use crate::placement::slot_of;
+use crate::quorum::{acks, Level};
 use crate::replica::{Replica, WriteRequest};
 
-use super::world::{Msg, Sim, Up, WriteRecord};
-use super::{Bug, PARTITION};
+use super::world::{Event, Msg, Op, Sim, Stage, Up, WriteRecord};
+use super::{Bug, CATCHUP_WAIT_MS, PARTITION, QUORUM_WAIT_MS};
+
+/// Requests to cold keys, per mille, and how many cold keys there are per hot one.
+const COLD_PER_MILLE: u64 = 250;
+const COLD_KEYS_PER_HOT: u64 = 4;
 
 impl Sim {
+    /// Session `c` sends its next request.
     pub(super) fn client_op(&mut self, c: usize) {
         if self.rng.chance(300) {
             self.sessions[c].node = self.rng.below(self.cfg.replicas as u64) as usize;
@@ -15,113 +25,182 @@ impl Sim {
         let n = self.sessions[c].node;
         if self.nodes[n].up != Up::Running {
             self.report.unavailable += 1;
-            return;
+            return self.next_request(c);
         }
-        let key = format!("k{}", self.rng.below(self.cfg.keys as u64));
-        match self.rng.below(20) {
-            0..=7 => self.client_read(c, n, &key),
-            8..=9 => self.client_write(c, n, &key, None),
-            _ => {
-                let value = format!("c{c}@{}", self.now);
-                self.client_write(c, n, &key, Some(value.into_bytes()));
-            }
-        }
-    }
-
-    pub(super) fn client_write(&mut self, c: usize, n: usize, key: &str, value: Option<Vec<u8>>) {
-        let delete = value.is_none();
-        let req = WriteRequest {
-            slot: slot_of(key),
-            key: key.to_string(),
-            value,
-            token: if self.cfg.bug == Some(Bug::ForgetToken) {
-                CausalToken::empty(0)
-            } else {
-                self.sessions[c].token.clone()
-            },
-            now_ms: self.now,
-        };
-        if !self.nodes[n].replica.accepts_write(&req.token) {
-            // The server waits for its peers, then refuses; here the client moves on.
-            self.report.refused += 1;
-            self.trace(|| format!("c{c} at n{n}: write {key}: not yet (catching up)"));
-            let peers: Vec<usize> = self.peers_of(n).collect();
-            for p in peers {
-                self.wake(n, p);
-            }
-            return;
-        }
-        let before = self.nodes[n]
-            .replica
-            .applied()
-            .get(self.nodes[n].replica.id());
-        let Some(out) = self.commit(n, |r, txn| r.write(txn, req)) else {
-            return;
-        };
-        let id = self.nodes[n].replica.id();
-        let counter = self.nodes[n].replica.applied().get(id);
-        let session = &mut self.sessions[c];
-        session.token = out.token;
-        if counter == before {
-            // A delete of a key that does not exist: nothing was written.
-            self.trace(|| format!("c{c} at n{n}: delete {key}: not found"));
-            return;
-        }
-        let dot = Dot {
-            replica: id,
-            counter,
-        };
-        session.known.raise(id, counter);
-        let context = session.known.clone();
-        self.by_dot.insert(dot, self.writes.len());
-        self.writes.push(WriteRecord {
-            key: key.to_string(),
-            dot,
-            context,
-        });
-        if delete {
-            self.report.deletes += 1;
+        // Most requests go to a few hot keys, so writes collide; the others to more cold
+        // keys, whose deletes stay long enough to be collected. Out of 20 requests: 8
+        // reads; 2 deletes of a hot key or 6 of a cold one; writes.
+        let keys = self.cfg.keys as u64;
+        let cold = self.rng.chance(COLD_PER_MILLE);
+        let (key, deletes) = if cold {
+            let key = format!("k{}", keys + self.rng.below(keys * COLD_KEYS_PER_HOT));
+            (key, 6)
         } else {
-            self.report.writes += 1;
+            (format!("k{}", self.rng.below(keys)), 2)
+        };
+        let what = self.rng.below(20);
+        // Most requests take the default level 1; the others a majority or every
+        // replica, so some pairs of them meet (R + W > K) and some do not.
+        let level = match self.rng.below(20) {
+            0..=10 => Level::ONE,
+            11..=16 => Level::Quorum,
+            _ => Level::All,
         }
-        self.trace(|| {
-            let what = if delete { "delete" } else { "write" };
-            format!(
-                "c{c} at n{n}: {what} {key} as {}:{}",
-                dot.replica, dot.counter
-            )
-        });
-        // The poker: peers should pull soon.
-        let peers: Vec<usize> = self.peers_of(n).collect();
-        for p in peers {
-            self.send(n, p, 0, Msg::Poke);
+        .resolve(self.cfg.replicas)
+        .unwrap_or(1);
+        let id = self.new_id();
+        let token = self.sessions[c].token.clone();
+        let mut op = Op {
+            id,
+            node: n,
+            key,
+            began: self.step,
+            level,
+            token,
+            stage: Stage::ReadCatchUp,
+        };
+        match what {
+            0..=7 => {
+                if level > 1 {
+                    // `Node::read_quorum`: every peer is asked, with an empty token.
+                    op.stage = Stage::Asking { answered: 0 };
+                    let key = op.key.clone();
+                    self.sessions[c].op = Some(op);
+                    for p in self.peers_of(n).collect::<Vec<_>>() {
+                        self.send(n, p, id, Msg::KeyReq(key.clone()));
+                    }
+                    self.at(QUORUM_WAIT_MS, Event::Timeout { c, op: id });
+                } else {
+                    self.sessions[c].op = Some(op);
+                    self.read_local(c);
+                }
+            }
+            _ => {
+                let value =
+                    (what >= 8 + deletes).then(|| format!("c{c}@{}", self.now).into_bytes());
+                if self.cfg.bug == Some(Bug::ForgetToken) {
+                    op.token = CausalToken::empty(0);
+                }
+                op.stage = Stage::WriteCatchUp { value };
+                self.sessions[c].op = Some(op);
+                self.write_local(c);
+            }
         }
     }
 
-    pub(super) fn client_read(&mut self, c: usize, n: usize, key: &str) {
-        let slot = slot_of(key);
-        let token = self.sessions[c].token.clone();
-        let (state, servable) = {
-            let txn = self.read(n);
-            let state = txn.get(slot, key).ok().flatten().unwrap_or_default();
-            let served = self.nodes[n].replica.served();
-            let servable = Replica::can_serve(&served, PARTITION, &token)
-                || Replica::can_serve_key(&served, PARTITION, &token, &state);
-            (state, servable)
-        };
-        if !servable && self.cfg.bug != Some(Bug::ServeStale) {
-            self.report.refused += 1;
-            self.trace(|| format!("c{c} at n{n}: read {key}: not yet (catching up)"));
-            // The server pokes its pullers and waits; here the client simply moves on.
-            let peers: Vec<usize> = self.peers_of(n).collect();
-            for p in peers {
-                self.wake(n, p);
-            }
-            return;
+    pub(super) fn new_id(&mut self) -> u64 {
+        let id = self.next_msg;
+        self.next_msg += 1;
+        id
+    }
+
+    /// The session's request is answered (or failed): it sends the next one a little
+    /// later.
+    fn next_request(&mut self, c: usize) {
+        self.sessions[c].op = None;
+        if self.clients_running {
+            let pause = self.rng.between(2, 30);
+            self.at(pause, Event::Client(c));
         }
+    }
+
+    /// The session's request waits for something else now: a new id, so answers and
+    /// timeouts of the earlier wait are ignored.
+    fn wait(&mut self, c: usize, stage: Stage, ms: u64) {
+        let id = self.new_id();
+        if let Some(op) = &mut self.sessions[c].op {
+            op.id = id;
+            op.stage = stage;
+        }
+        self.at(ms, Event::Timeout { c, op: id });
+    }
+
+    fn op(&self, c: usize) -> &Op {
+        self.sessions[c]
+            .op
+            .as_ref()
+            .expect("a session in a request has its op")
+    }
+
+    /// Wakes every puller of `n` (the server notifies them before it waits).
+    fn wake_pullers(&mut self, n: usize) {
+        for p in self.peers_of(n).collect::<Vec<_>>() {
+            self.wake(n, p);
+        }
+    }
+
+    // ---- reads ----
+
+    /// `Node::read_local`'s first attempt: serve if the replica reflects the token (or
+    /// the key's own state covers it), else wake the pullers and wait.
+    fn read_local(&mut self, c: usize) {
+        if self.servable(c) || self.cfg.bug == Some(Bug::ServeStale) {
+            return self.serve_read(c);
+        }
+        let (n, key) = (self.op(c).node, self.op(c).key.clone());
+        self.trace(|| format!("c{c} at n{n}: read {key}: catching up"));
+        self.wake_pullers(n);
+        self.wait(c, Stage::ReadCatchUp, CATCHUP_WAIT_MS);
+    }
+
+    fn servable(&self, c: usize) -> bool {
+        let op = self.op(c);
+        let served = self.nodes[op.node].replica.served();
+        Replica::can_serve(&served, PARTITION, &op.token) || {
+            let state = self
+                .read(op.node)
+                .get(slot_of(&op.key), &op.key)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            Replica::can_serve_key(&served, PARTITION, &op.token, &state)
+        }
+    }
+
+    /// A peer's answer to a quorum read's question (`id` names the read's wait).
+    pub(super) fn key_answer(&mut self, n: usize, id: u64, history: VersionVector) {
+        let Some(c) = self
+            .sessions
+            .iter()
+            .position(|s| s.op.as_ref().is_some_and(|o| o.id == id && o.node == n))
+        else {
+            return;
+        };
+        let fold = self.cfg.bug != Some(Bug::ReadWithoutPeers);
+        let Some(op) = &mut self.sessions[c].op else {
+            return;
+        };
+        let Stage::Asking { answered } = &mut op.stage else {
+            return;
+        };
+        if fold {
+            op.token.observe(PARTITION, &history);
+        }
+        *answered += 1;
+        if *answered + 1 >= op.level {
+            self.read_local(c);
+        }
+    }
+
+    /// Answers the read from the replica's state and updates the session.
+    fn serve_read(&mut self, c: usize) {
+        let Some(op) = self.sessions[c].op.clone() else {
+            return;
+        };
+        let (n, key) = (op.node, op.key.as_str());
+        let state = self
+            .read(n)
+            .get(slot_of(key), key)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         self.report.reads += 1;
+        if op.level > 1 {
+            self.report.quorum_reads += 1;
+        }
         self.check_read(c, n, key, &state);
-        let mut token = token;
+        self.check_quorum_read(c, &op, &state);
+        let mut token = op.token;
         state.observe_into(PARTITION, &mut token);
         let session = &mut self.sessions[c];
         session.token = token;
@@ -136,7 +215,233 @@ impl Sim {
                 .iter()
                 .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
                 .collect();
-            format!("c{c} at n{n}: read {key} = [{}]", dots.join(" "))
+            format!(
+                "c{c} at n{n}: read {key} (r={}) = [{}]",
+                op.level,
+                dots.join(" ")
+            )
         });
+        self.next_request(c);
+    }
+
+    // ---- writes ----
+
+    /// `Node::write_local`: apply once the replica reflects the token, else wake the
+    /// pullers and wait.
+    fn write_local(&mut self, c: usize) {
+        let op = self.op(c);
+        if self.nodes[op.node].replica.accepts_write(&op.token) {
+            return self.apply_write(c);
+        }
+        let (n, key, stage) = (op.node, op.key.clone(), op.stage.clone());
+        self.trace(|| format!("c{c} at n{n}: write {key}: catching up"));
+        self.wake_pullers(n);
+        self.wait(c, stage, CATCHUP_WAIT_MS);
+    }
+
+    fn apply_write(&mut self, c: usize) {
+        let Some(op) = self.sessions[c].op.clone() else {
+            return;
+        };
+        let Stage::WriteCatchUp { value } = op.stage else {
+            return;
+        };
+        let n = op.node;
+        let delete = value.is_none();
+        let req = WriteRequest {
+            slot: slot_of(&op.key),
+            key: op.key.clone(),
+            value,
+            token: op.token,
+            now_ms: self.now,
+        };
+        let Some(out) = self.commit(n, |r, txn| r.write(txn, req)) else {
+            return self.next_request(c);
+        };
+        let key = op.key;
+        let Some(dot) = out.dot else {
+            // A delete of a key that does not exist: nothing was written.
+            self.sessions[c].token = out.token;
+            self.trace(|| format!("c{c} at n{n}: delete {key}: not found"));
+            return self.next_request(c);
+        };
+        let mut context = self.sessions[c].known.clone();
+        context.raise(dot.replica, dot.counter);
+        let write = self.writes.len();
+        self.by_dot.insert(dot, write);
+        self.writes.push(WriteRecord {
+            key: key.clone(),
+            dot,
+            context,
+            level: op.level,
+            written: self.step,
+            acked: None,
+            holders: Vec::new(),
+        });
+        if delete {
+            self.report.deletes += 1;
+        } else {
+            self.report.writes += 1;
+        }
+        if op.level > 1 {
+            self.report.quorum_writes += 1;
+        }
+        self.trace(|| {
+            let what = if delete { "delete" } else { "write" };
+            format!(
+                "c{c} at n{n}: {what} {key} (w={}) as {}:{}",
+                op.level, dot.replica, dot.counter
+            )
+        });
+        // The poker: peers should pull soon.
+        for p in self.peers_of(n).collect::<Vec<_>>() {
+            self.send(n, p, 0, Msg::Poke);
+        }
+        if let Some(o) = &mut self.sessions[c].op {
+            o.token = out.token;
+        }
+        if op.level > 1 && self.cfg.bug != Some(Bug::AckAfterOne) {
+            // While it waits, the pages `n` serves say `ack_wanted`.
+            self.wait(c, Stage::Acks { write }, QUORUM_WAIT_MS);
+        } else {
+            self.acknowledge(c, write);
+        }
+    }
+
+    /// How many of `n`'s peers reported holding `dot`.
+    fn acks_at(&self, n: usize, dot: Dot) -> usize {
+        acks(dot, self.nodes[n].peer_have.values())
+    }
+
+    /// Whether a quorum write waits at `n`: its sync pages then ask for a report.
+    pub(super) fn awaits_acks(&self, n: usize) -> bool {
+        self.sessions.iter().any(|s| {
+            s.op.as_ref()
+                .is_some_and(|o| o.node == n && matches!(o.stage, Stage::Acks { .. }))
+        })
+    }
+
+    /// A peer of `n` reported its vector: quorum writes waiting there may be done.
+    pub(super) fn check_acks(&mut self, n: usize) {
+        for c in 0..self.sessions.len() {
+            let Some(Op {
+                node,
+                level,
+                stage: Stage::Acks { write },
+                ..
+            }) = self.sessions[c].op
+            else {
+                continue;
+            };
+            if node == n && self.acks_at(n, self.writes[write].dot) + 1 >= level {
+                self.acknowledge(c, write);
+            }
+        }
+    }
+
+    /// The client is told its write succeeded.
+    fn acknowledge(&mut self, c: usize, write: usize) {
+        let Some(op) = self.sessions[c].op.clone() else {
+            return;
+        };
+        let dot = self.writes[write].dot;
+        let mut holders = vec![op.node];
+        holders.extend(
+            self.nodes[op.node]
+                .peer_have
+                .iter()
+                .filter(|(_, have)| have.contains(dot))
+                .map(|(&p, _)| p),
+        );
+        let w = &mut self.writes[write];
+        w.acked = Some(self.step);
+        w.holders = holders;
+        let session = &mut self.sessions[c];
+        session.token = op.token;
+        session.known.raise(dot.replica, dot.counter);
+        if op.level > 1 {
+            let n = op.node;
+            self.trace(|| format!("c{c} at n{n}: {}:{} acknowledged", dot.replica, dot.counter));
+        }
+        self.next_request(c);
+    }
+
+    // ---- waits ----
+
+    /// `n` applied something: requests waiting there for their token may go on.
+    pub(super) fn progress(&mut self, n: usize) {
+        for c in 0..self.sessions.len() {
+            let Some(op) = self.sessions[c].op.as_ref().filter(|o| o.node == n) else {
+                continue;
+            };
+            let replica = &self.nodes[n].replica;
+            let ready = Replica::can_serve(&replica.served(), PARTITION, &op.token);
+            match op.stage {
+                Stage::ReadCatchUp if ready => self.serve_read(c),
+                Stage::WriteCatchUp { .. } if ready => self.apply_write(c),
+                _ => {}
+            }
+        }
+    }
+
+    /// The current wait of session `c` ran out.
+    pub(super) fn timeout(&mut self, c: usize) {
+        let Some(op) = self.sessions[c].op.clone() else {
+            return;
+        };
+        let (n, key) = (op.node, op.key.as_str());
+        match op.stage {
+            Stage::Asking { answered } => {
+                self.report.unavailable += 1;
+                self.trace(|| {
+                    format!("c{c} at n{n}: read {key}: {answered} peers answered in time")
+                });
+                self.next_request(c);
+            }
+            // The second attempt: the key's own state may do.
+            Stage::ReadCatchUp if self.servable(c) => self.serve_read(c),
+            Stage::WriteCatchUp { .. } if self.nodes[n].replica.accepts_write(&op.token) => {
+                self.apply_write(c)
+            }
+            Stage::ReadCatchUp | Stage::WriteCatchUp { .. } => {
+                // The server would try another replica; this client gives up.
+                self.report.refused += 1;
+                self.trace(|| format!("c{c} at n{n}: {key}: could not catch up"));
+                self.next_request(c);
+            }
+            Stage::Acks { write } => {
+                let dot = self.writes[write].dot;
+                if self.acks_at(n, dot) + 1 >= op.level {
+                    return self.acknowledge(c, write);
+                }
+                self.report.unconfirmed += 1;
+                self.trace(|| {
+                    format!(
+                        "c{c} at n{n}: {}:{} not confirmed in time: outcome unknown",
+                        dot.replica, dot.counter
+                    )
+                });
+                self.next_request(c);
+            }
+        }
+    }
+
+    /// Node `n` crashed: the requests it was serving fail (a write waiting for its
+    /// peers has an unknown outcome).
+    pub(super) fn fail_requests_at(&mut self, n: usize) {
+        for c in 0..self.sessions.len() {
+            let Some(op) = &self.sessions[c].op else {
+                continue;
+            };
+            if op.node != n {
+                continue;
+            }
+            if matches!(op.stage, Stage::Acks { .. }) {
+                self.report.unconfirmed += 1;
+            } else {
+                self.report.unavailable += 1;
+            }
+            self.next_request(c);
+        }
     }
 }

@@ -5,7 +5,7 @@ use crate::replica::Replica;
 use crate::storage::{MemoryStore, Store};
 
 use super::world::{Event, Fault, Msg, PullState, Sim, Up};
-use super::{CONVERGENCE_BOUND_MS, PARTITION, PROBE_MS, SYNC_TIMEOUT_MS};
+use super::{CONVERGENCE_BOUND_MS, PARTITION, PROBE_MS, SYNC_TIMEOUT_MS, TRIM_INTERVAL_MS};
 
 impl Sim {
     // ---- the network ----
@@ -66,9 +66,10 @@ impl Sim {
             Fault::OneWay(a, b) => {
                 self.cut.insert((a, b));
             }
-            Fault::Crash(a) => self.crash(a),
+            Fault::Crash(a) | Fault::Outage(a) => self.crash(a),
             Fault::Wipe(a) => {
                 self.crash(a);
+                self.wipes.push((a, self.step));
                 let id = self.new_replica_id();
                 let node = &mut self.nodes[a];
                 node.store = MemoryStore::new();
@@ -101,7 +102,10 @@ impl Sim {
             .values_mut()
             .for_each(|st| *st = PullState::default());
         node.peer_have.clear();
+        node.digests.clear();
+        node.collect_cursor = None;
         node.backlog.clear();
+        self.fail_requests_at(a);
     }
 
     pub(super) fn heal(&mut self) {
@@ -187,7 +191,7 @@ impl Sim {
         let n = self.cfg.replicas as u64;
         while t < self.cfg.duration_ms {
             let a = self.rng.below(n) as usize;
-            let fault = match self.rng.below(7) {
+            let fault = match self.rng.below(8) {
                 0 => Fault::Isolate(a),
                 1 => {
                     let side: Vec<usize> = (0..self.cfg.replicas)
@@ -199,10 +203,18 @@ impl Sim {
                 3 => Fault::Crash(a),
                 4 => Fault::Wipe(a),
                 5 => Fault::Pause(a),
+                6 => Fault::Outage(a),
                 _ => Fault::Lossy,
             };
+            // An outage outlasts a trim round, so the others could collect tombstones
+            // the node has not seen (they must not).
+            let lasts = if matches!(fault, Fault::Outage(_)) {
+                self.rng.between(TRIM_INTERVAL_MS, 12_000)
+            } else {
+                self.rng.between(300, 4_000)
+            };
             self.queue.insert((t, 0), Event::Fault(fault));
-            t += self.rng.between(300, 4_000);
+            t += lasts;
             self.queue.insert((t, 1), Event::Heal);
             // Sometimes the next fault comes before the replicas could converge.
             t += if self.rng.chance(200) {

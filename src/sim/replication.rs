@@ -1,10 +1,14 @@
-//! Replication between the simulated nodes: pullers, state transfers, the trimmer.
+//! Replication between the simulated nodes: pullers, state transfers, the trimmer and
+//! its tombstone collection, and the answers to quorum reads' questions (digest rounds
+//! are in `digests.rs`), as `node/sync.rs` does them.
 
 use crate::antientropy::{Next, Transfer};
+use crate::clock::{CausalToken, VersionVector};
+use crate::placement::slot_of;
 use crate::replica::{Replica, SyncRequest, SyncResponse};
 
-use super::world::{all_slots, Msg, PullState, Sim, Up};
-use super::{Bug, PAGE_BYTES, PARTITION, SYNC_TIMEOUT_MS};
+use super::world::{all_slots, Collected, Msg, PullState, Sim, Up};
+use super::{Bug, COLLECT_PER_ROUND, PAGE_BYTES, PARTITION, SYNC_TIMEOUT_MS};
 
 impl Sim {
     pub(super) fn deliver(&mut self, from: usize, to: usize, id: u64, msg: Msg) {
@@ -12,11 +16,17 @@ impl Sim {
         match msg {
             Msg::Poke => self.wake(to, from),
             Msg::SyncReq(req) => {
+                // The report decides trimming and collection, and acknowledges quorum
+                // writes waiting here.
                 self.nodes[to].peer_have.insert(from, req.have.clone());
+                self.check_acks(to);
                 let node = &self.nodes[to];
                 let resp = Replica::serve_sync(&*self.read(to), &node.replica, &all_slots(), &req);
                 match resp {
-                    Ok(resp) => self.send(to, from, id, Msg::SyncResp(resp)),
+                    Ok(mut resp) => {
+                        resp.ack_wanted = self.awaits_acks(to);
+                        self.send(to, from, id, Msg::SyncResp(resp))
+                    }
                     Err(e) => self.fail(format!("n{to} failed to serve a sync: {e}")),
                 }
             }
@@ -39,9 +49,15 @@ impl Sim {
                     .pull_state(to, from)
                     .policy
                     .after_page(&resp, &absorbed, peers, false);
-                self.apply(to, &resp);
+                // A quorum write at the peer waits for this node to report the page.
+                let report = resp.ack_wanted && (!resp.log.is_empty() || !resp.states.is_empty());
+                self.apply(to, (from, "sync page"), &resp);
                 match next {
                     Next::More => self.pull(to, from),
+                    Next::Done if report => {
+                        self.pull_state(to, from).again = false;
+                        self.pull(to, from);
+                    }
                     Next::Done | Next::Wait => {
                         if std::mem::take(&mut self.pull_state(to, from).again) {
                             self.pull(to, from);
@@ -62,12 +78,13 @@ impl Sim {
                     return;
                 };
                 let resp = transfer.on_page(page);
-                self.apply(to, &resp);
+                self.apply(to, (from, "transfer page"), &resp);
                 if transfer.is_done() {
                     let claim = transfer.claim();
                     let node = &mut self.nodes[to];
                     node.replica.claim(&claim);
                     self.commit(to, |_, _| Ok(()));
+                    self.progress(to);
                     self.report.transfers += 1;
                     self.trace(|| format!("n{to} finished copying n{from}"));
                 } else {
@@ -75,6 +92,25 @@ impl Sim {
                 }
                 self.pull(to, from);
             }
+            Msg::KeyReq(key) => {
+                // `Node::get` with the empty token of a quorum read: answered at once.
+                let read = Replica::read(
+                    &*self.read(to),
+                    PARTITION,
+                    slot_of(&key),
+                    &key,
+                    CausalToken::empty(0),
+                );
+                match read {
+                    Ok(out) => self.send(to, from, id, Msg::KeyResp(out.token.part(PARTITION))),
+                    Err(e) => self.fail(format!("n{to} failed to read {key}: {e}")),
+                }
+            }
+            Msg::KeyResp(history) => self.key_answer(to, id, history),
+            Msg::DigestReq(buckets) => self.serve_digests(to, from, id, &buckets),
+            Msg::DigestResp(buckets, slots) => self.on_digests(to, from, id, &buckets, &slots),
+            Msg::RepairReq(req) => self.serve_repair(to, from, id, &req),
+            Msg::RepairResp(page) => self.on_repair(to, from, id, page),
         }
     }
 
@@ -137,7 +173,8 @@ impl Sim {
         }
     }
 
-    pub(super) fn apply(&mut self, n: usize, resp: &SyncResponse) {
+    /// Node `n` applies a page `from` sent (the peer, and what the page was).
+    pub(super) fn apply(&mut self, n: usize, from: (usize, &str), resp: &SyncResponse) {
         let mut planted;
         let resp = if self.cfg.bug == Some(Bug::DropTombstones) {
             planted = resp.clone();
@@ -150,20 +187,102 @@ impl Sim {
         };
         if !resp.log.is_empty() || !resp.states.is_empty() || !resp.covered.is_empty() {
             self.commit(n, |r, txn| r.apply_sync(txn, resp));
+            for (_, key, _) in &resp.states {
+                self.check_stored(n, key, Some(from));
+            }
+            self.progress(n);
         }
     }
 
+    /// The server's trimmer: trims the log of what every peer reported having, then
+    /// collects the tombstones inside that floor and older than the horizon.
     pub(super) fn trim(&mut self, n: usize) {
         let node = &self.nodes[n];
-        if node.peer_have.len() < self.cfg.replicas - 1 {
+        // Only once every peer has told this node how far it is.
+        let floor = (node.peer_have.len() >= self.cfg.replicas - 1)
+            .then(|| Replica::trim_floor(node.replica.applied(), node.peer_have.values()))
+            .filter(|floor| !floor.is_empty());
+        let collect = if self.cfg.bug == Some(Bug::CollectIgnoringFloor) {
+            Some(node.replica.applied().clone())
+        } else {
+            floor.clone()
+        };
+        if let Some(floor) = floor {
+            self.commit(n, |_, txn| {
+                for (origin, upto) in floor.iter() {
+                    txn.log_trim(origin, upto)?;
+                }
+                Ok(())
+            });
+        }
+        if let Some(floor) = collect {
+            self.collect(n, floor);
+        }
+    }
+
+    /// One round of tombstone collection (`Node::collect_tombstones` and the writer's
+    /// `Collect`): dead keys after the cursor that are collectable are dropped, checked
+    /// again in the transaction that drops them.
+    fn collect(&mut self, n: usize, floor: VersionVector) {
+        let cutoff_ms = self.now.saturating_sub(self.horizon_ms);
+        let after = self.nodes[n].collect_cursor.take();
+        let (candidates, next) = {
+            let txn = self.read(n);
+            let dead = txn
+                .dead_keys(after.as_ref(), COLLECT_PER_ROUND)
+                .unwrap_or_default();
+            let next = (dead.len() == COLLECT_PER_ROUND)
+                .then(|| dead.last().cloned())
+                .flatten();
+            let candidates: Vec<(u32, String)> = dead
+                .into_iter()
+                .filter(|(slot, key)| {
+                    txn.get(*slot, key)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|s| Replica::collectable(&s, &floor, cutoff_ms))
+                })
+                .collect();
+            (candidates, next)
+        };
+        self.nodes[n].collect_cursor = next;
+        if candidates.is_empty() {
             return;
         }
-        let floor = Replica::trim_floor(node.replica.applied(), node.peer_have.values());
-        self.commit(n, |_, txn| {
-            for (origin, upto) in floor.iter() {
-                txn.log_trim(origin, upto)?;
+        let dropped = self.commit(n, |_, txn| {
+            let mut dropped = Vec::new();
+            for (slot, key) in candidates {
+                let state = txn.get(slot, &key)?;
+                if let Some(state) = state.filter(|s| Replica::collectable(s, &floor, cutoff_ms)) {
+                    txn.delete(slot, &key)?;
+                    dropped.push((key, state));
+                }
             }
-            Ok(())
+            Ok(dropped)
         });
+        for (key, state) in dropped.unwrap_or_default() {
+            self.report.collected += 1;
+            self.trace(|| {
+                let dots: Vec<String> = state
+                    .versions
+                    .iter()
+                    .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
+                    .collect();
+                format!("n{n} collects {key} = [{}]", dots.join(" "))
+            });
+            let at_ms = self.now;
+            let collected = self.collected.entry(key.clone()).or_default();
+            for v in state.versions {
+                collected.push(Collected {
+                    at_ms,
+                    node: n,
+                    dot: v.dot,
+                    history: v.vv,
+                });
+            }
+            for m in 0..self.cfg.replicas {
+                self.check_stored(m, &key, None);
+            }
+        }
     }
 }

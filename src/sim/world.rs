@@ -8,7 +8,10 @@ use crate::placement::{SlotSet, SLOTS};
 use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
 use crate::storage::{MemoryStore, ReadTxn, Store};
 
-use super::{Config, Report, Rng, PARTITION, SYNC_INTERVAL_MS, TRIM_INTERVAL_MS};
+use super::{
+    Config, Report, Rng, DIGEST_INTERVAL_MS, HORIZONS_MS, PARTITION, SYNC_INTERVAL_MS,
+    TRIM_INTERVAL_MS,
+};
 
 #[derive(Clone, Debug)]
 pub(super) enum Msg {
@@ -17,6 +20,17 @@ pub(super) enum Msg {
     SnapReq(SnapshotRequest),
     SnapResp(SnapshotPage),
     Poke,
+    /// A quorum read asks a peer for its state of a key, with an empty token.
+    KeyReq(String),
+    /// The peer's answer: its token after reading the key (the key's history there).
+    KeyResp(VersionVector),
+    /// A digest round: the asker's bucket digests.
+    DigestReq(Vec<u64>),
+    /// The buckets that differ at the peer, and its slot digests in them.
+    DigestResp(Vec<u32>, Vec<(u32, u64)>),
+    /// A digest round fetches the peer's keys of the slots that differ.
+    RepairReq(SnapshotRequest),
+    RepairResp(SnapshotPage),
 }
 
 impl Msg {
@@ -27,6 +41,12 @@ impl Msg {
             Msg::SnapReq(_) => "snapshot?",
             Msg::SnapResp(_) => "snapshot!",
             Msg::Poke => "poke",
+            Msg::KeyReq(_) => "key?",
+            Msg::KeyResp(_) => "key!",
+            Msg::DigestReq(_) => "digests?",
+            Msg::DigestResp(..) => "digests!",
+            Msg::RepairReq(_) => "repair?",
+            Msg::RepairResp(_) => "repair!",
         }
     }
 }
@@ -35,9 +55,18 @@ impl Msg {
 pub(super) enum Event {
     /// A node's pull round: ask every peer it is not already asking.
     Tick(usize),
+    /// A node's trimmer: trim the log, collect tombstones.
     Trim(usize),
+    /// A node's digest round with one peer: `(node, peer)`.
+    Digest(usize, usize),
+    /// A session sends its next request.
     Client(usize),
-    /// `id` pairs a response with the pull that asked (0 for requests and pokes).
+    /// The wait `op` of session `c` runs out (ignored if the session moved on).
+    Timeout {
+        c: usize,
+        op: u64,
+    },
+    /// `id` pairs a response with the call that asked (0 for pokes).
     Deliver {
         from: usize,
         to: usize,
@@ -55,6 +84,8 @@ pub(super) enum Fault {
     Split(Vec<usize>),
     OneWay(usize, usize),
     Crash(usize),
+    /// A crash that lasts longer than a trim round.
+    Outage(usize),
     Wipe(usize),
     Pause(usize),
     Lossy,
@@ -78,14 +109,30 @@ pub(super) enum Up {
     Paused,
 }
 
+/// One node's digest round with one peer.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DigestRound {
+    /// The call in flight (its id) and when it is given up.
+    pub(super) inflight: Option<(u64, u64)>,
+    /// This node's slot digests when the round began.
+    pub(super) mine: Vec<u64>,
+    /// The slots whose keys are being fetched, and the pages fetched so far.
+    pub(super) slots: SlotSet,
+    pub(super) pages: usize,
+}
+
 pub(super) struct SimNode {
     pub(super) store: MemoryStore,
     pub(super) replica: Replica,
     pub(super) up: Up,
     pub(super) pulls: BTreeMap<usize, PullState>,
-    /// How far each peer said it is (its last sync request): decides trimming.
+    /// How far each peer said it is (its last sync request): decides trimming,
+    /// tombstone collection and quorum acknowledgements.
     pub(super) peer_have: BTreeMap<usize, VersionVector>,
-    /// Messages that reached the node while it was paused.
+    pub(super) digests: BTreeMap<usize, DigestRound>,
+    /// Where tombstone collection goes on from (the server's trimmer cursor).
+    pub(super) collect_cursor: Option<(u32, String)>,
+    /// Messages and timeouts that reached the node while it was paused.
     pub(super) backlog: Vec<Event>,
 }
 
@@ -95,6 +142,54 @@ pub(super) struct WriteRecord {
     pub(super) dot: Dot,
     /// What the writer knew after writing: the write's causal past, and itself.
     pub(super) context: VersionVector,
+    /// The level it was asked at (replicas that must hold it).
+    pub(super) level: usize,
+    /// The step it was applied at its coordinator.
+    pub(super) written: u64,
+    /// The step its client was told it succeeded; `None` while it waits for its peers,
+    /// and for good when they did not confirm it in time (its outcome is unknown).
+    pub(super) acked: Option<u64>,
+    /// The nodes that held it when it was acknowledged (the coordinator and the peers
+    /// whose reports counted).
+    pub(super) holders: Vec<usize>,
+}
+
+/// A tombstone a replica dropped, for the checker.
+pub(super) struct Collected {
+    pub(super) at_ms: u64,
+    pub(super) node: usize,
+    pub(super) dot: Dot,
+    pub(super) history: VersionVector,
+}
+
+/// Where a session's request is.
+#[derive(Clone, Debug)]
+pub(super) enum Stage {
+    /// A read at a level above 1 gathers its peers' state of the key.
+    Asking { answered: usize },
+    /// A read waits until its replica reflects the token.
+    ReadCatchUp,
+    /// A write waits until its replica reflects the token (`Replica::accepts_write`).
+    WriteCatchUp { value: Option<Vec<u8>> },
+    /// A write applied at its replica waits for its peers' acknowledgements.
+    Acks { write: usize },
+}
+
+/// A request in progress: the session waits for its answer.
+#[derive(Clone, Debug)]
+pub(super) struct Op {
+    /// Names the current wait: answers and timeouts of an earlier one are ignored.
+    pub(super) id: u64,
+    pub(super) node: usize,
+    pub(super) key: String,
+    /// The step the request was sent at.
+    pub(super) began: u64,
+    /// Replicas it involves (its level, resolved against K).
+    pub(super) level: usize,
+    /// The token the replica works with: the client's; for a read, with its peers'
+    /// histories folded in; for a write waiting for acknowledgements, the write's answer.
+    pub(super) token: CausalToken,
+    pub(super) stage: Stage,
 }
 
 pub(super) struct Session {
@@ -102,6 +197,8 @@ pub(super) struct Session {
     /// The checker's own account of what this session causally knows.
     pub(super) known: VersionVector,
     pub(super) node: usize,
+    /// The request it waits for, if any.
+    pub(super) op: Option<Op>,
 }
 
 pub(super) struct Sim {
@@ -127,6 +224,16 @@ pub(super) struct Sim {
     /// A pending convergence measurement: when the heal happened, and what must arrive.
     pub(super) pending: Option<(u64, VersionVector)>,
     pub(super) clients_running: bool,
+    /// Events handled so far: orders acknowledgements, collections and reads.
+    pub(super) step: u64,
+    /// How old a tombstone must be before it is collected (drawn per seed).
+    pub(super) horizon_ms: u64,
+    /// Tombstones dropped by collection, by key.
+    pub(super) collected: BTreeMap<String, Vec<Collected>>,
+    /// Disks wiped: `(node, step)`.
+    pub(super) wipes: Vec<(usize, u64)>,
+    /// Stored versions already reported as outliving a collected tombstone.
+    pub(super) flagged: BTreeSet<(usize, Dot)>,
     pub(super) report: Report,
 }
 
@@ -138,6 +245,7 @@ impl Sim {
     pub(super) fn new(cfg: Config) -> Self {
         let mut rng = Rng::new(cfg.seed);
         let page_entries = rng.between(8, 128) as u32;
+        let horizon_ms = HORIZONS_MS[rng.below(HORIZONS_MS.len() as u64) as usize];
         let mut sim = Self {
             report: Report {
                 seed: cfg.seed,
@@ -160,6 +268,11 @@ impl Sim {
             max_latency: 20,
             pending: None,
             clients_running: true,
+            step: 0,
+            horizon_ms,
+            collected: BTreeMap::new(),
+            wipes: Vec::new(),
+            flagged: BTreeSet::new(),
             cfg,
         };
         for n in 0..sim.cfg.replicas {
@@ -171,12 +284,21 @@ impl Sim {
                 up: Up::Running,
                 pulls,
                 peer_have: BTreeMap::new(),
+                digests: BTreeMap::new(),
+                collect_cursor: None,
                 backlog: Vec::new(),
             });
             let offset = sim.rng.below(SYNC_INTERVAL_MS);
             sim.at(offset, Event::Tick(n));
             let offset = sim.rng.below(TRIM_INTERVAL_MS);
             sim.at(offset, Event::Trim(n));
+            // As the server: each peer's first round at a random point of the interval.
+            for p in sim.peers_of(n).collect::<Vec<_>>() {
+                let offset = sim
+                    .rng
+                    .between(DIGEST_INTERVAL_MS / 4, DIGEST_INTERVAL_MS - 1);
+                sim.at(offset, Event::Digest(n, p));
+            }
         }
         for c in 0..sim.cfg.clients {
             let node = sim.rng.below(sim.cfg.replicas as u64) as usize;
@@ -184,6 +306,7 @@ impl Sim {
                 token: CausalToken::empty(0),
                 known: VersionVector::new(),
                 node,
+                op: None,
             });
             let offset = sim.rng.below(20);
             sim.at(offset, Event::Client(c));
@@ -226,19 +349,25 @@ impl Sim {
 
     pub(super) fn run(&mut self) {
         // The final heal at `duration_ms` stops the clients; then the replicas get up to
-        // a minute to converge, and two trim intervals more to drop their logs.
+        // a minute to converge, and, once the last tombstones are past the horizon, two
+        // trim and digest intervals more to drop their logs and tombstones and compare
+        // their states.
         let hard_stop = self.cfg.duration_ms + 60_000;
+        let settle = 2 * TRIM_INTERVAL_MS.max(DIGEST_INTERVAL_MS) + 500;
         let mut final_converged: Option<u64> = None;
         while let Some(((t, _), event)) = self.queue.pop_first() {
             self.now = t;
             if self.now > hard_stop {
                 break;
             }
+            self.step += 1;
             self.handle(event);
             if !self.clients_running && final_converged.is_none() && self.pending.is_none() {
                 final_converged = Some(self.now);
             }
-            if final_converged.is_some_and(|at| self.now > at + 2 * TRIM_INTERVAL_MS + 500) {
+            let quiet_from =
+                final_converged.map(|at| at.max(self.cfg.duration_ms + self.horizon_ms));
+            if quiet_from.is_some_and(|at| self.now > at + settle) {
                 break;
             }
         }
@@ -263,16 +392,29 @@ impl Sim {
                 }
                 self.at(TRIM_INTERVAL_MS, Event::Trim(n));
             }
+            Event::Digest(n, p) => {
+                if self.nodes[n].up == Up::Running {
+                    self.digest_round(n, p);
+                }
+                self.at(DIGEST_INTERVAL_MS, Event::Digest(n, p));
+            }
             Event::Client(c) => {
-                if self.clients_running {
+                if self.clients_running && self.sessions[c].op.is_none() {
                     self.client_op(c);
-                    let pause = self.rng.between(2, 30);
-                    self.at(pause, Event::Client(c));
                 }
             }
             Event::Deliver { to, .. } if self.nodes[to].up == Up::Paused => {
                 self.nodes[to].backlog.push(event);
             }
+            Event::Timeout { c, op } => match &self.sessions[c].op {
+                Some(o) if o.id == op && self.nodes[o.node].up == Up::Paused => {
+                    // A stopped process's timers fire when it resumes.
+                    let n = o.node;
+                    self.nodes[n].backlog.push(event);
+                }
+                Some(o) if o.id == op => self.timeout(c),
+                _ => {}
+            },
             Event::Deliver { from, to, id, msg } => {
                 if self.nodes[to].up == Up::Running {
                     self.deliver(from, to, id, msg);
