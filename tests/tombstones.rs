@@ -14,8 +14,9 @@ use serde_json::Value;
 
 /// Bound of one whole scenario.
 const SCENARIO: Duration = Duration::from_secs(240);
-/// Bound on collection once it may happen: a few trim rounds (every 5 s).
-const COLLECTION: Duration = Duration::from_secs(40);
+/// Bound on collection once it may happen: a few trim rounds (every 5 s; a floor is
+/// used one round after it is observed).
+const COLLECTION: Duration = Duration::from_secs(60);
 
 async fn status_field(c: &Cluster, i: usize, field: &str) -> u64 {
     let status = c.status(i).await;

@@ -85,6 +85,7 @@ impl Node {
         r: &ReplicaHandle,
         peer: &str,
     ) -> Result<u64> {
+        let _fetch = super::sync::FetchGuard::new(r);
         let stats = &self.digest_stats;
         let mine = self.slot_digests(r).await?;
         let req = Request::Digest {

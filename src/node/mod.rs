@@ -135,6 +135,11 @@ struct ReplicaHandle {
     ack_waiters: AtomicUsize,
     /// Woken whenever a peer reports how far it is.
     acked: Notify,
+    /// Page fetches in flight (pulls, state transfers, digest repairs), by the trim round
+    /// they began in (see `sync::FetchGuard`).
+    fetches: Mutex<BTreeMap<u64, usize>>,
+    /// The trimmer's current round.
+    trim_round: std::sync::atomic::AtomicU64,
 }
 
 /// What a node routes by: swapped whole on every view-change step it takes.
@@ -424,6 +429,8 @@ impl Node {
                     peer_have: Mutex::new(BTreeMap::new()),
                     ack_waiters: AtomicUsize::new(0),
                     acked: Notify::new(),
+                    fetches: Mutex::new(BTreeMap::new()),
+                    trim_round: Default::default(),
                 })),
             },
             _ => None,

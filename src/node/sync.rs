@@ -61,6 +61,46 @@ pub(super) fn spawn_replica_tasks(
     tasks.spawn(trimmer(node.clone(), r.clone()));
 }
 
+/// Marks a page fetch (a pull, a state transfer, a digest repair) in flight from before
+/// it is requested until its page is applied or abandoned, tagged with the trim round it
+/// began in.
+///
+/// Why: a page a peer served *before* it applied a delete carries the versions the delete
+/// removed. Merged after this replica collected the delete's tombstone, it would bring
+/// the value back. Such a page was requested before the peer reported the delete, so
+/// before the floor that let the tombstone be collected was observed: the trimmer uses a
+/// floor only once every fetch begun in its round or earlier is over (the page then
+/// merges into the tombstone, which supersedes its versions).
+pub(super) struct FetchGuard<'a> {
+    r: &'a ReplicaHandle,
+    round: u64,
+}
+
+impl<'a> FetchGuard<'a> {
+    pub(super) fn new(r: &'a ReplicaHandle) -> Self {
+        let round = r.trim_round.load(Ordering::SeqCst);
+        *lock(&r.fetches).entry(round).or_insert(0) += 1;
+        Self { r, round }
+    }
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        let mut fetches = lock(&self.r.fetches);
+        if let Some(n) = fetches.get_mut(&self.round) {
+            *n -= 1;
+            if *n == 0 {
+                fetches.remove(&self.round);
+            }
+        }
+    }
+}
+
+/// Whether no fetch begun in `round` or earlier is still in flight.
+fn fetches_over(r: &ReplicaHandle, round: u64) -> bool {
+    lock(&r.fetches).range(..=round).next().is_none()
+}
+
 /// Keeps this replica up to date with `peer`. See the module doc of `node`.
 async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<Notify>) {
     // The first round runs at once: a restarted replica catches up before anything else.
@@ -82,6 +122,7 @@ async fn puller(node: Arc<Node>, r: Arc<ReplicaHandle>, peer: String, wake: Arc<
             continue;
         }
         for _ in 0..MAX_PAGES_PER_ROUND {
+            let _fetch = FetchGuard::new(&r);
             let Some(status) = node.status_of(&r) else {
                 return;
             };
@@ -176,6 +217,9 @@ const COLLECT_PER_ROUND: usize = 10_000;
 async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
     // Where the collection of tombstones goes on from (`None`: the start).
     let mut cursor = None;
+    // The floor observed in an earlier round, waiting for the fetches begun before it
+    // (see `FetchGuard`), with its round.
+    let mut pending: Option<(u64, VersionVector)> = None;
     loop {
         tokio::time::sleep(TRIM_INTERVAL).await;
         // During a view change a member joining the partition will resume the log from
@@ -197,6 +241,7 @@ async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
         if floor.is_empty() {
             continue;
         }
+        let round = r.trim_round.fetch_add(1, Ordering::SeqCst);
         let cmd = WriterCmd::Trim {
             floor: floor.clone(),
             replica: r.id,
@@ -204,11 +249,18 @@ async fn trimmer(node: Arc<Node>, r: Arc<ReplicaHandle>) {
         if node.writer.send(cmd).await.is_err() {
             return;
         }
-        match node.collect_tombstones(&r, floor, &mut cursor).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(tombstones = n, "collected tombstones every replica has"),
-            Err(e) => tracing::debug!("collecting tombstones failed: {e}"),
+        if let Some((seen, older)) = pending.take() {
+            if !fetches_over(&r, seen) {
+                pending = Some((seen, older));
+                continue;
+            }
+            match node.collect_tombstones(&r, older, &mut cursor).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(tombstones = n, "collected tombstones every replica has"),
+                Err(e) => tracing::debug!("collecting tombstones failed: {e}"),
+            }
         }
+        pending = Some((round, floor));
     }
 }
 

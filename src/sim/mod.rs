@@ -110,14 +110,13 @@
 //!   corruption, and a message held by a cut arrives at the heal or never. Requests and
 //!   answers travel independently (as on separate connections), so an answer can arrive
 //!   after a later request from the same peer.
-//! * Open finding (when this was written): a page served before its server applied a
-//!   delete can arrive after the receiver collected that delete (a pull's answer is
-//!   awaited for [`SYNC_TIMEOUT_MS`], so can a digest round's page) and merges the
-//!   superseded versions back, which then spread: `Replica::apply_sync` merges a page's
-//!   states whatever the receiver already reflects, and `Replica::known_deletes` only
-//!   keeps digest pages' all-tombstone states out. `kvs sim --seed 247` (or 349, 1489;
-//!   `--keys 2 --seed 7267` brings the value back on every replica) reports it as a
-//!   resurrection after collection; the seeds CI runs do not meet it.
+//! * Found and fixed: a page served before its server applied a delete could arrive
+//!   after the receiver collected that delete (a pull's answer is awaited for
+//!   [`SYNC_TIMEOUT_MS`], so can a digest round's page) and merge the superseded
+//!   versions back (`kvs sim --seed 247`, 349, 1489; `--keys 2 --seed 7267`). A
+//!   replica now collects with the floor of an earlier trim round, once no page fetch
+//!   begun before that floor was observed is in flight (`pending_floor`, the server's
+//!   `FetchGuard`): such a page then merges into the tombstone, which supersedes it.
 
 mod checker;
 mod clients;

@@ -205,7 +205,26 @@ impl Sim {
         let collect = if self.cfg.bug == Some(Bug::CollectIgnoringFloor) {
             Some(node.replica.applied().clone())
         } else {
-            floor.clone()
+            // The floor of an earlier round, once every page fetch begun before it was
+            // observed is over: a page served before a peer applied a delete would
+            // otherwise merge the deleted value back after the collection.
+            let marker = self.next_msg;
+            let node = &mut self.nodes[n];
+            let ready = node.pending_floor.as_ref().is_some_and(|(seen, _)| {
+                let begun_before =
+                    |inflight: Option<(u64, u64)>| inflight.is_some_and(|(id, _)| id < *seen);
+                !node.pulls.values().any(|p| begun_before(p.inflight))
+                    && !node.digests.values().any(|d| begun_before(d.inflight))
+            });
+            let older = if ready {
+                node.pending_floor.take().map(|(_, f)| f)
+            } else {
+                None
+            };
+            if node.pending_floor.is_none() {
+                node.pending_floor = floor.clone().map(|f| (marker, f));
+            }
+            older
         };
         if let Some(floor) = floor {
             self.commit(n, |_, txn| {

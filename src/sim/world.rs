@@ -132,6 +132,10 @@ pub(super) struct SimNode {
     pub(super) digests: BTreeMap<usize, DigestRound>,
     /// Where tombstone collection goes on from (the server's trimmer cursor).
     pub(super) collect_cursor: Option<(u32, String)>,
+    /// The floor an earlier trim round observed, with the first message id after it: it
+    /// is used for collection once no page fetch begun before it is in flight (the
+    /// server's `FetchGuard`).
+    pub(super) pending_floor: Option<(u64, VersionVector)>,
     /// Messages and timeouts that reached the node while it was paused.
     pub(super) backlog: Vec<Event>,
 }
@@ -286,6 +290,7 @@ impl Sim {
                 peer_have: BTreeMap::new(),
                 digests: BTreeMap::new(),
                 collect_cursor: None,
+                pending_floor: None,
                 backlog: Vec::new(),
             });
             let offset = sim.rng.below(SYNC_INTERVAL_MS);
@@ -349,11 +354,12 @@ impl Sim {
 
     pub(super) fn run(&mut self) {
         // The final heal at `duration_ms` stops the clients; then the replicas get up to
-        // a minute to converge, and, once the last tombstones are past the horizon, two
+        // a minute to converge, and, once the last tombstones are past the horizon, three
         // trim and digest intervals more to drop their logs and tombstones and compare
         // their states.
         let hard_stop = self.cfg.duration_ms + 60_000;
-        let settle = 2 * TRIM_INTERVAL_MS.max(DIGEST_INTERVAL_MS) + 500;
+        // Three rounds: a floor is used one round after it is observed (`pending_floor`).
+        let settle = 3 * TRIM_INTERVAL_MS.max(DIGEST_INTERVAL_MS) + 500;
         let mut final_converged: Option<u64> = None;
         while let Some(((t, _), event)) = self.queue.pop_first() {
             self.now = t;
