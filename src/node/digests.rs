@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{unexpected, Node, ReplicaHandle, SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES, SYNC_TIMEOUT};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::merkle;
 use crate::replica::{Replica, SnapshotRequest, SyncResponse};
 use crate::rpc::{Request, Response};
@@ -158,11 +158,7 @@ impl Node {
         partition: u32,
         buckets: Vec<u64>,
     ) -> Result<Response> {
-        let cur = self.current();
-        let r = cur
-            .local(partition)
-            .cloned()
-            .ok_or_else(|| self.not_a_replica(partition))?;
+        let r = self.serving_replica(&self.current(), partition)?;
         let mine = self.slot_digests(&r).await?;
         let differ = merkle::differing_buckets(&merkle::bucket_digests(&mine), &buckets);
         let slots = merkle::slots_of_buckets(&mine, &differ);
@@ -174,13 +170,8 @@ impl Node {
 
     /// This replica's slot digests, hashed on a blocking thread over one snapshot.
     async fn slot_digests(self: &Arc<Self>, r: &ReplicaHandle) -> Result<Vec<u64>> {
-        let node = self.clone();
         let owned = r.owned.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = node.store.read()?;
-            Ok(merkle::slot_digests(&*txn, &owned)?)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("digest task failed: {e}")))?
+        self.read_blocking(move |txn| Ok(merkle::slot_digests(txn, &owned)?))
+            .await
     }
 }

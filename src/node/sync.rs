@@ -326,10 +326,25 @@ impl Node {
     }
 
     /// This node's replica of `partition`, for answering a peer.
-    fn serving_replica(&self, cur: &Current, partition: u32) -> Result<Arc<ReplicaHandle>> {
+    pub(super) fn serving_replica(
+        &self,
+        cur: &Current,
+        partition: u32,
+    ) -> Result<Arc<ReplicaHandle>> {
         cur.local(partition)
             .cloned()
             .ok_or_else(|| self.not_a_replica(partition))
+    }
+
+    /// Runs `read` on a blocking thread over one store snapshot.
+    pub(super) async fn read_blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        read: impl FnOnce(&dyn ReadTxn) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || read(&*node.store.read()?))
+            .await
+            .map_err(|e| Error::internal(format!("storage read task failed: {e}")))?
     }
 
     /// Runs `serve` on a blocking thread over one store snapshot and the replica state of
@@ -364,28 +379,26 @@ impl Node {
     ) -> Result<usize> {
         let horizon = self.tombstone_horizon.as_millis() as u64;
         let cutoff_ms = super::now_ms().saturating_sub(horizon);
-        let node = self.clone();
         let owned = r.owned.clone();
         let (after, pick_floor) = (cursor.clone(), floor.clone());
-        let (candidates, next) = tokio::task::spawn_blocking(move || {
-            let txn = node.store.read()?;
-            let dead = txn.dead_keys(after.as_ref(), COLLECT_PER_ROUND)?;
-            let next = (dead.len() == COLLECT_PER_ROUND)
-                .then(|| dead.last().cloned())
-                .flatten();
-            let mut candidates = Vec::new();
-            for (slot, key) in dead.into_iter().filter(|(slot, _)| owned.contains(*slot)) {
-                if txn
-                    .get(slot, &key)?
-                    .is_some_and(|s| Replica::collectable(&s, &pick_floor, cutoff_ms))
-                {
-                    candidates.push((slot, key));
+        let (candidates, next) = self
+            .read_blocking(move |txn| {
+                let dead = txn.dead_keys(after.as_ref(), COLLECT_PER_ROUND)?;
+                let next = (dead.len() == COLLECT_PER_ROUND)
+                    .then(|| dead.last().cloned())
+                    .flatten();
+                let mut candidates = Vec::new();
+                for (slot, key) in dead.into_iter().filter(|(slot, _)| owned.contains(*slot)) {
+                    if txn
+                        .get(slot, &key)?
+                        .is_some_and(|s| Replica::collectable(&s, &pick_floor, cutoff_ms))
+                    {
+                        candidates.push((slot, key));
+                    }
                 }
-            }
-            Ok::<_, Error>((candidates, next))
-        })
-        .await
-        .map_err(|e| Error::internal(format!("collection task failed: {e}")))??;
+                Ok((candidates, next))
+            })
+            .await?;
         *cursor = next;
         if candidates.is_empty() {
             return Ok(0);

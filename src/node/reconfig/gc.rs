@@ -183,20 +183,14 @@ impl Node {
         partition: u32,
         keys: Vec<(u32, String, Vec<Dot>)>,
     ) -> Result<Response> {
-        let cur = self.current();
-        let r = cur
-            .local(partition)
-            .cloned()
-            .ok_or_else(|| self.not_a_replica(partition))?;
+        let r = self.serving_replica(&self.current(), partition)?;
         if let Some((slot, _, _)) = keys.iter().find(|(slot, _, _)| !r.owned.contains(*slot)) {
             return Err(Error::unavailable(format!(
                 "{} does not own slot {slot} in its view",
                 self.addr
             )));
         }
-        let node = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = node.store.read()?;
+        self.read_blocking(move |txn| {
             let mut lacking = Vec::new();
             for (slot, key, dots) in keys {
                 let state = txn.get(slot, &key)?.unwrap_or_default();
@@ -207,6 +201,5 @@ impl Node {
             Ok(Response::Lacking(lacking))
         })
         .await
-        .map_err(|e| Error::internal(format!("holds task failed: {e}")))?
     }
 }
