@@ -528,6 +528,22 @@ pub fn duties(proposal: &Proposal, addr: &str) -> Duties {
     d
 }
 
+/// The slots of pull `key` of `addr` whose keys the node must drop before it merges the
+/// pull's first page: slots it does not own now (`owned`: its replica's slots in the
+/// change's base view). Keys it holds there are left from an earlier time it owned
+/// them, handed over and kept because a new owner could not confirm holding them (it
+/// had collected a tombstone that superseded them, say): merged with the pulled state
+/// they would bring a deleted value back (found by `kvs sim`). Slots it owns now hold
+/// its own data (it may be the pull's source) and are kept.
+pub fn leftover_slots(p: &Proposal, addr: &str, key: PullKey, owned: &SlotSet) -> SlotSet {
+    duties(p, addr)
+        .pulls
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, slots)| slots.iter().filter(|s| !owned.contains(*s)).collect())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,6 +592,19 @@ mod tests {
         let d5 = duties(&p, &addr(5));
         assert_eq!(d5.pulls, vec![(PullKey::Copy { uid: 1 }, v.slots_of(1))]);
         assert_eq!(duties(&p, &addr(4)), Duties::default());
+    }
+
+    #[test]
+    fn leftover_slots_are_the_pulled_slots_the_node_does_not_own() {
+        let v = view(5, 2);
+        let p = Proposal::new(Change::Remove(addr(3)), &v).expect("valid");
+        let key = PullKey::Copy { uid: 1 };
+        let none = SlotSet::default();
+        assert_eq!(leftover_slots(&p, &addr(5), key, &none), v.slots_of(1));
+        // Slots the node owns now are its own data, even if it pulls them.
+        assert!(leftover_slots(&p, &addr(5), key, &v.slots_of(1)).is_empty());
+        // Not a pull of this node: nothing.
+        assert!(leftover_slots(&p, &addr(4), key, &none).is_empty());
     }
 
     #[test]

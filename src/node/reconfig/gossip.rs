@@ -67,13 +67,27 @@ impl Node {
         };
         let mine = self.epoch();
         match status.view {
-            Some(v) if v.epoch > mine => match self.install_view(v).await {
-                Ok(switched) => switched,
-                Err(e) => {
-                    tracing::warn!(%peer, "could not install the view learned from a peer: {e}");
-                    false
+            Some(v) if v.epoch > mine => {
+                // The change the peer is in starts from that view: learn it too, or this
+                // node (back from a wiped disk, say) would serve that view without the
+                // change's duties and take writes to slots it is giving away (found by
+                // `kvs sim --seed 1110`).
+                let next = status.transition.filter(|p| p.from == v);
+                match self.install_view(v).await {
+                    Ok(switched) => {
+                        if let Some(p) = next {
+                            if let Err(e) = self.learn(p).await {
+                                tracing::debug!(%peer, "could not learn the peer's view change: {e}");
+                            }
+                        }
+                        switched
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, "could not install the view learned from a peer: {e}");
+                        false
+                    }
                 }
-            },
+            }
             Some(v) if v.epoch == mine && self.current().transition.is_none() => {
                 match status.transition {
                     Some(p) => self.learn(p).await.is_ok(),

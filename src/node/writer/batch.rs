@@ -6,10 +6,14 @@ use std::sync::Arc;
 use super::{Durable, Installed, Outcome, WriterCmd};
 use crate::clock::{PartitionUid, ReplicaId, VersionVector};
 use crate::error::{Error, Result};
-use crate::placement::{Role, View};
+use crate::placement::{Role, SlotSet, View};
 use crate::replica::{KeyState, Replica, WriteRequest};
 use crate::storage::{Store, WriteTxn};
-use crate::viewchange::{Acceptor, PullKey, PullProgress, Transition};
+use crate::viewchange::{leftover_slots, Acceptor, PullKey, PullProgress, Transition};
+
+/// Keys deleted per call when dropping a pull's leftover slots (the loop ends when a
+/// slot is empty).
+const LEFTOVER_BATCH: usize = 4_096;
 
 /// What changed in a batch and must be persisted before the commit.
 #[derive(Default)]
@@ -239,8 +243,9 @@ pub(super) fn learn(d: &mut Durable, t: &Transition) -> Result<bool> {
     }
     let fits = match d.view.as_deref() {
         Some(v) => *v == t.proposal.from,
-        // A node outside any cluster only learns a change that makes it a member.
-        None => t.proposal.to.is_member(&d.addr),
+        // A node outside any cluster only learns a change that makes it a member, and
+        // one removed only a change newer than its removal.
+        None => t.proposal.to.is_member(&d.addr) && !removed_since(d, &t.proposal.to),
     };
     if !fits || (d.view.is_some() && t.proposal.epoch() != epoch + 1) {
         return Err(Error::unavailable(format!(
@@ -277,6 +282,17 @@ fn pulled(
         ))));
     };
     let t = Arc::make_mut(t);
+    if !t.pulls.contains_key(&key) {
+        // The first page: drop what this node kept of these slots from an earlier
+        // time it owned them (see `leftover_slots`).
+        let owned = match (&d.replica, d.view.as_deref()) {
+            (Some(r), Some(v)) => v.slots_of(r.partition()),
+            _ => SlotSet::default(),
+        };
+        for slot in leftover_slots(&t.proposal, &d.addr, key, &owned).iter() {
+            while txn.delete_slot(slot, LEFTOVER_BATCH)? == LEFTOVER_BATCH {}
+        }
+    }
     let current = t.pulls.entry(key).or_default();
     if current.done {
         return Ok(Ok(current.clone()));
@@ -284,6 +300,14 @@ fn pulled(
     Replica::merge_states(txn, states)?;
     *current = progress.clone();
     Ok(Ok(current.clone()))
+}
+
+/// Whether this node was removed from `view`'s cluster at `view`'s epoch or later: a
+/// peer that missed the removal may still offer the older view, which would make this
+/// node a replica again with what it kept from then (found by `kvs sim --seed 577`).
+fn removed_since(d: &Durable, view: &View) -> bool {
+    d.removed
+        .is_some_and(|(cluster, epoch)| cluster == view.cluster && view.epoch <= epoch)
 }
 
 /// Switches to `view`. See `viewchange` for the claims this makes.
@@ -304,7 +328,7 @@ pub(super) fn install(
         if view.cluster != cur.cluster {
             return Ok(Err(Error::conflict("refusing a view of another cluster")));
         }
-    } else if !view.is_member(&d.addr) {
+    } else if !view.is_member(&d.addr) || removed_since(d, view) {
         return Ok(Ok(Installed::Unchanged));
     }
     if d.outside() {
@@ -314,7 +338,12 @@ pub(super) fn install(
     }
     // The transition's claims hold only if it leads to exactly this view; after a jump
     // over a missed change the replica claims nothing and copies from a peer instead.
-    let transition = d.transition.take();
+    // A node that learned a change before it had the change's base view (it was blank,
+    // or behind) keeps the change when it installs that view: it is part of it, and its
+    // duties (frozen slots) hold from now on (found by `kvs sim --seed 191`: a wiped
+    // node that dropped the change took writes to frozen slots, lost at the switch).
+    let keep = d.transition.as_deref().is_some_and(|t| t.from() == view);
+    let transition = if keep { None } else { d.transition.take() };
     let matching = transition.as_deref().filter(|t| t.to() == view);
     let absorbed = matching.map(Transition::absorbed_claim).unwrap_or_default();
     match view.role_of(&d.addr) {
@@ -404,6 +433,103 @@ mod tests {
         let later = p.to.apply(&Change::Add(addr(7))).expect("valid");
         install_in(&store, &mut j, &later);
         assert!(j.replica.as_ref().is_some_and(|r| r.absorbed().is_empty()));
+    }
+
+    fn state(replica: u64, counter: u64) -> KeyState {
+        let dot = crate::clock::Dot { replica, counter };
+        KeyState {
+            versions: vec![crate::keystate::Version {
+                dot,
+                vv: [(replica, counter)].into_iter().collect(),
+                deps: Default::default(),
+                timestamp_ms: 1,
+                value: Some(b"v".to_vec()),
+            }],
+        }
+    }
+
+    /// Found by `kvs sim --seed 186`: a node kept a handed-over key its new owners could
+    /// not confirm (they had collected the tombstone that superseded it); when the slot
+    /// came back to the node, the pull merged into the stale key and the deleted value
+    /// was served again. The first page of a pull now drops such leftovers.
+    #[test]
+    fn a_pull_drops_what_the_node_kept_of_the_slots_from_before() {
+        // N=5, K=2: removing node 3 promotes proxy 5 into partition uid 1, which it
+        // copies whole.
+        let v = view(5, 2);
+        let p = Proposal::new(Change::Remove(addr(3)), &v).expect("valid");
+        let store = MemoryStore::new();
+        let mut d = Durable::load(&store, &addr(5), Some(v.clone())).expect("loads");
+        let slot = v.slots_of(1).iter().next().expect("uid 1 owns slots");
+        let mut txn = store.write().expect("txn");
+        txn.put(slot, "left", &state(7, 1)).expect("put");
+        learn(&mut d, &Transition::new(p.clone())).expect("learns");
+        let key = PullKey::Copy { uid: 1 };
+        let page = vec![(slot, "pulled".to_string(), state(8, 1))];
+        let progress = PullProgress {
+            keys: 1,
+            ..PullProgress::default()
+        };
+        pulled(&mut d, &mut *txn, p.epoch(), key, &page, &progress)
+            .expect("storage")
+            .expect("pulled");
+        assert_eq!(
+            txn.get(slot, "left").expect("get"),
+            None,
+            "the leftover is dropped"
+        );
+        assert!(txn.get(slot, "pulled").expect("get").is_some());
+        // Later pages drop nothing.
+        txn.put(slot, "later", &state(8, 2)).expect("put");
+        pulled(&mut d, &mut *txn, p.epoch(), key, &page, &progress)
+            .expect("storage")
+            .expect("pulled");
+        assert!(txn.get(slot, "later").expect("get").is_some());
+    }
+
+    #[test]
+    fn a_removed_node_refuses_the_views_it_was_removed_from() {
+        let v = view(4, 2);
+        let p = Proposal::new(Change::Remove(addr(4)), &v).expect("valid");
+        let store = MemoryStore::new();
+        let mut d = Durable::load(&store, &addr(4), Some(v.clone())).expect("loads");
+        assert_eq!(install_in(&store, &mut d, &p.to), Installed::Switched);
+        assert!(d.view.is_none() && d.replica.is_none());
+        // A peer that missed the removal offers the older view, or a change from it.
+        assert_eq!(install_in(&store, &mut d, &v), Installed::Unchanged);
+        assert!(d.view.is_none() && d.replica.is_none());
+        let stale = Proposal::new(Change::Add(addr(5)), &v).expect("valid");
+        assert!(!learn(&mut d, &Transition::new(stale)).unwrap_or(false));
+        // A later change that adds it back is taken.
+        let back = Proposal::new(Change::Add(addr(4)), &p.to).expect("valid");
+        assert_eq!(install_in(&store, &mut d, &back.to), Installed::Switched);
+        assert!(d.view.is_some());
+    }
+
+    /// Found by `kvs sim --seed 191`: a wiped source learned the change while blank,
+    /// then installed the change's base view from a peer and dropped the change, so it
+    /// took writes to the slots it was giving away; they were lost at the switch.
+    #[test]
+    fn installing_the_base_of_a_learned_change_keeps_the_change() {
+        // N=5, K=2: adding node 6 forms a partition that takes slots from node 4's.
+        let v = view(5, 2);
+        let p = Proposal::new(Change::Add(addr(6)), &v).expect("valid");
+        let store = MemoryStore::new();
+        // Node 4, blank (its disk was wiped), learns the change: it is a member after.
+        let mut d = Durable::load(&store, &addr(4), None).expect("loads");
+        assert!(learn(&mut d, &Transition::new(p.clone())).expect("learns"));
+        assert_eq!(install_in(&store, &mut d, &v), Installed::Switched);
+        assert!(d.transition.is_some(), "the change is kept");
+        let frozen = duties(&p, &addr(4)).frozen;
+        let slot = frozen.iter().next().expect("node 4 gives slots away");
+        let uid = match v.role_of(&addr(4)) {
+            Some(Role::Replica(uid)) => uid,
+            other => panic!("node 4 is a replica in the base view, not {other:?}"),
+        };
+        assert!(writable(&d, uid, &write_to(slot, Default::default())).is_err());
+        // Installing the change's own view completes it.
+        assert_eq!(install_in(&store, &mut d, &p.to), Installed::Switched);
+        assert!(d.transition.is_none());
     }
 
     fn write_to(slot: u32, token: crate::clock::CausalToken) -> WriteRequest {
