@@ -53,7 +53,7 @@ enum Command {
     Serve(ServeArgs),
     /// Start a local cluster of N nodes on 127.0.0.x loopback addresses.
     Local(kvs::local::LocalArgs),
-    /// Run the deterministic simulation of a partition's replicas under faults.
+    /// Run the deterministic simulation of a cluster under faults and view changes.
     Sim(SimArgs),
     /// Load a running cluster through the /kv-store dialect and print throughput and
     /// latency percentiles.
@@ -68,9 +68,19 @@ struct SimArgs {
     /// How many consecutive seeds to run, from --seed.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
-    /// Replicas of the simulated partition (K, at least 2).
+    /// Replicas per partition (K, at least 2).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=9))]
     replicas: u64,
+    /// Members of the first view (floor(nodes / K) partitions, the rest proxies); 0
+    /// draws it per seed, from K to 2K + 1.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=40))]
+    nodes: u64,
+    /// Keep the first view: no nodes added, removed or replaced.
+    #[arg(long)]
+    no_view_changes: bool,
+    /// Simulated milliseconds between two view changes: drawn from MIN..=MAX.
+    #[arg(long, default_value = "4000,12000", value_parser = parse_gap)]
+    change_gap_ms: (u64, u64),
     /// Concurrent client sessions.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -219,6 +229,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `MIN,MAX` milliseconds, `MIN <= MAX`.
+fn parse_gap(text: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = text
+        .split_once(',')
+        .ok_or_else(|| format!("expected MIN,MAX, got {text:?}"))?;
+    let parse = |t: &str| t.trim().parse::<u64>().map_err(|e| format!("{t:?}: {e}"));
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("need 0 < MIN <= MAX, got {lo},{hi}"));
+    }
+    Ok((lo, hi))
+}
+
 /// `kvs sim`: runs the seeds, prints one line per failing seed (every seed with
 /// --trace) and the totals; fails if any seed found a problem.
 fn simulate(args: &SimArgs) -> ExitCode {
@@ -242,10 +265,14 @@ fn simulate(args: &SimArgs) -> ExitCode {
     let mut failed = Vec::new();
     let mut convergence: Vec<u64> = Vec::new();
     let (mut ops, mut faults, mut transfers, mut interrupted) = (0, 0, 0, 0);
+    let (mut changes, mut handed_over) = (0, 0);
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let cfg = kvs::sim::Config {
             seed,
             replicas: args.replicas as usize,
+            nodes: args.nodes as usize,
+            view_changes: !args.no_view_changes,
+            change_gap_ms: args.change_gap_ms,
             clients: args.clients,
             keys: args.keys as usize,
             duration_ms: args.duration_ms,
@@ -265,6 +292,8 @@ fn simulate(args: &SimArgs) -> ExitCode {
         ops += report.writes + report.deletes + report.reads;
         faults += report.faults.len();
         transfers += report.transfers;
+        changes += report.completed;
+        handed_over += report.handed_over;
         interrupted += report.interrupted;
         convergence.extend(&report.convergence_ms);
         if !report.ok() {
@@ -279,7 +308,7 @@ fn simulate(args: &SimArgs) -> ExitCode {
             .unwrap_or(0)
     };
     println!(
-        "{} seeds from {}: {ops} client operations, {faults} faults, {transfers} state transfers; \
+        "{} seeds from {}: {ops} client operations, {faults} faults, {changes} view changes ({handed_over} keys handed over), {transfers} state transfers; \
          convergence after {} heals (simulated ms): p50 {} p99 {} max {} ({interrupted} heals cut short by the next fault)",
         args.seeds,
         args.seed,

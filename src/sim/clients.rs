@@ -9,8 +9,8 @@ use crate::placement::slot_of;
 use crate::quorum::{acks, Level};
 use crate::replica::{Replica, WriteRequest};
 
-use super::world::{Event, Msg, Op, Sim, Stage, Up, WriteRecord};
-use super::{Bug, CATCHUP_WAIT_MS, PARTITION, QUORUM_WAIT_MS};
+use super::world::{index, Event, Msg, Op, Sim, Stage, Up, WriteRecord};
+use super::{Bug, CATCHUP_WAIT_MS, QUORUM_WAIT_MS};
 
 /// Requests to cold keys, per mille, and how many cold keys there are per hot one.
 const COLD_PER_MILLE: u64 = 250;
@@ -20,12 +20,10 @@ impl Sim {
     /// Session `c` sends its next request.
     pub(super) fn client_op(&mut self, c: usize) {
         if self.rng.chance(300) {
-            self.sessions[c].node = self.rng.below(self.cfg.replicas as u64) as usize;
-        }
-        let n = self.sessions[c].node;
-        if self.nodes[n].up != Up::Running {
-            self.report.unavailable += 1;
-            return self.next_request(c);
+            // Clients know the members (a moment late: they may pick one just removed).
+            let members = &self.decided.members;
+            let pick = self.rng.below(members.len() as u64) as usize;
+            self.sessions[c].node = index(&members[pick]).unwrap_or(0);
         }
         // Most requests go to a few hot keys, so writes collide; the others to more cold
         // keys, whose deletes stay long enough to be collected. Out of 20 requests: 8
@@ -45,9 +43,12 @@ impl Sim {
             0..=10 => Level::ONE,
             11..=16 => Level::Quorum,
             _ => Level::All,
-        }
-        .resolve(self.cfg.replicas)
-        .unwrap_or(1);
+        };
+        let Some((n, partition, k)) = self.route(c, &key) else {
+            self.report.unavailable += 1;
+            return self.next_request(c);
+        };
+        let level = level.resolve(k).unwrap_or(1);
         let id = self.new_id();
         let token = self.sessions[c].token.clone();
         let mut op = Op {
@@ -55,6 +56,8 @@ impl Sim {
             node: n,
             key,
             began: self.step,
+            partition,
+            k,
             level,
             token,
             stage: Stage::ReadCatchUp,
@@ -66,8 +69,8 @@ impl Sim {
                     op.stage = Stage::Asking { answered: 0 };
                     let key = op.key.clone();
                     self.sessions[c].op = Some(op);
-                    for p in self.peers_of(n).collect::<Vec<_>>() {
-                        self.send(n, p, id, Msg::KeyReq(key.clone()));
+                    for p in self.peers_of(n) {
+                        self.send(n, p, id, Msg::KeyReq(partition, key.clone()));
                     }
                     self.at(QUORUM_WAIT_MS, Event::Timeout { c, op: id });
                 } else {
@@ -86,6 +89,50 @@ impl Sim {
                 self.write_local(c);
             }
         }
+    }
+
+    /// Where session `c`'s request for `key` is served: its node forwards it by its
+    /// view to a replica of the key's partition (itself if it is one), which serves it
+    /// if its own view agrees and is at least as new as the session's token (the server
+    /// would first catch up with the newer view; here the request fails). Returns the
+    /// replica, its partition and the partition's replica count.
+    fn route(&mut self, c: usize, key: &str) -> Option<(usize, crate::clock::PartitionUid, usize)> {
+        let entry = self.sessions[c].node;
+        let view = self.nodes[entry]
+            .view
+            .as_ref()
+            .filter(|_| self.nodes[entry].up == Up::Running)?;
+        let p = view.partition_of_key(key);
+        let replicas = view.replicas_of(p)?;
+        let n = if replicas.iter().any(|a| index(a) == Some(entry)) {
+            entry
+        } else {
+            let pick = self.rng.below(replicas.len() as u64) as usize;
+            index(&replicas[pick])?
+        };
+        let node = &self.nodes[n];
+        let view = node.view.as_ref().filter(|_| node.up == Up::Running)?;
+        let partition = node.partition()?;
+        if view.epoch < self.sessions[c].token.epoch || view.partition_of_key(key) != partition {
+            return None;
+        }
+        Some((n, partition, view.replicas_of(partition)?.len()))
+    }
+
+    /// Whether the replica serving `op` still is one for its key (a view change may have
+    /// installed a view that moved it since the request arrived).
+    fn still_serves(&self, op: &Op) -> bool {
+        let node = &self.nodes[op.node];
+        node.partition() == Some(op.partition) && node.owned().contains(slot_of(&op.key))
+    }
+
+    /// Whether a view change in progress stops `op`'s replica from taking writes to its
+    /// key: the slot is moving to another partition, or the replica is leaving.
+    fn frozen(&self, op: &Op) -> bool {
+        let node = &self.nodes[op.node];
+        node.duties
+            .as_ref()
+            .is_some_and(|d| d.leaving || d.frozen.contains(slot_of(&op.key)))
     }
 
     pub(super) fn new_id(&mut self) -> u64 {
@@ -123,8 +170,8 @@ impl Sim {
     }
 
     /// Wakes every puller of `n` (the server notifies them before it waits).
-    fn wake_pullers(&mut self, n: usize) {
-        for p in self.peers_of(n).collect::<Vec<_>>() {
+    pub(super) fn wake_pullers(&mut self, n: usize) {
+        for p in self.peers_of(n) {
             self.wake(n, p);
         }
     }
@@ -145,15 +192,18 @@ impl Sim {
 
     fn servable(&self, c: usize) -> bool {
         let op = self.op(c);
-        let served = self.nodes[op.node].replica.served();
-        Replica::can_serve(&served, PARTITION, &op.token) || {
+        if !self.still_serves(op) {
+            return false;
+        }
+        let served = self.replica(op.node).served();
+        Replica::can_serve(&served, op.partition, &op.token) || {
             let state = self
                 .read(op.node)
                 .get(slot_of(&op.key), &op.key)
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            Replica::can_serve_key(&served, PARTITION, &op.token, &state)
+            Replica::can_serve_key(&served, op.partition, &op.token, &state)
         }
     }
 
@@ -174,7 +224,7 @@ impl Sim {
             return;
         };
         if fold {
-            op.token.observe(PARTITION, &history);
+            op.token.observe(op.partition, &history);
         }
         *answered += 1;
         if *answered + 1 >= op.level {
@@ -187,6 +237,10 @@ impl Sim {
         let Some(op) = self.sessions[c].op.clone() else {
             return;
         };
+        if !self.still_serves(&op) {
+            self.report.unavailable += 1;
+            return self.next_request(c);
+        }
         let (n, key) = (op.node, op.key.as_str());
         let state = self
             .read(n)
@@ -201,7 +255,8 @@ impl Sim {
         self.check_read(c, n, key, &state);
         self.check_quorum_read(c, &op, &state);
         let mut token = op.token;
-        state.observe_into(PARTITION, &mut token);
+        state.observe_into(op.partition, &mut token);
+        token.observe_epoch(self.nodes[n].view.as_ref().map_or(0, |v| v.epoch));
         let session = &mut self.sessions[c];
         session.token = token;
         for v in &state.versions {
@@ -230,7 +285,13 @@ impl Sim {
     /// pullers and wait.
     fn write_local(&mut self, c: usize) {
         let op = self.op(c);
-        if self.nodes[op.node].replica.accepts_write(&op.token) {
+        if !self.still_serves(op) || self.frozen(op) {
+            // The server answers a retryable error: the key is moving, or this replica
+            // no longer is one.
+            self.report.unavailable += 1;
+            return self.next_request(c);
+        }
+        if self.replica(op.node).accepts_write(&op.token) {
             return self.apply_write(c);
         }
         let (n, key, stage) = (op.node, op.key.clone(), op.stage.clone());
@@ -243,6 +304,10 @@ impl Sim {
         let Some(op) = self.sessions[c].op.clone() else {
             return;
         };
+        if !self.still_serves(&op) || self.frozen(&op) {
+            self.report.unavailable += 1;
+            return self.next_request(c);
+        }
         let Stage::WriteCatchUp { value } = op.stage else {
             return;
         };
@@ -274,6 +339,8 @@ impl Sim {
             dot,
             context,
             level: op.level,
+            k: op.k,
+            epoch: self.nodes[n].view.as_ref().map_or(0, |v| v.epoch),
             written: self.step,
             acked: None,
             holders: Vec::new(),
@@ -294,11 +361,13 @@ impl Sim {
             )
         });
         // The poker: peers should pull soon.
-        for p in self.peers_of(n).collect::<Vec<_>>() {
+        for p in self.peers_of(n) {
             self.send(n, p, 0, Msg::Poke);
         }
+        let epoch = self.nodes[n].view.as_ref().map_or(0, |v| v.epoch);
         if let Some(o) = &mut self.sessions[c].op {
             o.token = out.token;
+            o.token.observe_epoch(epoch);
         }
         if op.level > 1 && self.cfg.bug != Some(Bug::AckAfterOne) {
             // While it waits, the pages `n` serves say `ack_wanted`.
@@ -308,9 +377,28 @@ impl Sim {
         }
     }
 
-    /// How many of `n`'s peers reported holding `dot`.
+    /// How many of `n`'s peers reported holding `dot`; during a view change, only the
+    /// peers that stay in the partition (`Node::await_acks`).
     fn acks_at(&self, n: usize, dot: Dot) -> usize {
-        acks(dot, self.nodes[n].peer_have.values())
+        let node = &self.nodes[n];
+        let next = node
+            .transition
+            .as_ref()
+            .filter(|_| self.cfg.bug != Some(Bug::AckFromLeaving));
+        let staying = |p: usize| {
+            next.is_none_or(|t| {
+                node.partition()
+                    .and_then(|uid| t.to().replicas_of(uid))
+                    .is_some_and(|to| to.contains(&super::world::addr(p)))
+            })
+        };
+        acks(
+            dot,
+            node.peer_have
+                .iter()
+                .filter(|(p, _)| staying(**p))
+                .map(|(_, vv)| vv),
+        )
     }
 
     /// Whether a quorum write waits at `n`: its sync pages then ask for a report.
@@ -370,12 +458,15 @@ impl Sim {
 
     /// `n` applied something: requests waiting there for their token may go on.
     pub(super) fn progress(&mut self, n: usize) {
+        self.drains_progress(n);
         for c in 0..self.sessions.len() {
             let Some(op) = self.sessions[c].op.as_ref().filter(|o| o.node == n) else {
                 continue;
             };
-            let replica = &self.nodes[n].replica;
-            let ready = Replica::can_serve(&replica.served(), PARTITION, &op.token);
+            let Some(replica) = &self.nodes[n].replica else {
+                continue;
+            };
+            let ready = Replica::can_serve(&replica.served(), op.partition, &op.token);
             match op.stage {
                 Stage::ReadCatchUp if ready => self.serve_read(c),
                 Stage::WriteCatchUp { .. } if ready => self.apply_write(c),
@@ -400,7 +491,9 @@ impl Sim {
             }
             // The second attempt: the key's own state may do.
             Stage::ReadCatchUp if self.servable(c) => self.serve_read(c),
-            Stage::WriteCatchUp { .. } if self.nodes[n].replica.accepts_write(&op.token) => {
+            Stage::WriteCatchUp { .. }
+                if self.still_serves(&op) && self.replica(n).accepts_write(&op.token) =>
+            {
                 self.apply_write(c)
             }
             Stage::ReadCatchUp | Stage::WriteCatchUp { .. } => {

@@ -13,13 +13,14 @@
 use crate::merkle;
 use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncResponse};
 
-use super::world::{all_slots, DigestRound, Msg, Sim};
-use super::{DIGEST_PAGES_PER_ROUND, PAGE_BYTES, PARTITION, SYNC_TIMEOUT_MS};
+use super::world::{DigestRound, Msg, Sim};
+use super::{DIGEST_PAGES_PER_ROUND, PAGE_BYTES, SYNC_TIMEOUT_MS};
 
 impl Sim {
-    /// This node's slot digests, over its whole store.
+    /// This node's slot digests, over the slots its replica owns.
     fn slot_digests(&mut self, n: usize) -> Vec<u64> {
-        let digests = merkle::slot_digests(&*self.read(n), &all_slots());
+        let owned = self.nodes[n].owned();
+        let digests = merkle::slot_digests(&*self.read(n), &owned);
         digests.unwrap_or_else(|e| {
             self.fail(format!("n{n} cannot hash its slots: {e}"));
             Vec::new()
@@ -28,6 +29,9 @@ impl Sim {
 
     /// Starts a round of `n` against `p`, giving up any earlier one.
     pub(super) fn digest_round(&mut self, n: usize, p: usize) {
+        let Some(partition) = self.nodes[n].partition() else {
+            return;
+        };
         let mine = self.slot_digests(n);
         let buckets = merkle::bucket_digests(&mine);
         let id = self.new_id();
@@ -40,7 +44,7 @@ impl Sim {
             },
         );
         self.report.digest_rounds += 1;
-        self.send(n, p, id, Msg::DigestReq(buckets));
+        self.send(n, p, id, Msg::DigestReq(partition, buckets));
     }
 
     /// The round of `n` against `p` that waits for the answer `id`, if it is still in
@@ -73,10 +77,14 @@ impl Sim {
         buckets: &[u32],
         theirs: &[(u32, u64)],
     ) {
-        let Some(round) = self.digest_answered(n, p, id) else {
+        if self.digest_answered(n, p, id).is_none() {
+            return;
+        }
+        let owned = self.nodes[n].owned();
+        let Some(round) = self.nodes[n].digests.get_mut(&p) else {
             return;
         };
-        let slots = merkle::differing_slots(&round.mine, buckets, theirs, &all_slots());
+        let slots = merkle::differing_slots(&round.mine, buckets, theirs, &owned);
         if slots.is_empty() {
             return;
         }
@@ -89,12 +97,15 @@ impl Sim {
         let id = self.new_id();
         let deadline = self.now + SYNC_TIMEOUT_MS;
         let page_entries = self.page_entries;
+        let Some(partition) = self.nodes[n].partition() else {
+            return;
+        };
         let Some(round) = self.nodes[n].digests.get_mut(&p) else {
             return;
         };
         round.inflight = Some((id, deadline));
         let req = SnapshotRequest {
-            partition: PARTITION,
+            partition,
             epoch: None,
             slots: Some(round.slots.clone()),
             after,
@@ -106,8 +117,11 @@ impl Sim {
 
     /// `n` serves a page of its keys in the slots a peer's round asks for.
     pub(super) fn serve_repair(&mut self, n: usize, from: usize, id: u64, req: &SnapshotRequest) {
-        let slots = req.slots.clone().unwrap_or_else(all_slots);
-        let page = Replica::serve_snapshot(&*self.read(n), &self.nodes[n].replica, &slots, req);
+        let mut slots = self.nodes[n].owned();
+        if let Some(wanted) = &req.slots {
+            slots.intersect(wanted);
+        }
+        let page = Replica::serve_snapshot(&*self.read(n), self.replica(n), &slots, req);
         match page {
             Ok(page) => self.send(n, from, id, Msg::RepairResp(page)),
             Err(e) => self.fail(format!("n{n} failed to serve a repair page: {e}")),
@@ -126,7 +140,9 @@ impl Sim {
             .clone()
             .filter(|_| round.pages < DIGEST_PAGES_PER_ROUND);
         self.report.repaired += page.states.len() as u64;
-        let served = self.nodes[n].replica.served();
+        let Some(served) = self.nodes[n].replica.as_ref().map(Replica::served) else {
+            return;
+        };
         let states = page
             .states
             .into_iter()

@@ -7,21 +7,25 @@ use crate::clock::{CausalToken, VersionVector};
 use crate::placement::slot_of;
 use crate::replica::{Replica, SyncRequest, SyncResponse};
 
-use super::world::{all_slots, Collected, Msg, PullState, Sim, Up};
-use super::{Bug, COLLECT_PER_ROUND, PAGE_BYTES, PARTITION, SYNC_TIMEOUT_MS};
+use super::world::{Collected, Msg, PullState, Sim, Up};
+use super::{Bug, COLLECT_PER_ROUND, PAGE_BYTES, SYNC_TIMEOUT_MS};
 
 impl Sim {
     pub(super) fn deliver(&mut self, from: usize, to: usize, id: u64, msg: Msg) {
         self.trace(|| format!("n{from} -> n{to} {}", msg.name()));
         match msg {
             Msg::Poke => self.wake(to, from),
-            Msg::SyncReq(req) => {
+            // A request for a partition this node has no replica of is refused (the
+            // asker's wait times out).
+            Msg::SyncReq(req) if self.serves(to, req.partition) => {
                 // The report decides trimming and collection, and acknowledges quorum
-                // writes waiting here.
-                self.nodes[to].peer_have.insert(from, req.have.clone());
-                self.check_acks(to);
-                let node = &self.nodes[to];
-                let resp = Replica::serve_sync(&*self.read(to), &node.replica, &all_slots(), &req);
+                // writes waiting here; only a peer's counts.
+                if self.peers_of(to).contains(&from) {
+                    self.nodes[to].peer_have.insert(from, req.have.clone());
+                    self.check_acks(to);
+                }
+                let owned = self.nodes[to].owned();
+                let resp = Replica::serve_sync(&*self.read(to), self.replica(to), &owned, &req);
                 match resp {
                     Ok(mut resp) => {
                         resp.ack_wanted = self.awaits_acks(to);
@@ -30,10 +34,9 @@ impl Sim {
                     Err(e) => self.fail(format!("n{to} failed to serve a sync: {e}")),
                 }
             }
-            Msg::SnapReq(req) => {
-                let node = &self.nodes[to];
-                let page =
-                    Replica::serve_snapshot(&*self.read(to), &node.replica, &all_slots(), &req);
+            Msg::SnapReq(req) if self.serves(to, req.partition) => {
+                let owned = self.nodes[to].owned();
+                let page = Replica::serve_snapshot(&*self.read(to), self.replica(to), &owned, &req);
                 match page {
                     Ok(page) => self.send(to, from, id, Msg::SnapResp(page)),
                     Err(e) => self.fail(format!("n{to} failed to serve a snapshot: {e}")),
@@ -43,8 +46,11 @@ impl Sim {
                 if !self.answered(to, from, id) {
                     return;
                 }
-                let absorbed = self.nodes[to].replica.absorbed().clone();
-                let peers = self.cfg.replicas - 1;
+                let Some(partition) = self.nodes[to].partition() else {
+                    return;
+                };
+                let absorbed = self.replica(to).absorbed().clone();
+                let peers = self.peers_of(to).len();
                 let next = self
                     .pull_state(to, from)
                     .policy
@@ -65,7 +71,7 @@ impl Sim {
                     }
                     Next::CopyState => {
                         self.trace(|| format!("n{to} copies n{from}'s whole state"));
-                        self.pull_state(to, from).transfer = Some(Transfer::new(PARTITION));
+                        self.pull_state(to, from).transfer = Some(Transfer::new(partition));
                         self.pull(to, from);
                     }
                 }
@@ -81,9 +87,10 @@ impl Sim {
                 self.apply(to, (from, "transfer page"), &resp);
                 if transfer.is_done() {
                     let claim = transfer.claim();
-                    let node = &mut self.nodes[to];
-                    node.replica.claim(&claim);
-                    self.commit(to, |_, _| Ok(()));
+                    self.commit(to, |r, _| {
+                        r.claim(&claim);
+                        Ok(())
+                    });
                     self.progress(to);
                     self.report.transfers += 1;
                     self.trace(|| format!("n{to} finished copying n{from}"));
@@ -92,25 +99,39 @@ impl Sim {
                 }
                 self.pull(to, from);
             }
-            Msg::KeyReq(key) => {
+            Msg::KeyReq(partition, key)
+                if self.serves(to, partition) && self.nodes[to].owned().contains(slot_of(&key)) =>
+            {
                 // `Node::get` with the empty token of a quorum read: answered at once.
                 let read = Replica::read(
                     &*self.read(to),
-                    PARTITION,
+                    partition,
                     slot_of(&key),
                     &key,
                     CausalToken::empty(0),
                 );
                 match read {
-                    Ok(out) => self.send(to, from, id, Msg::KeyResp(out.token.part(PARTITION))),
+                    Ok(out) => self.send(to, from, id, Msg::KeyResp(out.token.part(partition))),
                     Err(e) => self.fail(format!("n{to} failed to read {key}: {e}")),
                 }
             }
             Msg::KeyResp(history) => self.key_answer(to, id, history),
-            Msg::DigestReq(buckets) => self.serve_digests(to, from, id, &buckets),
+            Msg::DigestReq(partition, buckets) if self.serves(to, partition) => {
+                self.serve_digests(to, from, id, &buckets)
+            }
             Msg::DigestResp(buckets, slots) => self.on_digests(to, from, id, &buckets, &slots),
-            Msg::RepairReq(req) => self.serve_repair(to, from, id, &req),
+            Msg::RepairReq(req) if self.serves(to, req.partition) => {
+                self.serve_repair(to, from, id, &req)
+            }
             Msg::RepairResp(page) => self.on_repair(to, from, id, page),
+            Msg::SyncReq(_)
+            | Msg::SnapReq(_)
+            | Msg::KeyReq(..)
+            | Msg::DigestReq(..)
+            | Msg::RepairReq(_) => {
+                self.trace(|| format!("n{to} has no replica for n{from}'s request"))
+            }
+            other => self.deliver_change(from, to, id, other),
         }
     }
 
@@ -142,9 +163,17 @@ impl Sim {
 
     /// `n` pulls from `p` unless it is already asking.
     pub(super) fn pull(&mut self, n: usize, p: usize) {
-        if self.nodes[n].up != Up::Running || self.pull_state(n, p).inflight.is_some() {
+        // Only from a peer in its view (a poke from a former peer wakes nothing).
+        if self.nodes[n].up != Up::Running
+            || !self.peers_of(n).contains(&p)
+            || self.pull_state(n, p).inflight.is_some()
+        {
             return;
         }
+        let Some(replica) = &self.nodes[n].replica else {
+            return;
+        };
+        let (partition, have) = (replica.partition(), replica.applied().clone());
         let id = self.next_msg;
         self.next_msg += 1;
         let deadline = self.now + SYNC_TIMEOUT_MS;
@@ -154,8 +183,8 @@ impl Sim {
         let msg = match &st.transfer {
             Some(t) => Msg::SnapReq(t.request(page_entries, PAGE_BYTES)),
             None => Msg::SyncReq(SyncRequest {
-                partition: PARTITION,
-                have: self.nodes[n].replica.applied().clone(),
+                partition,
+                have,
                 max_entries: page_entries,
                 max_bytes: PAGE_BYTES,
             }),
@@ -166,6 +195,9 @@ impl Sim {
     /// A poke from `p` (or a read `n` could not serve): pull from `p` now, or right
     /// after the pull in flight.
     pub(super) fn wake(&mut self, n: usize, p: usize) {
+        if !self.peers_of(n).contains(&p) {
+            return;
+        }
         if self.pull_state(n, p).inflight.is_some() {
             self.pull_state(n, p).again = true;
         } else {
@@ -197,13 +229,18 @@ impl Sim {
     /// The server's trimmer: trims the log of what every peer reported having, then
     /// collects the tombstones inside that floor and older than the horizon.
     pub(super) fn trim(&mut self, n: usize) {
+        // During a view change a member joining the partition resumes the log from the
+        // vector its copy claimed: the server keeps the log whole until the switch.
         let node = &self.nodes[n];
+        let Some(replica) = node.replica.as_ref().filter(|_| node.transition.is_none()) else {
+            return;
+        };
         // Only once every peer has told this node how far it is.
-        let floor = (node.peer_have.len() >= self.cfg.replicas - 1)
-            .then(|| Replica::trim_floor(node.replica.applied(), node.peer_have.values()))
+        let floor = (node.peer_have.len() >= self.peers_of(n).len())
+            .then(|| Replica::trim_floor(replica.applied(), node.peer_have.values()))
             .filter(|floor| !floor.is_empty());
         let collect = if self.cfg.bug == Some(Bug::CollectIgnoringFloor) {
-            Some(node.replica.applied().clone())
+            Some(replica.applied().clone())
         } else {
             // The floor of an earlier round, once every page fetch begun before it was
             // observed is over: a page served before a peer applied a delete would
@@ -226,6 +263,7 @@ impl Sim {
             }
             older
         };
+        self.trace(|| format!("n{n} trims (floor {floor:?}, collects with {collect:?})"));
         if let Some(floor) = floor {
             self.commit(n, |_, txn| {
                 for (origin, upto) in floor.iter() {
@@ -245,6 +283,7 @@ impl Sim {
     fn collect(&mut self, n: usize, floor: VersionVector) {
         let cutoff_ms = self.now.saturating_sub(self.horizon_ms);
         let after = self.nodes[n].collect_cursor.take();
+        let owned = self.nodes[n].owned();
         let (candidates, next) = {
             let txn = self.read(n);
             let dead = txn
@@ -256,10 +295,12 @@ impl Sim {
             let candidates: Vec<(u32, String)> = dead
                 .into_iter()
                 .filter(|(slot, key)| {
-                    txn.get(*slot, key)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|s| Replica::collectable(&s, &floor, cutoff_ms))
+                    owned.contains(*slot)
+                        && txn
+                            .get(*slot, key)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|s| Replica::collectable(&s, &floor, cutoff_ms))
                 })
                 .collect();
             (candidates, next)
@@ -289,6 +330,12 @@ impl Sim {
                     .collect();
                 format!("n{n} collects {key} = [{}]", dots.join(" "))
             });
+            // A node the newest view removes, still unaware of it, collects in its old
+            // view: what it drops is gone with it, not from the cluster (its writes are
+            // the documented caveat's), so the checker does not count it.
+            if !self.decided.is_member(&super::world::addr(n)) {
+                continue;
+            }
             let at_ms = self.now;
             let collected = self.collected.entry(key.clone()).or_default();
             for v in state.versions {
@@ -299,7 +346,7 @@ impl Sim {
                     history: v.vv,
                 });
             }
-            for m in 0..self.cfg.replicas {
+            for m in 0..self.nodes.len() {
                 self.check_stored(m, &key, None);
             }
         }

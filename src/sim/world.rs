@@ -3,93 +3,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::antientropy::{Puller, Transfer};
-use crate::clock::{CausalToken, Dot, ReplicaId, VersionVector};
-use crate::placement::{SlotSet, SLOTS};
-use crate::replica::{Replica, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::clock::{CausalToken, Dot, PartitionUid, ReplicaId, VersionVector};
+use crate::placement::{SlotSet, View};
+use crate::replica::Replica;
 use crate::storage::{MemoryStore, ReadTxn, Store};
+use crate::viewchange::{Duties, Transition};
 
+use super::gc::GcRound;
+pub(super) use super::messages::{Event, Fault, Msg};
+use super::steps::Handoff;
+use super::viewchange::ChangeRun;
 use super::{
-    Config, Report, Rng, DIGEST_INTERVAL_MS, HORIZONS_MS, PARTITION, SYNC_INTERVAL_MS,
-    TRIM_INTERVAL_MS,
+    Config, Report, Rng, DIGEST_INTERVAL_MS, GOSSIP_INTERVAL_MS, HANDOFF_PAGE_MS, HORIZONS_MS,
+    SYNC_INTERVAL_MS, TRIM_INTERVAL_MS,
 };
-
-#[derive(Clone, Debug)]
-pub(super) enum Msg {
-    SyncReq(SyncRequest),
-    SyncResp(SyncResponse),
-    SnapReq(SnapshotRequest),
-    SnapResp(SnapshotPage),
-    Poke,
-    /// A quorum read asks a peer for its state of a key, with an empty token.
-    KeyReq(String),
-    /// The peer's answer: its token after reading the key (the key's history there).
-    KeyResp(VersionVector),
-    /// A digest round: the asker's bucket digests.
-    DigestReq(Vec<u64>),
-    /// The buckets that differ at the peer, and its slot digests in them.
-    DigestResp(Vec<u32>, Vec<(u32, u64)>),
-    /// A digest round fetches the peer's keys of the slots that differ.
-    RepairReq(SnapshotRequest),
-    RepairResp(SnapshotPage),
-}
-
-impl Msg {
-    pub(super) fn name(&self) -> &'static str {
-        match self {
-            Msg::SyncReq(_) => "sync?",
-            Msg::SyncResp(_) => "sync!",
-            Msg::SnapReq(_) => "snapshot?",
-            Msg::SnapResp(_) => "snapshot!",
-            Msg::Poke => "poke",
-            Msg::KeyReq(_) => "key?",
-            Msg::KeyResp(_) => "key!",
-            Msg::DigestReq(_) => "digests?",
-            Msg::DigestResp(..) => "digests!",
-            Msg::RepairReq(_) => "repair?",
-            Msg::RepairResp(_) => "repair!",
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(super) enum Event {
-    /// A node's pull round: ask every peer it is not already asking.
-    Tick(usize),
-    /// A node's trimmer: trim the log, collect tombstones.
-    Trim(usize),
-    /// A node's digest round with one peer: `(node, peer)`.
-    Digest(usize, usize),
-    /// A session sends its next request.
-    Client(usize),
-    /// The wait `op` of session `c` runs out (ignored if the session moved on).
-    Timeout {
-        c: usize,
-        op: u64,
-    },
-    /// `id` pairs a response with the call that asked (0 for pokes).
-    Deliver {
-        from: usize,
-        to: usize,
-        id: u64,
-        msg: Msg,
-    },
-    Fault(Fault),
-    Heal,
-    Probe,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Fault {
-    Isolate(usize),
-    Split(Vec<usize>),
-    OneWay(usize, usize),
-    Crash(usize),
-    /// A crash that lasts longer than a trim round.
-    Outage(usize),
-    Wipe(usize),
-    Pause(usize),
-    Lossy,
-}
 
 /// What one node does with one peer.
 #[derive(Clone, Debug, Default)]
@@ -123,7 +50,15 @@ pub(super) struct DigestRound {
 
 pub(super) struct SimNode {
     pub(super) store: MemoryStore,
-    pub(super) replica: Replica,
+    /// The installed view (`None`: a spare, a removed node, or one whose disk was wiped
+    /// and that has not heard of its cluster again yet). Durable, as the view change
+    /// it is in and the replica: they are persisted with the store in the server.
+    pub(super) view: Option<View>,
+    pub(super) transition: Option<Transition>,
+    /// The epoch of the view that removed it, if one did (durable).
+    pub(super) removed: Option<u64>,
+    /// Its replica, when the view makes it one.
+    pub(super) replica: Option<Replica>,
     pub(super) up: Up,
     pub(super) pulls: BTreeMap<usize, PullState>,
     /// How far each peer said it is (its last sync request): decides trimming,
@@ -138,6 +73,63 @@ pub(super) struct SimNode {
     pub(super) pending_floor: Option<(u64, VersionVector)>,
     /// Messages and timeouts that reached the node while it was paused.
     pub(super) backlog: Vec<Event>,
+    /// Drains waiting for the replica to catch up: `(coordinator, call id, target,
+    /// deadline)`.
+    pub(super) drains: Vec<(usize, u64, VersionVector, u64)>,
+    /// Its duties in the change it learned (cached: writes check them).
+    pub(super) duties: Option<Duties>,
+    /// Handoff pages in flight, by request id.
+    pub(super) handoffs: BTreeMap<u64, Handoff>,
+    /// The deletion of handed-over slots under way.
+    pub(super) gc: GcRound,
+}
+
+impl SimNode {
+    pub(super) fn new(view: Option<View>, replica: Option<Replica>) -> Self {
+        Self {
+            store: MemoryStore::new(),
+            view,
+            transition: None,
+            removed: None,
+            replica,
+            up: Up::Running,
+            pulls: BTreeMap::new(),
+            peer_have: BTreeMap::new(),
+            digests: BTreeMap::new(),
+            collect_cursor: None,
+            pending_floor: None,
+            backlog: Vec::new(),
+            drains: Vec::new(),
+            duties: None,
+            handoffs: BTreeMap::new(),
+            gc: GcRound::default(),
+        }
+    }
+
+    /// The partition its replica belongs to.
+    pub(super) fn partition(&self) -> Option<PartitionUid> {
+        self.replica.as_ref().map(Replica::partition)
+    }
+
+    /// The slots its replica owns in its view (empty without one).
+    pub(super) fn owned(&self) -> SlotSet {
+        match (&self.view, self.partition()) {
+            (Some(v), Some(uid)) => v.slots_of(uid),
+            _ => SlotSet::default(),
+        }
+    }
+
+    /// Forgets what a process keeps in memory for its replica's workers (a crash, or a
+    /// new view: the server restarts them with a fresh handle).
+    pub(super) fn reset_workers(&mut self) {
+        self.pulls.clear();
+        self.peer_have.clear();
+        self.digests.clear();
+        self.collect_cursor = None;
+        self.pending_floor = None;
+        self.drains.clear();
+        self.handoffs.clear();
+    }
 }
 
 /// A write the checker knows about.
@@ -146,8 +138,12 @@ pub(super) struct WriteRecord {
     pub(super) dot: Dot,
     /// What the writer knew after writing: the write's causal past, and itself.
     pub(super) context: VersionVector,
-    /// The level it was asked at (replicas that must hold it).
+    /// The level it was asked at (replicas that must hold it), and the partition's
+    /// replica count then.
     pub(super) level: usize,
+    pub(super) k: usize,
+    /// The view epoch of its coordinator.
+    pub(super) epoch: u64,
     /// The step it was applied at its coordinator.
     pub(super) written: u64,
     /// The step its client was told it succeeded; `None` while it waits for its peers,
@@ -188,7 +184,10 @@ pub(super) struct Op {
     pub(super) key: String,
     /// The step the request was sent at.
     pub(super) began: u64,
-    /// Replicas it involves (its level, resolved against K).
+    /// The partition that serves it (in the serving node's view), its replica count,
+    /// and the replicas the request involves (its level, resolved against that count).
+    pub(super) partition: PartitionUid,
+    pub(super) k: usize,
     pub(super) level: usize,
     /// The token the replica works with: the client's; for a read, with its peers'
     /// histories folded in; for a write waiting for acknowledgements, the write's answer.
@@ -200,6 +199,8 @@ pub(super) struct Session {
     pub(super) token: CausalToken,
     /// The checker's own account of what this session causally knows.
     pub(super) known: VersionVector,
+    /// The node it sends requests to (which forwards each to a replica of the key's
+    /// partition).
     pub(super) node: usize,
     /// The request it waits for, if any.
     pub(super) op: Option<Op>,
@@ -219,14 +220,18 @@ pub(super) struct Sim {
     pub(super) next_replica_id: ReplicaId,
     pub(super) next_msg: u64,
     pub(super) page_entries: u32,
+    /// How long a source takes to serve each handoff page (drawn per seed: large
+    /// transfers take time, and faults meet them midway).
+    pub(super) handoff_page_ms: u64,
     // The network.
     pub(super) cut: BTreeSet<(usize, usize)>,
     /// Messages sent over a cut link, with when they were sent.
     pub(super) held: Vec<(u64, Event)>,
     pub(super) loss_per_mille: u64,
     pub(super) max_latency: u64,
-    /// A pending convergence measurement: when the heal happened, and what must arrive.
-    pub(super) pending: Option<(u64, VersionVector)>,
+    /// A pending convergence measurement: when the heal happened, and what must arrive
+    /// at each partition's replicas.
+    pub(super) pending: Option<(u64, BTreeMap<PartitionUid, VersionVector>)>,
     pub(super) clients_running: bool,
     /// Events handled so far: orders acknowledgements, collections and reads.
     pub(super) step: u64,
@@ -236,13 +241,29 @@ pub(super) struct Sim {
     pub(super) collected: BTreeMap<String, Vec<Collected>>,
     /// Disks wiped: `(node, step)`.
     pub(super) wipes: Vec<(usize, u64)>,
+    /// Replicas removed by a change that could not drain them (they did not answer):
+    /// `(node, the change's epoch)`. Writes only they held are lost with them, as
+    /// documented.
+    pub(super) undrained: Vec<(usize, u64)>,
     /// Stored versions already reported as outliving a collected tombstone.
     pub(super) flagged: BTreeSet<(usize, Dot)>,
+    /// The view change being carried out, and the newest view decided.
+    pub(super) change: Option<ChangeRun>,
+    pub(super) decided: View,
     pub(super) report: Report,
 }
 
-pub(super) fn all_slots() -> SlotSet {
-    (0..SLOTS).collect()
+/// The address of node `n` (loopback, never dialled: it only names the node in views).
+pub(super) fn addr(n: usize) -> String {
+    format!("127.0.{}.{}:7000", n / 250, n % 250 + 1)
+}
+
+/// The node an address names.
+pub(super) fn index(addr: &str) -> Option<usize> {
+    let ip = addr.strip_suffix(":7000")?.strip_prefix("127.0.")?;
+    let (hi, lo) = ip.split_once('.')?;
+    let (hi, lo): (usize, usize) = (hi.parse().ok()?, lo.parse().ok()?);
+    Some(hi * 250 + lo.checked_sub(1)?)
 }
 
 impl Sim {
@@ -250,6 +271,17 @@ impl Sim {
         let mut rng = Rng::new(cfg.seed);
         let page_entries = rng.between(8, 128) as u32;
         let horizon_ms = HORIZONS_MS[rng.below(HORIZONS_MS.len() as u64) as usize];
+        let handoff_page_ms = HANDOFF_PAGE_MS[rng.below(HANDOFF_PAGE_MS.len() as u64) as usize];
+        let k = cfg.replicas.max(1);
+        // The first view: `nodes` members, or a number drawn per seed from one partition
+        // to two partitions and a proxy.
+        let members = match cfg.nodes {
+            0 if cfg.view_changes => rng.between(k as u64, 2 * k as u64 + 1) as usize,
+            0 => k,
+            n => n.max(k),
+        };
+        let decided = View::bootstrap((0..members).map(addr).collect(), k)
+            .expect("a view of at least K loopback addresses is valid");
         let mut sim = Self {
             report: Report {
                 seed: cfg.seed,
@@ -266,6 +298,7 @@ impl Sim {
             next_replica_id: 1,
             next_msg: 1,
             page_entries,
+            handoff_page_ms,
             cut: BTreeSet::new(),
             held: Vec::new(),
             loss_per_mille: 0,
@@ -276,37 +309,17 @@ impl Sim {
             horizon_ms,
             collected: BTreeMap::new(),
             wipes: Vec::new(),
+            undrained: Vec::new(),
             flagged: BTreeSet::new(),
+            change: None,
+            decided: decided.clone(),
             cfg,
         };
-        for n in 0..sim.cfg.replicas {
-            let replica = Replica::fresh(sim.new_replica_id(), PARTITION);
-            let pulls = sim.peers_of(n).map(|p| (p, PullState::default())).collect();
-            sim.nodes.push(SimNode {
-                store: MemoryStore::new(),
-                replica,
-                up: Up::Running,
-                pulls,
-                peer_have: BTreeMap::new(),
-                digests: BTreeMap::new(),
-                collect_cursor: None,
-                pending_floor: None,
-                backlog: Vec::new(),
-            });
-            let offset = sim.rng.below(SYNC_INTERVAL_MS);
-            sim.at(offset, Event::Tick(n));
-            let offset = sim.rng.below(TRIM_INTERVAL_MS);
-            sim.at(offset, Event::Trim(n));
-            // As the server: each peer's first round at a random point of the interval.
-            for p in sim.peers_of(n).collect::<Vec<_>>() {
-                let offset = sim
-                    .rng
-                    .between(DIGEST_INTERVAL_MS / 4, DIGEST_INTERVAL_MS - 1);
-                sim.at(offset, Event::Digest(n, p));
-            }
+        for _ in 0..members {
+            sim.spawn_node(Some(decided.clone()));
         }
         for c in 0..sim.cfg.clients {
-            let node = sim.rng.below(sim.cfg.replicas as u64) as usize;
+            let node = sim.rng.below(members as u64) as usize;
             sim.sessions.push(Session {
                 token: CausalToken::empty(0),
                 known: VersionVector::new(),
@@ -317,7 +330,39 @@ impl Sim {
             sim.at(offset, Event::Client(c));
         }
         sim.schedule_faults();
+        if sim.cfg.view_changes {
+            sim.schedule_changes();
+        }
         sim
+    }
+
+    /// Starts a node: a member of `view` (a replica, or a proxy), or a blank spare.
+    pub(super) fn spawn_node(&mut self, view: Option<View>) -> usize {
+        let n = self.nodes.len();
+        let replica = match view.as_ref().and_then(|v| v.role_of(&addr(n))) {
+            Some(crate::placement::Role::Replica(uid)) => {
+                Some(Replica::fresh(self.new_replica_id(), uid))
+            }
+            _ => None,
+        };
+        self.nodes.push(SimNode::new(view, replica));
+        let offset = self.rng.below(SYNC_INTERVAL_MS);
+        self.at(offset, Event::Tick(n));
+        let offset = self.rng.below(TRIM_INTERVAL_MS);
+        self.at(offset, Event::Trim(n));
+        let offset = self.rng.below(GOSSIP_INTERVAL_MS);
+        self.at(offset, Event::Gossip(n));
+        // As the server: each peer's first round at a random point of the interval.
+        // Rounds run with whoever is a peer when they come due.
+        for p in 0..n {
+            for (a, b) in [(n, p), (p, n)] {
+                let offset = self
+                    .rng
+                    .between(DIGEST_INTERVAL_MS / 4, DIGEST_INTERVAL_MS - 1);
+                self.at(offset, Event::Digest(a, b));
+            }
+        }
+        n
     }
 
     pub(super) fn new_replica_id(&mut self) -> ReplicaId {
@@ -328,8 +373,44 @@ impl Sim {
         id
     }
 
-    pub(super) fn peers_of(&self, n: usize) -> impl Iterator<Item = usize> {
-        (0..self.cfg.replicas).filter(move |&p| p != n)
+    /// Whether every member of the newest view has installed it (a node back from a
+    /// wiped disk learns it by gossip, maybe after the final heal).
+    fn members_caught_up(&self) -> bool {
+        let view = &self.decided;
+        view.members.iter().filter_map(|a| index(a)).all(|n| {
+            self.nodes[n]
+                .view
+                .as_ref()
+                .is_some_and(|v| v.epoch == view.epoch)
+        })
+    }
+
+    /// The other replicas of `n`'s partition, in `n`'s view.
+    pub(super) fn peers_of(&self, n: usize) -> Vec<usize> {
+        let node = &self.nodes[n];
+        match (&node.view, node.partition()) {
+            (Some(v), Some(uid)) => v
+                .replicas_of(uid)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|a| index(a))
+                .filter(|&p| p != n)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `n` runs a replica of `partition` (to answer a peer's request).
+    pub(super) fn serves(&self, n: usize, partition: PartitionUid) -> bool {
+        self.nodes[n].partition() == Some(partition)
+    }
+
+    /// Node `n`'s replica (for nodes known to have one).
+    pub(super) fn replica(&self, n: usize) -> &Replica {
+        self.nodes[n]
+            .replica
+            .as_ref()
+            .expect("only called for nodes with a replica")
     }
 
     pub(super) fn at(&mut self, delay: u64, event: Event) {
@@ -368,7 +449,12 @@ impl Sim {
             }
             self.step += 1;
             self.handle(event);
-            if !self.clients_running && final_converged.is_none() && self.pending.is_none() {
+            if !self.clients_running
+                && final_converged.is_none()
+                && self.pending.is_none()
+                && self.change.is_none()
+                && self.members_caught_up()
+            {
                 final_converged = Some(self.now);
             }
             let quiet_from =
@@ -384,8 +470,7 @@ impl Sim {
         match event {
             Event::Tick(n) => {
                 if self.nodes[n].up == Up::Running {
-                    let peers: Vec<usize> = self.peers_of(n).collect();
-                    for p in peers {
+                    for p in self.peers_of(n) {
                         self.expire(n, p);
                         self.pull(n, p);
                     }
@@ -399,7 +484,7 @@ impl Sim {
                 self.at(TRIM_INTERVAL_MS, Event::Trim(n));
             }
             Event::Digest(n, p) => {
-                if self.nodes[n].up == Up::Running {
+                if self.nodes[n].up == Up::Running && self.peers_of(n).contains(&p) {
                     self.digest_round(n, p);
                 }
                 self.at(DIGEST_INTERVAL_MS, Event::Digest(n, p));
@@ -429,6 +514,26 @@ impl Sim {
             Event::Fault(fault) => self.start_fault(fault),
             Event::Heal => self.heal(),
             Event::Probe => self.probe(),
+            Event::Change => self.start_change(),
+            Event::Drive(run) => self.drive(run),
+            Event::Gc(n, attempt) => match self.nodes[n].up {
+                Up::Running => self.gc(n, attempt),
+                Up::Paused => self.nodes[n].backlog.push(event),
+                Up::Down => {}
+            },
+            Event::SendLater { from, to, id, msg } => match self.nodes[from].up {
+                Up::Running => self.send(from, to, id, msg),
+                Up::Paused => self.nodes[from]
+                    .backlog
+                    .push(Event::SendLater { from, to, id, msg }),
+                Up::Down => {}
+            },
+            Event::Gossip(n) => {
+                if self.nodes[n].up == Up::Running {
+                    self.gossip(n);
+                }
+                self.at(GOSSIP_INTERVAL_MS, Event::Gossip(n));
+            }
         }
     }
 
@@ -442,17 +547,37 @@ impl Sim {
             .expect("the memory store always opens a read")
     }
 
-    /// Runs `f` in a write transaction of node `n`, persists the replica, commits.
+    /// Runs `f` in a write transaction of node `n` with its replica, persists the
+    /// replica, commits. `None` (nothing done) for a node without a replica.
     pub(super) fn commit<T>(
         &mut self,
         n: usize,
         f: impl FnOnce(&mut Replica, &mut dyn crate::storage::WriteTxn) -> crate::storage::Result<T>,
     ) -> Option<T> {
+        self.nodes[n].replica.as_ref()?;
+        self.commit_store(n, |replica, txn| match replica {
+            Some(r) => f(r, txn),
+            None => unreachable!("checked above"),
+        })
+    }
+
+    /// Runs `f` in a write transaction of node `n`, persists the replica if it has one,
+    /// commits.
+    pub(super) fn commit_store<T>(
+        &mut self,
+        n: usize,
+        f: impl FnOnce(
+            &mut Option<Replica>,
+            &mut dyn crate::storage::WriteTxn,
+        ) -> crate::storage::Result<T>,
+    ) -> Option<T> {
         let node = &mut self.nodes[n];
         let result = (|| {
             let mut txn = node.store.write()?;
             let out = f(&mut node.replica, &mut *txn)?;
-            node.replica.persist(&mut *txn)?;
+            if let Some(r) = &node.replica {
+                r.persist(&mut *txn)?;
+            }
             txn.commit()?;
             Ok::<T, crate::storage::StorageError>(out)
         })();
