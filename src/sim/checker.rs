@@ -87,7 +87,7 @@ impl Sim {
         self.collected
             .get(key)?
             .iter()
-            .find(|t| t.dot != dot && t.history.contains(dot))
+            .find(|t| t.dot != dot && !t.excused && t.history.contains(dot))
             .map(|t| {
                 format!(
                     "tombstone {}:{} which n{} collected at {} ms",

@@ -145,8 +145,9 @@
 //!   quorum visibility and resurrections alike (a change driven again after the node
 //!   answered may hand such a write to only some of the new replicas; a later write at
 //!   one that lacked it does not supersede it), see the open findings below. Such a
-//!   node's reads are not checked for resurrections after collection, and what it
-//!   collects is not counted (it hands nothing back: it is nobody's peer any more).
+//!   node's reads are not checked for resurrections after collection (it hands
+//!   nothing back: it is nobody's peer any more), and the collection of a delete it
+//!   took is not counted.
 //! * The run ends once the final heal has converged, no change is running, every
 //!   member has installed the newest view, and three trim and digest intervals passed.
 //! * Clients reach every live node (faults cut links between nodes) and forwarding is

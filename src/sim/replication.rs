@@ -330,19 +330,23 @@ impl Sim {
                     .collect();
                 format!("n{n} collects {key} = [{}]", dots.join(" "))
             });
-            // A node the newest view removes, still unaware of it, collects in its old
-            // view: what it drops is gone with it, not from the cluster (its writes are
-            // the documented caveat's), so the checker does not count it.
-            if !self.decided.is_member(&super::world::addr(n)) {
-                continue;
-            }
             let at_ms = self.now;
+            let excused: Vec<bool> = state
+                .versions
+                .iter()
+                .map(|v| {
+                    self.by_dot
+                        .get(&v.dot)
+                        .is_some_and(|&i| self.lost_with_removal(&self.writes[i]))
+                })
+                .collect();
             let collected = self.collected.entry(key.clone()).or_default();
-            for v in state.versions {
+            for (v, excused) in state.versions.into_iter().zip(excused) {
                 collected.push(Collected {
                     at_ms,
                     node: n,
                     dot: v.dot,
+                    excused,
                     history: v.vv,
                 });
             }

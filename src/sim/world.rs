@@ -160,6 +160,10 @@ pub(super) struct Collected {
     pub(super) node: usize,
     pub(super) dot: Dot,
     pub(super) history: VersionVector,
+    /// A delete a removed node took in its old view (the documented caveat's: it may be
+    /// lost). Its absence still reflects what it superseded, but what it superseded
+    /// coming back is not counted as a resurrection.
+    pub(super) excused: bool,
 }
 
 /// Where a session's request is.
