@@ -75,6 +75,10 @@ struct SimArgs {
     /// draws it per seed, from K to 2K + 1.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=40))]
     nodes: u64,
+    /// Shard-count mode (seed 002's layout) with this many shards, whose changes add a
+    /// node to a shard, move one, reshard, remove or replace; 0 is K mode.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=8))]
+    shards: u64,
     /// Keep the first view: no nodes added, removed or replaced.
     #[arg(long)]
     no_view_changes: bool,
@@ -271,6 +275,7 @@ fn simulate(args: &SimArgs) -> ExitCode {
             seed,
             replicas: args.replicas as usize,
             nodes: args.nodes as usize,
+            shards: args.shards as usize,
             view_changes: !args.no_view_changes,
             change_gap_ms: args.change_gap_ms,
             clients: args.clients,

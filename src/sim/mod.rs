@@ -135,9 +135,13 @@
 //!
 //! * Changes are decided without Paxos, one at a time, by a coordinator that is running
 //!   in the newest view; K stays the same (a `Replace` keeps the replication factor),
-//!   so quorum levels always count K replicas. Shard-count mode (seed 002's
-//!   `add-member` and `reshard`) is not simulated; it shares the execution (`plan`,
-//!   `duties`, pulls, install) with K mode.
+//!   so quorum levels always count K replicas. Shard-count mode (seed 002's layout:
+//!   `add-member` of a new node or a member moving shard, `reshard`, removals and
+//!   replacements) runs with `--shards N`; it shares the execution (`plan`, `duties`,
+//!   pulls, install) with K mode, and quorum visibility is checked only between
+//!   requests made at the same partition size. It is not in CI: its first 20 seeds
+//!   find acknowledged writes lost in 3 (`kvs sim --shards 2 --seed 1`), not diagnosed
+//!   yet (the model of a member moving between shards, or the server).
 //! * A replica removed while unreachable is not drained: the writes it took and did
 //!   not replicate before it learned it was out (it goes on serving its old view while
 //!   cut off) are lost with it, as `viewchange` documents; the checker excuses the
@@ -260,8 +264,11 @@ pub struct Config {
     /// Replicas per partition (K).
     pub replicas: usize,
     /// Members of the first view (`floor(nodes / K)` partitions, the rest proxies); 0
-    /// draws it per seed, from K to 2K + 1.
+    /// draws it per seed, from K to 2K + 1 (in shard-count mode, from two per shard to
+    /// K + 1 more).
     pub nodes: usize,
+    /// Shard-count mode (seed 002's layout) with this many shards; 0 is K mode.
+    pub shards: usize,
     /// Whether view changes happen: nodes added, removed, the view replaced; and the
     /// range the time between two is drawn from.
     pub view_changes: bool,
@@ -379,6 +386,7 @@ impl Default for Config {
             seed: 1,
             replicas: 3,
             nodes: 0,
+            shards: 0,
             view_changes: true,
             change_gap_ms: (4_000, 12_000),
             clients: 4,

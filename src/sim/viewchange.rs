@@ -176,6 +176,24 @@ impl Sim {
         let members = view.members.clone();
         let pick = |sim: &mut Sim| members[sim.rng.below(members.len() as u64) as usize].clone();
         let change = match self.rng.below(3) {
+            // Shard-count mode (seed 002): a node put in a shard (a new one, or a member
+            // moved), a reshard, or a removal or replacement as below.
+            0 | 1 if self.cfg.shards > 0 => {
+                let shards = view.partition_count() as u64;
+                match self.rng.below(3) {
+                    0 => Change::AddToShard {
+                        addr: addr(self.spawn_node(None)),
+                        shard: self.rng.below(shards) as u32,
+                    },
+                    1 => Change::AddToShard {
+                        addr: pick(self),
+                        shard: self.rng.below(shards) as u32,
+                    },
+                    _ => Change::Reshard(
+                        self.rng.between(1, (members.len() as u64 / 2).max(1)) as u32
+                    ),
+                }
+            }
             1 if members.len() > k => Change::Remove(pick(self)),
             2 => {
                 let mut next = members.clone();

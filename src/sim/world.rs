@@ -279,13 +279,20 @@ impl Sim {
         let k = cfg.replicas.max(1);
         // The first view: `nodes` members, or a number drawn per seed from one partition
         // to two partitions and a proxy.
+        // In shard-count mode, shards of two replicas and up to three more nodes.
+        let least = if cfg.shards > 0 { 2 * cfg.shards } else { k };
         let members = match cfg.nodes {
-            0 if cfg.view_changes => rng.between(k as u64, 2 * k as u64 + 1) as usize,
-            0 => k,
-            n => n.max(k),
+            0 if cfg.view_changes => rng.between(least as u64, (least + k + 1) as u64) as usize,
+            0 => least,
+            n => n.max(least),
         };
-        let decided = View::bootstrap((0..members).map(addr).collect(), k)
-            .expect("a view of at least K loopback addresses is valid");
+        let addrs = (0..members).map(addr).collect();
+        let decided = if cfg.shards > 0 {
+            View::bootstrap_shards(addrs, cfg.shards)
+        } else {
+            View::bootstrap(addrs, k)
+        }
+        .expect("a view of enough loopback addresses is valid");
         let mut sim = Self {
             report: Report {
                 seed: cfg.seed,
