@@ -351,17 +351,20 @@ impl Sim {
     }
 }
 
+/// A state's versions as their dots, `r:n r:n`, for traces and reports.
+pub(super) fn dots(state: &KeyState) -> String {
+    let d: Vec<String> = state
+        .versions
+        .iter()
+        .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
+        .collect();
+    d.join(" ")
+}
+
 /// The first key two replicas' states differ on, with the dots each holds.
 fn first_difference(a: &[(u32, String, KeyState)], b: &[(u32, String, KeyState)]) -> String {
     let dots = |s: Option<&KeyState>| -> String {
-        s.map_or("absent".into(), |s| {
-            let d: Vec<String> = s
-                .versions
-                .iter()
-                .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
-                .collect();
-            format!("[{}]", d.join(" "))
-        })
+        s.map_or("absent".into(), |s| format!("[{}]", dots(s)))
     };
     fn find<'a>(x: &'a [(u32, String, KeyState)], key: &str) -> Option<&'a KeyState> {
         x.iter().find(|(_, k, _)| k == key).map(|(_, _, s)| s)

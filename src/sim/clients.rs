@@ -265,16 +265,8 @@ impl Sim {
             }
         }
         self.trace(|| {
-            let dots: Vec<String> = state
-                .versions
-                .iter()
-                .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
-                .collect();
-            format!(
-                "c{c} at n{n}: read {key} (r={}) = [{}]",
-                op.level,
-                dots.join(" ")
-            )
+            let dots = super::checker::dots(&state);
+            format!("c{c} at n{n}: read {key} (r={}) = [{dots}]", op.level)
         });
         self.next_request(c);
     }

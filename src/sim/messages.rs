@@ -1,5 +1,5 @@
 //! What travels in the simulation: messages between nodes, the events of the queue,
-//! and the faults.
+//! the faults, and the addresses that name nodes in views.
 
 use crate::clock::{Dot, PartitionUid, VersionVector};
 use crate::placement::View;
@@ -151,4 +151,17 @@ pub(super) enum Fault {
     Wipe(usize),
     Pause(usize),
     Lossy,
+}
+
+/// The address of node `n` (loopback, never dialled: it only names the node in views).
+pub(super) fn addr(n: usize) -> String {
+    format!("127.0.{}.{}:7000", n / 250, n % 250 + 1)
+}
+
+/// The node an address names.
+pub(super) fn index(addr: &str) -> Option<usize> {
+    let ip = addr.strip_suffix(":7000")?.strip_prefix("127.0.")?;
+    let (hi, lo) = ip.split_once('.')?;
+    let (hi, lo): (usize, usize) = (hi.parse().ok()?, lo.parse().ok()?);
+    Some(hi * 250 + lo.checked_sub(1)?)
 }

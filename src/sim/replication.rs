@@ -322,14 +322,7 @@ impl Sim {
         });
         for (key, state) in dropped.unwrap_or_default() {
             self.report.collected += 1;
-            self.trace(|| {
-                let dots: Vec<String> = state
-                    .versions
-                    .iter()
-                    .map(|v| format!("{}:{}", v.dot.replica, v.dot.counter))
-                    .collect();
-                format!("n{n} collects {key} = [{}]", dots.join(" "))
-            });
+            self.trace(|| format!("n{n} collects {key} = [{}]", super::checker::dots(&state)));
             let at_ms = self.now;
             let excused: Vec<bool> = state
                 .versions

@@ -10,7 +10,7 @@ use crate::storage::{MemoryStore, ReadTxn, Store};
 use crate::viewchange::{Duties, Transition};
 
 use super::gc::GcRound;
-pub(super) use super::messages::{Event, Fault, Msg};
+pub(super) use super::messages::{addr, index, Event, Fault, Msg};
 use super::steps::Handoff;
 use super::viewchange::ChangeRun;
 use super::{
@@ -255,19 +255,6 @@ pub(super) struct Sim {
     pub(super) change: Option<ChangeRun>,
     pub(super) decided: View,
     pub(super) report: Report,
-}
-
-/// The address of node `n` (loopback, never dialled: it only names the node in views).
-pub(super) fn addr(n: usize) -> String {
-    format!("127.0.{}.{}:7000", n / 250, n % 250 + 1)
-}
-
-/// The node an address names.
-pub(super) fn index(addr: &str) -> Option<usize> {
-    let ip = addr.strip_suffix(":7000")?.strip_prefix("127.0.")?;
-    let (hi, lo) = ip.split_once('.')?;
-    let (hi, lo): (usize, usize) = (hi.parse().ok()?, lo.parse().ok()?);
-    Some(hi * 250 + lo.checked_sub(1)?)
 }
 
 impl Sim {
