@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
+use crate::client::session::Session;
 use crate::client::{Client, ClientError, Response, StatusCode};
 use crate::quorum::Level;
 
@@ -71,6 +72,12 @@ pub struct BenchArgs {
     /// Write level sent with every PUT (`w=`); without it the nodes' default `W`.
     #[arg(long = "w")]
     pub w: Option<Level>,
+    /// The API to load: `kv-store` (seed 001's dialect, through the targets), or the own
+    /// API `v1` through the targets as entry nodes, or `v1-direct`: each request straight
+    /// to a replica of its key's partition (`client::session`). The own API's writes
+    /// carry no context, so each adds a sibling (up to the bound) to what it finds.
+    #[arg(long, default_value = "kv-store", value_parser = ["kv-store", "v1", "v1-direct"])]
+    pub api: String,
 }
 
 /// Results of one kind of operation.
@@ -168,12 +175,19 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
         let (done, stop, value) = (done.clone(), stop.clone(), value.clone());
         let (keys, reads) = (args.keys, args.reads);
         let levels = (args.r.map(|l| l.to_string()), args.w.map(|l| l.to_string()));
+        let api = args.api.clone();
         workers.spawn(async move {
             // Its own client, so its own pooled connection.
             let client = Client::builder().timeout(timeout).build();
             let node = client
                 .kv_store(&target)
                 .levels(levels.0.as_deref(), levels.1.as_deref());
+            let seeds = vec![target.clone()];
+            let mut session = match api.as_str() {
+                "v1" => Some(Session::entry(client.clone(), seeds)),
+                "v1-direct" => Some(Session::direct(client.clone(), seeds)),
+                _ => None,
+            };
             let mut rng = rand::rngs::SmallRng::seed_from_u64(w);
             let mut me = Worker {
                 get: histogram(),
@@ -192,13 +206,26 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
                 let _ = write!(key, "k{}", rng.random_range(0..keys));
                 let read = rng.random_bool(reads);
                 let began = Instant::now();
-                let outcome = if read {
-                    node.get(&key, &token).await
-                } else {
-                    node.put(&key, &value, &token).await
+                let outcome: Result<(), String> = match (&mut session, read) {
+                    (Some(s), true) => s.get(&key).await.map(|_| ()).map_err(|e| e.to_string()),
+                    (Some(s), false) => s
+                        .put(&key, value.as_bytes(), Default::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    (None, true) => node
+                        .get(&key, &token)
+                        .await
+                        .and_then(|reply| absorb(&reply, read, &mut token))
+                        .map_err(|e| e.to_string()),
+                    (None, false) => node
+                        .put(&key, &value, &token)
+                        .await
+                        .and_then(|reply| absorb(&reply, read, &mut token))
+                        .map_err(|e| e.to_string()),
                 };
                 let micros = began.elapsed().as_micros().max(1) as u64;
-                match outcome.and_then(|reply| absorb(&reply, read, &mut token)) {
+                match outcome {
                     Ok(()) => {
                         let h = if read { &mut me.get } else { &mut me.put };
                         h.saturating_record(micros);
@@ -210,7 +237,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, String> {
                             me.put_errors += 1;
                         }
                         if me.first_error.is_none() {
-                            me.first_error = Some(e.to_string());
+                            me.first_error = Some(e);
                         }
                     }
                 }

@@ -12,6 +12,8 @@
 //!   project's own API; only `status` so far). Each knows its paths, forms and content
 //!   types, and nothing else; seed 002's `/key-value-store` and seed 003's `/kvs` go
 //!   beside them as `key_value_store.rs` and `kvs.rs`.
+//! * [`session::Session`]: a causal session of the own API that sends each key request
+//!   straight to a replica of its partition (what the CLI and `kvs bench --direct` use).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvs::client::ClientError> {
@@ -68,6 +70,7 @@
 //!   tests keep a raw-socket client for that case.
 
 mod kv_store;
+pub mod session;
 mod v1;
 
 use std::borrow::Cow;

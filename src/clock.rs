@@ -174,6 +174,18 @@ impl TokenKey {
         tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
         tag
     }
+
+    /// The tag of `payload` for another kind of signed string than tokens, named by
+    /// `domain`: no such string's tag is ever a token's, or another kind's.
+    pub(crate) fn tag_in(&self, domain: &str, payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(domain.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(payload);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&hasher.finalize().as_bytes()[..TAG_LEN]);
+        tag
+    }
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -218,6 +230,15 @@ impl CausalToken {
             return;
         }
         self.parts.entry(partition).or_default().merge(vv);
+    }
+
+    /// Adds write `dot` (and so, vectors being prefixes, its origin's earlier writes) to
+    /// the entry of `partition`.
+    pub fn observe_dot(&mut self, partition: PartitionUid, dot: Dot) {
+        self.parts
+            .entry(partition)
+            .or_default()
+            .raise(dot.replica, dot.counter);
     }
 
     /// Pointwise merge of every partition's entry.

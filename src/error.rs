@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// deadline has received (seed 003 answers 400 "Unable to satisfy request"; the
     /// other dialects, like any replica that cannot serve now, 503).
     Unsatisfiable,
+    /// A conditional write whose condition the key's state did not meet
+    /// (`writemode::Condition`); retrying it unchanged will fail again.
+    PreconditionFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]

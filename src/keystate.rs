@@ -6,10 +6,21 @@
 //! between those two points one way: `replica` uses `storage`.
 //!
 //! **Key state.** A key holds a set of [`Version`]s (siblings). Each version has the
-//! [`Dot`] of the write that made it and `vv`, the version vector of its causal history
-//! inside the partition (it contains its own dot). A version is *dominated* when another
-//! version's history contains its dot; [`KeyState::merge`] takes the union and drops
-//! dominated versions. That merge is commutative, associative and idempotent (property
+//! [`Dot`] of the write that made it and `vv`, the writes of this key it supersedes. A
+//! version is *dominated* when another version's `vv` contains its dot;
+//! [`KeyState::merge`] takes the union and drops dominated versions.
+//!
+//! Two kinds of writes make versions (`replica::Supersedes`). The seed dialects' writes
+//! supersede everything: their `vv` is their whole causal history inside the partition
+//! and contains their own dot. The own API's writes supersede exactly what their
+//! client saw: their `vv` is the key's context the client read (the join of the
+//! siblings' `vv`s and dots, [`KeyState::history`]), without their own dot, as in a
+//! dotted version vector; their causal history inside the partition travels in `deps`
+//! under the partition's own uid. So `vv` says what a version replaces and
+//! [`Version::causal_history`] what its reader must have seen, and the two coincide for
+//! the seed writes. Both kinds keep every version's `vv` *closed* for its key (naming a
+//! write of the key names what that write superseded), which makes domination
+//! transitive and the merge below a join. That merge is commutative, associative and idempotent (property
 //! tests below), so replicas that have seen the same writes hold the same state no matter
 //! the order they saw them in. Concurrent writes survive as siblings; the seed dialects
 //! show one deterministic winner (latest timestamp, then replica id, then counter).
@@ -24,9 +35,12 @@ use crate::clock::{CausalToken, Dot, PartitionUid, VersionVector};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
     pub dot: Dot,
-    /// Causal history inside the partition; contains `dot`.
+    /// The writes of this key this version supersedes (see the module doc): the seed
+    /// dialects' whole causal history inside the partition, `dot` included; the own
+    /// API's key context, `dot` excluded.
     pub vv: VersionVector,
-    /// The writer's observations of other partitions.
+    /// The writer's observations of other partitions and, for the own API's writes, of
+    /// its own (see [`Version::causal_history`]).
     pub deps: BTreeMap<PartitionUid, VersionVector>,
     /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
     pub timestamp_ms: u64,
@@ -42,9 +56,47 @@ impl Version {
     /// `partition` (the partition that holds it) and its dependencies elsewhere.
     pub fn context(&self, partition: PartitionUid) -> BTreeMap<PartitionUid, VersionVector> {
         let mut context = self.deps.clone();
-        context.insert(partition, self.vv.clone());
+        context.insert(partition, self.causal_history(partition));
         context
     }
+
+    /// What the write had observed in `partition` (the one that holds it), itself
+    /// included: `vv`, its dot and what `deps` names there.
+    pub fn causal_history(&self, partition: PartitionUid) -> VersionVector {
+        let mut history = self.vv.clone();
+        history.raise(self.dot.replica, self.dot.counter);
+        if let Some(own) = self.deps.get(&partition) {
+            history.merge(own);
+        }
+        history
+    }
+
+    /// Whether this version is write `dot` or supersedes it.
+    pub fn covers(&self, dot: Dot) -> bool {
+        self.dot == dot || self.vv.contains(dot)
+    }
+}
+
+/// What the own API shows of a key beyond the seed dialects' one value: the other live
+/// siblings and the key's context (what a read hands back, so a later write can replace
+/// exactly what it saw).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Siblings {
+    /// The dot of the value the seed dialects show ([`KeyState::visible`]).
+    pub winner: Option<Dot>,
+    /// Every other version that holds a value, in dot order.
+    pub others: Vec<Sibling>,
+    /// [`KeyState::history`].
+    pub context: VersionVector,
+}
+
+/// One live version, as a read shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sibling {
+    pub dot: Dot,
+    pub timestamp_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 /// A key's sibling set: sorted by dot, no version dominated by another.
@@ -105,18 +157,52 @@ impl KeyState {
         self.visible().is_some()
     }
 
-    /// Join of the histories of all siblings.
+    /// The key's context: the writes of this key that its siblings are or supersede
+    /// (the join of their `vv`s and dots). A write whose `vv` is this supersedes every
+    /// sibling.
     pub fn history(&self) -> VersionVector {
         let mut vv = VersionVector::new();
         for v in &self.versions {
             vv.merge(&v.vv);
+            vv.raise(v.dot.replica, v.dot.counter);
         }
         vv
     }
 
     /// True when the write `dot` is reflected: some sibling is it or dominates it.
     pub fn covers(&self, dot: Dot) -> bool {
-        self.versions.iter().any(|v| v.vv.contains(dot))
+        self.versions.iter().any(|v| v.covers(dot))
+    }
+
+    /// The live siblings besides the winner, and the key's context.
+    pub fn siblings(&self) -> Siblings {
+        let winner = self.visible().map(|v| v.dot);
+        Siblings {
+            winner,
+            others: self
+                .live()
+                .filter(|v| Some(v.dot) != winner)
+                .filter_map(|v| {
+                    Some(Sibling {
+                        dot: v.dot,
+                        timestamp_ms: v.timestamp_ms,
+                        value: v.value.clone()?,
+                    })
+                })
+                .collect(),
+            context: self.history(),
+        }
+    }
+
+    /// Whether any sibling holds a value (what the own API calls existing; the seed
+    /// dialects look at the winner, [`Self::is_live`]).
+    pub fn has_value(&self) -> bool {
+        self.live().next().is_some()
+    }
+
+    /// The siblings that hold a value (not tombstones).
+    pub fn live(&self) -> impl Iterator<Item = &Version> {
+        self.versions.iter().filter(|v| v.value.is_some())
     }
 
     /// Roughly how many bytes this state takes on the wire, histories included; what sync
@@ -136,6 +222,7 @@ impl KeyState {
     pub fn observe_into(&self, partition: PartitionUid, token: &mut CausalToken) {
         for v in &self.versions {
             token.observe(partition, &v.vv);
+            token.observe_dot(partition, v.dot);
             for (&p, vv) in &v.deps {
                 token.observe(p, vv);
             }
@@ -219,6 +306,42 @@ pub(crate) mod tests {
         out
     }
 
+    /// Like [`universe`], with the own API's writes mixed in: a write either supersedes
+    /// everything its replica holds (the seeds) or exactly the context of a state some
+    /// replica held (possibly stale, possibly empty), its own dot kept apart.
+    fn mixed_universe(seed: u64) -> Vec<Version> {
+        let mut rng = Rng(seed | 1);
+        let mut know = vec![VersionVector::new(); 3];
+        let mut held = vec![KeyState::default(); 3];
+        let mut out = Vec::new();
+        for _ in 0..12 {
+            let r = rng.next(3) as usize;
+            if rng.next(3) == 0 {
+                let from = rng.next(3) as usize;
+                let (theirs, state) = (know[from].clone(), held[from].clone());
+                know[r].merge(&theirs);
+                held[r].merge(&state);
+            }
+            let counter = know[r].get(r as u64) + 1;
+            know[r].raise(r as u64, counter);
+            let mut v = version(r as u64, counter, &[], rng.next(4));
+            v.vv = match rng.next(3) {
+                0 => {
+                    let mut all = held[r].history();
+                    all.merge(&know[r]);
+                    all
+                }
+                1 => held[rng.next(3) as usize].history(),
+                _ => VersionVector::new(),
+            };
+            held[r].merge(&KeyState {
+                versions: vec![v.clone()],
+            });
+            out.push(v);
+        }
+        out
+    }
+
     fn pick(universe: &[Version], which: &[usize]) -> KeyState {
         let mut s = KeyState::default();
         for &i in which {
@@ -231,10 +354,16 @@ pub(crate) mod tests {
 
     fn states() -> impl Strategy<Value = (KeyState, KeyState, KeyState)> {
         let subset = || prop::collection::vec(0usize..12, 0..5);
-        (any::<u64>(), subset(), subset(), subset()).prop_map(|(seed, a, b, c)| {
-            let u = universe(seed);
-            (pick(&u, &a), pick(&u, &b), pick(&u, &c))
-        })
+        (any::<u64>(), any::<bool>(), subset(), subset(), subset()).prop_map(
+            |(seed, mixed, a, b, c)| {
+                let u = if mixed {
+                    mixed_universe(seed)
+                } else {
+                    universe(seed)
+                };
+                (pick(&u, &a), pick(&u, &b), pick(&u, &c))
+            },
+        )
     }
 
     proptest! {
@@ -269,7 +398,7 @@ pub(crate) mod tests {
             let mut ab = a.clone(); ab.merge(&b);
             for v in &ab.versions {
                 for w in &ab.versions {
-                    prop_assert!(v.dot == w.dot || !w.vv.contains(v.dot));
+                    prop_assert!(v.dot == w.dot || !w.covers(v.dot));
                 }
             }
             // Nothing is lost: every input write is covered by the result.

@@ -17,7 +17,8 @@
 //! | [`rpc`] | node-to-node messages, codec, HTTP transport | I/O |
 //! | [`node`] | the service every dialect calls, and its I/O: routing, writer, sync, heartbeats, view changes | I/O |
 //! | [`api`] | client dialects (`/kv-store`, `/key-value-store*`), one file each | thin |
-//! | [`http`] | one router, the body gate, the internal and status endpoints, the connection loop | I/O |
+//! | [`http`] | one router, the body gate, the internal, status and metrics endpoints, the connection loop | I/O |
+//! | [`metric_names`] | the name of every exported metric, for every layer that records one | names |
 //! | [`client`] | the one HTTP client: transport, one handle per dialect | I/O |
 //! | [`local`] | `kvs local`: a loopback cluster of child processes | I/O |
 
@@ -25,6 +26,7 @@ pub mod antientropy;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod cluster;
@@ -32,9 +34,11 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod http;
+pub mod keycontext;
 pub mod keystate;
 pub mod local;
 pub mod merkle;
+pub mod metric_names;
 pub mod node;
 pub mod placement;
 pub mod quorum;
@@ -44,6 +48,7 @@ pub mod sim;
 pub mod storage;
 pub mod viewchange;
 pub mod wal;
+pub mod writemode;
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -55,9 +55,10 @@ enum Command {
     Local(kvs::local::LocalArgs),
     /// Run the deterministic simulation of a cluster under faults and view changes.
     Sim(SimArgs),
-    /// Load a running cluster through the /kv-store dialect and print throughput and
-    /// latency percentiles.
+    /// Load a running cluster and print throughput and latency percentiles.
     Bench(kvs::bench::BenchArgs),
+    #[command(flatten)]
+    Tool(kvs::cli::Tool),
 }
 
 #[derive(Args, Clone)]
@@ -215,12 +216,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Tool(tool)) = cli.command {
+        return runtime.block_on(kvs::cli::run(tool));
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Local(args)) => kvs::local::run(args).await,
             Some(Command::Serve(args)) => serve(args).await,
             Some(Command::Sim(_)) => unreachable!("handled before the runtime starts"),
             Some(Command::Bench(args)) => bench(args).await,
+            Some(Command::Tool(_)) => unreachable!("handled before"),
             None => serve(cli.serve).await,
         }
     });
@@ -435,10 +440,7 @@ fn open_store(
 
 /// `--rebuild`: moves the data directory aside so the node starts empty.
 fn move_aside(dir: &std::path::Path, k: Option<usize>) -> Result<(), String> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = kvs::node::now_ms() / 1000;
     match kvs::storage::move_aside(dir, secs) {
         Ok(Some(to)) => tracing::warn!(
             "--rebuild: moved the data directory {} aside to {}; starting empty, the replica \
@@ -517,6 +519,8 @@ fn first_view(args: &ServeArgs, addr: &str) -> Result<FirstView, String> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
+    // First, so nothing is recorded into the void; here, as the recorder is one per process.
+    kvs::http::metrics::install()?;
     let args = seed_aliases(args, |name| std::env::var(name).ok())?;
     let addr = parse_addr(
         args.ipport

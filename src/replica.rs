@@ -96,9 +96,10 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{CausalToken, Dot, PartitionUid, ReplicaId, VersionVector};
 use crate::placement::SlotSet;
 use crate::storage::{LogEntry, ReadTxn, Result, WriteTxn};
+pub use crate::writemode::{Condition, Supersedes, WriteMode};
 
 /// A key's versions, stored by `storage` (see `keystate`).
-pub use crate::keystate::{KeyState, Version};
+pub use crate::keystate::{KeyState, Sibling, Siblings, Version};
 
 /// A client write, as the coordinator sees it.
 #[derive(Clone, Debug)]
@@ -109,6 +110,9 @@ pub struct WriteRequest {
     pub value: Option<Vec<u8>>,
     pub token: CausalToken,
     pub now_ms: u64,
+    /// Which versions it replaces (the seeds: everything; the own API: what it saw)
+    /// and the condition it puts on the key's state.
+    pub mode: WriteMode,
 }
 
 /// What the coordinator tells the client after a write is durable.
@@ -137,6 +141,8 @@ pub struct ReadOutcome {
     pub context: BTreeMap<PartitionUid, VersionVector>,
     /// Whether the replica holds anything for the key: a value or a tombstone.
     pub known: bool,
+    /// The other live siblings and the key's context (the own API shows them).
+    pub siblings: Siblings,
 }
 
 /// Peer `have` asks for what it lacks. Bounds keep every answer small.
@@ -339,7 +345,10 @@ impl Replica {
         };
         need.iter().all(|(origin, counter)| {
             served.get(origin) >= counter
-                || state.versions.iter().any(|v| v.vv.get(origin) >= counter)
+                || state
+                    .versions
+                    .iter()
+                    .any(|v| v.causal_history(partition).get(origin) >= counter)
         })
     }
 
@@ -350,10 +359,29 @@ impl Replica {
         txn.set_meta(META_REPLICA, &bytes)
     }
 
-    /// Applies a client write accepted here. Not durable until the caller commits.
+    /// Whether the key's state in `txn` admits `req` (its condition, the sibling bound:
+    /// `WriteMode::admits`): the writer
+    /// checks it in the batch that then applies the write, so nothing comes between.
+    pub fn precondition(
+        txn: &dyn WriteTxn,
+        req: &WriteRequest,
+    ) -> Result<std::result::Result<(), crate::error::Error>> {
+        if req.mode == WriteMode::default() {
+            return Ok(Ok(()));
+        }
+        let existing = txn.get(req.slot, &req.key)?.unwrap_or_default();
+        Ok(req.mode.admits(&existing))
+    }
+
+    /// Applies a client write accepted here (its condition, if any, already checked by
+    /// [`Self::precondition`]). Not durable until the caller commits.
     pub fn write(&mut self, txn: &mut dyn WriteTxn, req: WriteRequest) -> Result<WriteOutcome> {
         let existing = txn.get(req.slot, &req.key)?.unwrap_or_default();
-        let created = !existing.is_live();
+        let created = match req.mode.supersedes {
+            Supersedes::Everything => !existing.is_live(),
+            // The own API shows every sibling: the key existed if any held a value.
+            Supersedes::Seen(_) => !existing.has_value(),
+        };
         if req.value.is_none()
             && created
             && Self::can_serve(&self.served(), self.partition, &req.token)
@@ -374,19 +402,31 @@ impl Replica {
             replica: self.id,
             counter,
         };
-        let mut vv = existing.history();
-        vv.merge(&req.token.part(self.partition));
-        vv.merge(&self.applied);
-        vv.merge(&self.known);
-        vv.raise(self.id, counter);
-        self.known = vv.clone();
-        let deps = req
+        // The writer's history inside the partition: what the replica holds for the key,
+        // what the client saw, and what the replica has applied or stamped before
+        // (`known`, see the module doc).
+        let mut history = existing.history();
+        history.merge(&req.token.part(self.partition));
+        history.merge(&self.applied);
+        history.merge(&self.known);
+        history.raise(self.id, counter);
+        self.known = history.clone();
+        let mut deps: BTreeMap<PartitionUid, VersionVector> = req
             .token
             .parts
             .iter()
             .filter(|(&p, _)| p != self.partition)
             .map(|(&p, v)| (p, v.clone()))
             .collect();
+        let vv = match &req.mode.supersedes {
+            Supersedes::Everything => history.clone(),
+            Supersedes::Seen(context) => {
+                // Replaces what the client saw of the key, no more; the history goes
+                // with the version as its dependency in this partition (keystate).
+                deps.insert(self.partition, history.clone());
+                context.clone()
+            }
+        };
         // Never older than what it replaces here, so "timestamp" reads sensibly.
         let floor = existing
             .versions
@@ -395,14 +435,26 @@ impl Replica {
             .max()
             .unwrap_or(0);
         let timestamp_ms = req.now_ms.max(floor);
-        let state = KeyState {
-            versions: vec![Version {
-                dot,
-                vv: vv.clone(),
-                deps,
-                timestamp_ms,
-                value: req.value,
-            }],
+        let version = Version {
+            dot,
+            vv,
+            deps,
+            timestamp_ms,
+            value: req.value,
+        };
+        let state = match req.mode.supersedes {
+            // The new version's history holds every version here: it replaces them all
+            // (no merge, which would copy the value once more).
+            Supersedes::Everything => KeyState {
+                versions: vec![version],
+            },
+            Supersedes::Seen(_) => {
+                let mut state = existing;
+                state.merge(&KeyState {
+                    versions: vec![version],
+                });
+                state
+            }
         };
         txn.put(req.slot, &req.key, &state)?;
         txn.log_append(&LogEntry {
@@ -412,7 +464,7 @@ impl Replica {
         })?;
         self.applied.raise(self.id, counter);
         let mut token = req.token;
-        token.observe(self.partition, &vv);
+        token.observe(self.partition, &history);
         Ok(WriteOutcome {
             created,
             token,
@@ -438,6 +490,7 @@ impl Replica {
             token,
             context: visible.map(|v| v.context(partition)).unwrap_or_default(),
             known: !state.versions.is_empty(),
+            siblings: state.siblings(),
         })
     }
 
@@ -639,8 +692,7 @@ impl Replica {
     /// Whether `state` holds each of `dots` or a version that supersedes it: a handed-
     /// over key's versions are safe at its new partition.
     pub fn covers(state: &KeyState, dots: &[Dot]) -> bool {
-        dots.iter()
-            .all(|d| state.versions.iter().any(|v| v.vv.contains(*d)))
+        dots.iter().all(|d| state.covers(*d))
     }
 
     pub fn trim_floor<'a>(
@@ -662,6 +714,90 @@ mod tests {
     use crate::keystate::Version;
     use crate::storage::{MemoryStore, Store};
     use crate::testing::Rng;
+
+    /// The own API's writes: without a context a write adds a sibling (even at the
+    /// same replica), with one it replaces exactly what that context names, its
+    /// condition is checked against the key, and a seed write still replaces all.
+    #[test]
+    fn own_api_writes_replace_exactly_what_they_saw() {
+        let seen = |c: &VersionVector| WriteMode {
+            supersedes: Supersedes::Seen(c.clone()),
+            condition: None,
+        };
+        let none = seen(&VersionVector::new());
+        let empty = || CausalToken::empty(0);
+        let (mut a, mut b) = (Node::new(1), Node::new(2));
+        let first = a.write_as("k", Some("a1"), empty(), 1, none.clone());
+        assert!(first.expect("write").created);
+        let second = a.write_as("k", Some("a2"), empty(), 2, none.clone());
+        assert!(!second.expect("write").created);
+        assert_eq!(a.values("k"), ["a1", "a2"], "no context: a sibling");
+
+        // A read's context replaces both; the writer's token reflects its write.
+        let (_, read) = a.read("k", &empty()).expect("servable");
+        assert_eq!(read.siblings.others.len(), 1);
+        let context = read.siblings.context.clone();
+        let out = a
+            .write_as("k", Some("a3"), read.token, 3, seen(&context))
+            .expect("write");
+        assert_eq!(a.values("k"), ["a3"]);
+        assert!(b.read("k", &out.token).is_none(), "b lacks the write");
+
+        // Concurrent at two replicas: b's write without context survives a's write
+        // with the context of "a3", and the stale context fails the condition.
+        b.pull(&a, 2);
+        assert!(b.read("k", &out.token).is_some());
+        let (_, at_a3) = b.read("k", &empty()).expect("servable");
+        b.write_as("k", Some("b1"), empty(), 4, none.clone())
+            .expect("write");
+        a.write_as(
+            "k",
+            Some("a4"),
+            out.token.clone(),
+            5,
+            seen(&at_a3.siblings.context),
+        )
+        .expect("write");
+        a.pull(&b, 2);
+        b.pull(&a, 2);
+        assert_eq!(a.values("k"), ["a4", "b1"]);
+        assert_eq!(a.state("k"), b.state("k"));
+        let stale = WriteMode {
+            condition: Some(Condition::Unchanged),
+            ..seen(&at_a3.siblings.context)
+        };
+        let refused = a.write_as("k", Some("x"), empty(), 6, stale);
+        assert_eq!(
+            refused.expect_err("stale").kind,
+            crate::error::ErrorKind::PreconditionFailed
+        );
+        let absent = WriteMode {
+            condition: Some(Condition::Absent),
+            ..none.clone()
+        };
+        assert!(a
+            .write_as("k", Some("x"), empty(), 6, absent.clone())
+            .is_err());
+        assert!(a.write_as("fresh", Some("x"), empty(), 6, absent).is_ok());
+
+        // Up to date: the condition holds; a delete with the context removes both.
+        let (_, now) = a.read("k", &empty()).expect("servable");
+        let current = WriteMode {
+            condition: Some(Condition::Unchanged),
+            ..seen(&now.siblings.context)
+        };
+        a.write_as("k", None, now.token, 7, current)
+            .expect("delete");
+        assert!(a.values("k").is_empty());
+        assert!(a.read("k", &empty()).expect("servable").1.value.is_none());
+
+        // A seed write replaces every sibling.
+        a.write_as("s", Some("1"), empty(), 8, none.clone())
+            .expect("write");
+        a.write_as("s", Some("2"), empty(), 9, none).expect("write");
+        a.write("s", "seed", empty(), 10);
+        assert_eq!(a.values("s"), ["seed"]);
+    }
 
     #[test]
     fn a_key_whose_state_covers_the_token_is_served_by_a_lagging_replica() {
@@ -725,12 +861,49 @@ mod tests {
                         value: Some(value.as_bytes().to_vec()),
                         token,
                         now_ms: now,
+                        mode: Default::default(),
                     },
                 )
                 .expect("write");
             self.replica.persist(&mut *txn).expect("persist");
             txn.commit().expect("commit");
             out
+        }
+
+        /// A write of the own API's kind: its condition checked, then applied.
+        fn write_as(
+            &mut self,
+            key: &str,
+            value: Option<&str>,
+            token: CausalToken,
+            now: u64,
+            mode: WriteMode,
+        ) -> std::result::Result<WriteOutcome, crate::error::Error> {
+            let mut txn = self.store.write().expect("txn");
+            let req = WriteRequest {
+                slot: test_slot(key),
+                key: key.into(),
+                value: value.map(|v| v.as_bytes().to_vec()),
+                token,
+                now_ms: now,
+                mode,
+            };
+            Replica::precondition(&*txn, &req).expect("get")?;
+            let out = self.replica.write(&mut *txn, req).expect("write");
+            self.replica.persist(&mut *txn).expect("persist");
+            txn.commit().expect("commit");
+            Ok(out)
+        }
+
+        /// The values of `key`'s live siblings, sorted.
+        fn values(&self, key: &str) -> Vec<String> {
+            let mut values: Vec<String> = self
+                .state(key)
+                .live()
+                .filter_map(|v| String::from_utf8(v.value.clone()?).ok())
+                .collect();
+            values.sort();
+            values
         }
 
         fn read(&self, key: &str, token: &CausalToken) -> Option<(KeyState, ReadOutcome)> {

@@ -45,7 +45,9 @@ use crate::clock::{CausalToken, Dot, PartitionUid, VersionVector};
 use crate::error::{Error, ErrorKind};
 use crate::placement::View;
 use crate::quorum::Level;
-use crate::replica::{Claim, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse};
+use crate::replica::{
+    Claim, Siblings, SnapshotPage, SnapshotRequest, SyncRequest, SyncResponse, WriteMode,
+};
 /// Answers of Paxos acceptors (with the proposer that reads them, in `viewchange`).
 pub use crate::viewchange::PaxosReply;
 use crate::viewchange::{Ballot, Proposal, PullKey, PullProgress};
@@ -73,7 +75,7 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// whether a quorum write waits for the asker's report (`ack_wanted`); anti-entropy
 /// digests (`Request::Digest`, `Response::Digests`); the check of a handoff before its
 /// source deletes (`Request::Holds`, `Response::Lacking`).
-pub const PROTOCOL_VERSION: &str = "6";
+pub const PROTOCOL_VERSION: &str = "7";
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -126,6 +128,8 @@ pub enum Request {
         value: Option<Vec<u8>>,
         token: CausalToken,
         w: Level,
+        /// What it replaces and its condition (`writemode`).
+        mode: WriteMode,
     },
     /// The receiver's view, transition and configuration: answered with
     /// [`Response::Status`]. Used before a view change and to learn a newer view.
@@ -191,6 +195,15 @@ pub enum Request {
         partition: PartitionUid,
         keys: Vec<(u32, String, Vec<Dot>)>,
     },
+    /// Up to `limit` live keys of the receiver's replica of `partition` starting with
+    /// `prefix`, in `(slot, key)` order after `after` (`node::listing`). Answered with
+    /// [`Response::Keys`].
+    ListKeys {
+        partition: PartitionUid,
+        prefix: String,
+        after: Option<(u32, String)>,
+        limit: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -220,6 +233,17 @@ pub enum Response {
     },
     /// The answer to [`Request::Holds`]: the keys the receiver does not hold.
     Lacking(Vec<(u32, String)>),
+    /// The answer to [`Request::ListKeys`].
+    Keys(KeyPage),
+}
+
+/// One partition's answer to [`Request::ListKeys`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPage {
+    /// Live keys matching the prefix, in order, at most the limit asked.
+    pub keys: Vec<(u32, String)>,
+    /// How far the replica read: `None` when it read to the end of its store.
+    pub read_to: Option<(u32, String)>,
 }
 
 /// What a node reports about itself.
@@ -271,6 +295,8 @@ pub struct ReadReply {
     pub known: bool,
     /// The replica that served the read (seed 003 names it when a node proxied).
     pub served_by: String,
+    /// The other live siblings and the key's context (`ReadOutcome::siblings`).
+    pub siblings: Siblings,
 }
 
 /// `Option<(Vec<u8>, u64)>` with the bytes serialized as bytes (one copy, not one visit
@@ -467,9 +493,22 @@ mod tests {
             context: BTreeMap<PartitionUid, VersionVector>,
             known: bool,
             served_by: String,
+            siblings: Siblings,
         }
         let context: BTreeMap<PartitionUid, VersionVector> =
             [(3, [(5, 7)].into_iter().collect())].into_iter().collect();
+        let siblings = Siblings {
+            winner: None,
+            others: vec![crate::replica::Sibling {
+                dot: Dot {
+                    replica: 5,
+                    counter: 6,
+                },
+                timestamp_ms: 9,
+                value: b"other".to_vec(),
+            }],
+            context: [(5, 7)].into_iter().collect(),
+        };
         for value in [None, Some((b"hello".to_vec(), 42))] {
             let reply = ReadReply {
                 partition: 3,
@@ -479,6 +518,7 @@ mod tests {
                 context: context.clone(),
                 known: value.is_some(),
                 served_by: "10.0.0.1:8080".into(),
+                siblings: siblings.clone(),
             };
             let value_known = value.is_some();
             let old = Derived {
@@ -489,6 +529,7 @@ mod tests {
                 context: context.clone(),
                 known: value_known,
                 served_by: "10.0.0.1:8080".into(),
+                siblings: siblings.clone(),
             };
             let bytes = encode(&reply);
             assert_eq!(bytes, encode(&old));

@@ -370,7 +370,13 @@ impl Wal {
             return Err(io::Error::other("injected append failure"));
         }
         self.file.write_all(record)?;
-        self.file.sync_data()
+        // The sync alone: it is what a batch's commit waits for, and what a slow or
+        // failing disk shows first.
+        let started = std::time::Instant::now();
+        let synced = self.file.sync_data();
+        metrics::histogram!(crate::metric_names::WAL_FSYNC_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        synced
     }
 
     /// Empties the log (its records are durable elsewhere), keeping the header. A file of

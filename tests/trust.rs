@@ -139,6 +139,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
                     value: Some(b"injected".to_vec()),
                     token: poison.clone(),
                     w: Level::ONE,
+                    mode: Default::default(),
                 },
             ),
             (
@@ -212,6 +213,7 @@ async fn replay_attacks(c: &Cluster, secret: &str) {
             value: Some(vec![b'x'; 1 << 20]),
             token: CausalToken::default(),
             w: Level::ONE,
+            mode: Default::default(),
         },
     )
     .await;

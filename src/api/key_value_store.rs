@@ -50,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request};
+use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request, INVALID_ENDPOINT};
 use crate::clock::CausalToken;
 use crate::error::{Error, ErrorKind};
 use crate::node::{Node, MAX_VALUE_BYTES};
@@ -82,6 +82,9 @@ pub const DIALECT: Dialect = Dialect {
     max_body_bytes: MAX_BODY_BYTES,
     handle: |node, request| Box::pin(handle(node, request)) as Answer,
     error: |e| error_response(e, "request"),
+    endpoint_of: |method, path| {
+        Endpoint::parse(method, path).map_or(INVALID_ENDPOINT, |e| e.name())
+    },
 };
 
 /// The endpoints of this dialect.
@@ -102,6 +105,24 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint's name in the request metrics (`Dialect::endpoint_of`).
+    fn name(&self) -> &'static str {
+        match self {
+            Endpoint::GetKey(_) => "get",
+            Endpoint::PutKey(_) => "put",
+            Endpoint::DeleteKey(_) => "delete",
+            Endpoint::GetView => "view_get",
+            Endpoint::PutView => "view_put",
+            Endpoint::DeleteView => "view_delete",
+            Endpoint::ShardIds => "shard_ids",
+            Endpoint::NodeShardId => "node_shard_id",
+            Endpoint::ShardMembers(_) => "shard_members",
+            Endpoint::ShardKeyCount(_) => "shard_key_count",
+            Endpoint::AddMember(_) => "add_member",
+            Endpoint::Reshard => "reshard",
+        }
+    }
+
     fn parse(method: &Method, path: &str) -> Result<Endpoint, Error> {
         if let Some(raw) = path.strip_prefix(KEYS) {
             let key = super::path_key(raw)?;
@@ -476,6 +497,18 @@ mod tests {
         assert_eq!(
             kind(Method::GET, "/key-value-store-shard/nothing"),
             Err(ErrorKind::NotFound)
+        );
+        let name = |m: Method, path: &str| (DIALECT.endpoint_of)(&m, path);
+        assert_eq!(name(Method::DELETE, "/key-value-store/x"), "delete");
+        assert_eq!(name(Method::GET, "/key-value-store-view"), "view_get");
+        assert_eq!(name(Method::PUT, "/key-value-store-view/"), "view_put");
+        assert_eq!(
+            name(Method::GET, "/key-value-store-shard/shard-id-key-count/1"),
+            "shard_key_count"
+        );
+        assert_eq!(
+            name(Method::GET, "/key-value-store-shard/reshard"),
+            INVALID_ENDPOINT
         );
     }
 

@@ -41,7 +41,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{Answer, BodyFormat, Dialect, Request};
+use super::{Answer, BodyFormat, Dialect, Request, INVALID_ENDPOINT};
 use crate::error::{Error, ErrorKind};
 use crate::node::{Node, MAX_VALUE_BYTES};
 use crate::placement::{parse_addr, Change, Role};
@@ -63,6 +63,9 @@ pub const DIALECT: Dialect = Dialect {
     max_body_bytes: MAX_BODY_BYTES,
     handle: |node, request| Box::pin(handle(node, request)) as Answer,
     error: error_response,
+    endpoint_of: |method, path| {
+        Endpoint::parse(method, path).map_or(INVALID_ENDPOINT, |e| e.name())
+    },
 };
 
 /// The endpoints of this dialect. Names under `/kv-store/` that are endpoints cannot be
@@ -79,6 +82,19 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint's name in the request metrics (`Dialect::endpoint_of`).
+    fn name(&self) -> &'static str {
+        match self {
+            Endpoint::Get(_) => "get",
+            Endpoint::Put(_) => "put",
+            Endpoint::Delete(_) => "delete",
+            Endpoint::PartitionId => "get_partition_id",
+            Endpoint::AllPartitionIds => "get_all_partition_ids",
+            Endpoint::PartitionMembers => "get_partition_members",
+            Endpoint::UpdateView => "update_view",
+        }
+    }
+
     /// The endpoint of `method` on `path` (which starts with [`PREFIX`]).
     fn parse(method: &Method, path: &str) -> Result<Endpoint, Error> {
         let raw = path.strip_prefix(PREFIX).unwrap_or(path);
@@ -442,6 +458,22 @@ mod tests {
         check(Some(&[0xff, 0xfe, b'a']));
         use proptest::prelude::*;
         proptest!(|(v in proptest::collection::vec(any::<u8>(), 0..64))| check(Some(&v)));
+    }
+
+    #[test]
+    fn endpoints_have_metric_names() {
+        let name = |m: Method, path: &str| (DIALECT.endpoint_of)(&m, path);
+        assert_eq!(name(Method::GET, "/kv-store/abc"), "get");
+        assert_eq!(name(Method::PUT, "/kv-store/abc"), "put");
+        assert_eq!(name(Method::DELETE, "/kv-store/abc"), "delete");
+        assert_eq!(name(Method::PUT, "/kv-store/update_view"), "update_view");
+        assert_eq!(
+            name(Method::GET, "/kv-store/get_partition_members"),
+            "get_partition_members"
+        );
+        assert_eq!(name(Method::GET, "/kv-store/a-b"), INVALID_ENDPOINT);
+        assert_eq!(name(Method::POST, "/kv-store/abc"), INVALID_ENDPOINT);
+        assert_eq!(name(Method::GET, "/kv-store/a/b"), INVALID_ENDPOINT);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request};
+use super::{json_reply as ok, Answer, BodyFormat, Dialect, Request, INVALID_ENDPOINT};
 use crate::clock::CausalToken;
 use crate::error::{Error, ErrorKind};
 use crate::node::{Node, MAX_VALUE_BYTES};
@@ -75,6 +75,9 @@ pub const DIALECT: Dialect = Dialect {
     max_body_bytes: MAX_BODY_BYTES,
     handle: |node, request| Box::pin(handle(node, request)) as Answer,
     error: |e| error_response(e, "request"),
+    endpoint_of: |method, path| {
+        Endpoint::parse(method, path).map_or(INVALID_ENDPOINT, |e| e.name())
+    },
 };
 
 /// The endpoints of this dialect.
@@ -91,6 +94,19 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint's name in the request metrics (`Dialect::endpoint_of`).
+    fn name(&self) -> &'static str {
+        match self {
+            Endpoint::GetKey(_) => "get",
+            Endpoint::PutKey(_) => "put",
+            Endpoint::DeleteKey(_) => "delete",
+            Endpoint::KeyCount => "key_count",
+            Endpoint::Shards => "shards",
+            Endpoint::Shard(_) => "shard",
+            Endpoint::ViewChange => "view_change",
+        }
+    }
+
     fn parse(method: &Method, path: &str) -> Result<Endpoint, Error> {
         let rest = path.strip_prefix(PREFIX).unwrap_or_default();
         if let Some(raw) = rest.strip_prefix(KEYS) {
@@ -410,6 +426,13 @@ mod tests {
         assert_eq!(kind(Method::GET, "/kvs/shards/0"), Err(ErrorKind::NotFound));
         assert_eq!(kind(Method::GET, "/kvs/shards/x"), Err(ErrorKind::NotFound));
         assert_eq!(kind(Method::GET, "/kvs/nothing"), Err(ErrorKind::NotFound));
+        let name = |m: Method, path: &str| (DIALECT.endpoint_of)(&m, path);
+        assert_eq!(name(Method::GET, "/kvs/keys/a%20b"), "get");
+        assert_eq!(name(Method::PUT, "/kvs/keys/x"), "put");
+        assert_eq!(name(Method::GET, "/kvs/shards/1"), "shard");
+        assert_eq!(name(Method::PUT, "/kvs/view-change"), "view_change");
+        assert_eq!(name(Method::GET, "/kvs/view-change"), INVALID_ENDPOINT);
+        assert_eq!(name(Method::GET, "/kvs/shards/x"), INVALID_ENDPOINT);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod key_value_store;
 pub mod kv_store;
 pub mod kvs;
+pub mod v1;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +25,12 @@ use crate::node::Node;
 use crate::quorum::Level;
 
 /// Every dialect the node serves, in the order their paths are matched.
-const DIALECTS: [&Dialect; 3] = [&kv_store::DIALECT, &key_value_store::DIALECT, &kvs::DIALECT];
+const DIALECTS: [&Dialect; 4] = [
+    &kv_store::DIALECT,
+    &key_value_store::DIALECT,
+    &kvs::DIALECT,
+    &v1::DIALECT,
+];
 
 /// How a dialect's request bodies are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +68,16 @@ pub struct Dialect {
     pub handle: fn(Arc<Node>, Request) -> Answer,
     /// The dialect's answer for an error found before its handler ran.
     pub error: fn(Error) -> Response,
+    /// A short, stable name for the endpoint a method and path (one this dialect owns)
+    /// address, one per variant of the dialect's `Endpoint` enum, or [`INVALID_ENDPOINT`]:
+    /// the `endpoint` label of the request metrics (`http::metrics`), which must not
+    /// carry keys or grow with what clients send.
+    pub endpoint_of: fn(&Method, &str) -> &'static str,
 }
+
+/// The endpoint name of a request a dialect refuses before serving it (no such
+/// endpoint, a method the endpoint does not take, a malformed key or id).
+pub const INVALID_ENDPOINT: &str = "invalid";
 
 /// The status code of an error of each kind, as every dialect maps it unless its
 /// contract says otherwise (each dialect's `status_of` starts from this).
@@ -80,6 +95,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         ErrorKind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorKind::Unsatisfiable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
     }
 }
 

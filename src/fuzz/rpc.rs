@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::quorum::Level;
+use crate::writemode::{Condition, Supersedes, WriteMode};
 
 /// Checks that `value`, decoded from `data`, re-encodes to at most `data.len()` bytes
 /// that decode to a value with the same encoding.
@@ -194,12 +195,17 @@ pub(super) fn envelopes() -> Vec<Envelope> {
             value: Some(b"world".to_vec()),
             token: token.clone(),
             w: Level::Count(2),
+            mode: WriteMode {
+                supersedes: Supersedes::Seen([(3, 4)].into_iter().collect()),
+                condition: Some(Condition::Unchanged),
+            },
         },
         Request::Put {
             key: "gone".into(),
             value: None,
             token: CausalToken::default(),
             w: Level::All,
+            mode: WriteMode::default(),
         },
         Request::Status,
         Request::KeyCount { partition: 2 },
@@ -319,6 +325,21 @@ pub(super) fn responses() -> Vec<Response> {
             context: token.parts.clone(),
             known: true,
             served_by: addr(1),
+            siblings: crate::replica::Siblings {
+                winner: Some(Dot {
+                    replica: 7,
+                    counter: 2,
+                }),
+                others: vec![crate::replica::Sibling {
+                    dot: Dot {
+                        replica: 8,
+                        counter: 1,
+                    },
+                    timestamp_ms: 5,
+                    value: vec![0, 255],
+                }],
+                context: vv.clone(),
+            },
         }),
         Response::Get(ReadReply {
             partition: 1,
@@ -328,6 +349,7 @@ pub(super) fn responses() -> Vec<Response> {
             context: Default::default(),
             known: false,
             served_by: addr(2),
+            siblings: Default::default(),
         }),
         Response::Put(WriteReply {
             partition: 0,

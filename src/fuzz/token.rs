@@ -29,6 +29,7 @@ pub fn sign_token_payload(payload: &[u8]) -> String {
 pub fn token(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let key = token_key();
+    key_context(data, &text, &key);
     let (decoded, peak) = peak_allocation(|| CausalToken::decode(&text, TOKEN_CLUSTER, &key));
     check_alloc("token", data.len(), peak);
     if let Ok(t) = decoded {
@@ -41,6 +42,34 @@ pub fn token(data: &[u8]) {
         check_alloc("token", signed.len(), peak);
         if let Ok(t) = decoded {
             token_round_trips(&signed, &t);
+        }
+    }
+}
+
+/// The own API's key contexts share the tokens' shape (`keycontext`): the same bytes
+/// as a context string, and as a payload signed as one.
+fn key_context(data: &[u8], text: &str, key: &TokenKey) {
+    let (decoded, peak) =
+        peak_allocation(|| crate::keycontext::decode(text, TOKEN_CLUSTER, "k", key));
+    check_alloc("token", data.len(), peak);
+    assert!(decoded.is_err() || text.trim().len() <= crate::keycontext::MAX_CONTEXT_LEN);
+    if data.len() <= crate::keycontext::MAX_CONTEXT_LEN / 2 {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let tag = key.tag_in(crate::keycontext::DOMAIN, data);
+        let signed = format!(
+            "{}{}.{}",
+            crate::keycontext::PREFIX,
+            b64.encode(data),
+            b64.encode(tag)
+        );
+        let (decoded, peak) =
+            peak_allocation(|| crate::keycontext::decode(&signed, TOKEN_CLUSTER, "k", key));
+        check_alloc("token", signed.len(), peak);
+        if let Ok(history) = decoded {
+            // What decodes for this cluster and key is what encoding it gives back.
+            let again = crate::keycontext::encode(TOKEN_CLUSTER, "k", &history, key);
+            let back = crate::keycontext::decode(&again, TOKEN_CLUSTER, "k", key);
+            assert_eq!(back.as_ref(), Ok(&history));
         }
     }
 }

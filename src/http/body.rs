@@ -117,6 +117,7 @@ pub struct Gate {
     budget: Semaphore,
     budget_bytes: usize,
     in_flight: Semaphore,
+    in_flight_limit: usize,
 }
 
 /// Bytes of the body budget held by one request; given back when dropped.
@@ -162,7 +163,14 @@ impl Gate {
             budget: Semaphore::const_new(budget_bytes),
             budget_bytes,
             in_flight: Semaphore::const_new(in_flight),
+            in_flight_limit: in_flight,
         }
+    }
+
+    /// Requests holding an in-flight permit now (the `/metrics` gauge).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight_limit
+            .saturating_sub(self.in_flight.available_permits())
     }
 
     /// Bytes of budget not held by any request now.
@@ -542,11 +550,14 @@ mod tests {
     #[tokio::test]
     async fn in_flight_permits_are_bounded() {
         let gate = Gate::new(1_000, 2);
+        assert_eq!(gate.in_flight(), 0);
         let a = gate.enter().await;
         let _b = gate.enter().await;
+        assert_eq!(gate.in_flight(), 2);
         let third = tokio::time::timeout(Duration::from_millis(50), gate.enter()).await;
         assert!(third.is_err(), "a third request must wait");
         drop(a);
+        assert_eq!(gate.in_flight(), 1);
         let third = tokio::time::timeout(Duration::from_secs(5), gate.enter()).await;
         assert!(
             third.is_ok(),

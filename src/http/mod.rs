@@ -20,17 +20,26 @@
 //! module knows an endpoint, a field or a status code of a dialect; nothing in `api`
 //! reads sockets or bodies.
 //!
+//! Every client request is counted and timed by dialect, endpoint (the dialect's own
+//! name for it, `Dialect::endpoint_of`) and status ([`metrics`]).
+//!
 //! * [`server`]: accepting connections and the limits on each (time, size, number).
 //! * [`internal`]: the endpoint peers call.
 //! * `GET` [`STATUS_PATH`]: the node's own status (`Node::status_report`).
+//! * `GET` [`METRICS_PATH`]: its metrics, in the Prometheus text format ([`metrics`]).
+//! * `GET /`: the live status page ([`status_page`]); other methods on `/` get the
+//!   dialects' 404 like any path no one owns.
 
 pub mod body;
 pub mod form;
 mod internal;
+pub mod metrics;
 mod server;
+pub mod status_page;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -42,17 +51,22 @@ pub use server::{serve, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, MAX_CONNECTIONS, MAX_HEA
 
 use crate::api::{self, BodyFormat, Dialect};
 use crate::error::Error;
+use crate::metric_names::NO_DIALECT;
 use crate::node::Node;
 use crate::rpc;
 
 /// Path of the status endpoint (JSON; read-only, no secret needed).
 pub const STATUS_PATH: &str = "/api/v1/status";
+/// Path of the metrics endpoint (Prometheus text; read-only, no secret needed).
+pub const METRICS_PATH: &str = "/metrics";
 
 /// The whole HTTP surface of a node.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route(rpc::RPC_PATH, post(internal::rpc_endpoint))
         .route(STATUS_PATH, get(status_endpoint))
+        .route(METRICS_PATH, get(metrics::endpoint))
+        .route("/", get(status_page::page).fallback(client_request))
         .fallback(client_request)
         .with_state(node)
 }
@@ -62,12 +76,30 @@ async fn status_endpoint(State(node): State<Arc<Node>>) -> Response {
 }
 
 /// Every request that is not the node's own: admitted through the gate, decoded and
-/// handed to the dialect that owns its path (see the module doc).
+/// handed to the dialect that owns its path (see the module doc), then counted.
 async fn client_request(State(node): State<Arc<Node>>, request: Request) -> Response {
+    let arrived = Instant::now();
     let (parts, body) = request.into_parts();
-    let Some(dialect) = api::dialect_of(parts.uri.path()) else {
-        return api::unknown_path();
+    let dialect = api::dialect_of(parts.uri.path());
+    let (name, endpoint) = match dialect {
+        Some(d) => (d.name, (d.endpoint_of)(&parts.method, parts.uri.path())),
+        None => (NO_DIALECT, NO_DIALECT),
     };
+    let response = match dialect {
+        Some(dialect) => serve_client(node, dialect, parts, body).await,
+        None => api::unknown_path(),
+    };
+    metrics::record_request(name, endpoint, response.status(), arrived.elapsed());
+    response
+}
+
+/// Steps 2 and 3 of the module doc for a request `dialect` owns.
+async fn serve_client(
+    node: Arc<Node>,
+    dialect: &'static Dialect,
+    parts: axum::http::request::Parts,
+    body: axum::body::Body,
+) -> Response {
     let gate = &body::CLIENTS;
     let limits = body::Limits {
         max_bytes: dialect.max_body_bytes,

@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 
 use super::Node;
 use crate::clock::{CausalToken, PartitionUid, VersionVector};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::keycontext;
 
 impl Node {
     /// The version string of a write whose context is `context` (see the module doc).
@@ -36,6 +37,22 @@ impl Node {
             parts: context.clone(),
         };
         Ok(token.encode(&keys.token_key))
+    }
+
+    /// The own API's context string of `key`'s `history` (see `keycontext`).
+    pub fn encode_key_context(&self, key: &str, history: &VersionVector) -> Result<String> {
+        let keys = self.token_keys()?;
+        Ok(keycontext::encode(keys.id, key, history, &keys.token_key))
+    }
+
+    /// The history a client's context string of `key` names; it must be one this
+    /// cluster issued for that key, unaltered. Waits like [`Node::parse_token`] while
+    /// this node obtains the cluster key.
+    pub async fn parse_key_context(&self, key: &str, text: &str) -> Result<VersionVector> {
+        self.current().view()?;
+        let keys = self.wait_for_keys().await?;
+        keycontext::decode(text, keys.id, key, &keys.token_key)
+            .map_err(|e| Error::bad_request(e.to_string()))
     }
 
     /// The view epoch this node must reach before it routes a request carrying `token`:

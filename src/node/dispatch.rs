@@ -66,9 +66,10 @@ impl Node {
                 value,
                 token,
                 w,
+                mode,
             } => {
                 let _ = self.catch_up_view(env.epoch).await;
-                self.write(&key, value, token, Some(w), false)
+                self.write(&key, value, token, Some(w), mode, false)
                     .await
                     .map(Response::Put)
             }
@@ -76,6 +77,14 @@ impl Node {
             Request::KeyCount { partition } => self.count_local(partition).map(Response::Count),
             Request::Digest { partition, buckets } => self.serve_digest(partition, buckets).await,
             Request::Holds { partition, keys } => self.serve_holds(partition, keys).await,
+            Request::ListKeys {
+                partition,
+                prefix,
+                after,
+                limit,
+            } => self
+                .list_local(partition, &prefix, after.as_ref(), limit)
+                .map(Response::Keys),
             Request::Join { admin_token } => self.on_join(&env.from, admin_token.as_deref()).await,
             Request::Prepare { epoch, ballot } => self.on_prepare(epoch, ballot).await,
             Request::Accept {

@@ -57,6 +57,13 @@ impl Node {
             .collect()
     }
 
+    /// The failure detector's verdict about each peer, for the metrics.
+    pub(super) fn peer_verdicts(&self) -> Vec<(String, Health)> {
+        let peers = self.heartbeat_peers();
+        let report = self.liveness().report(&peers, monotonic_ms());
+        report.into_iter().map(|r| (r.peer, r.health)).collect()
+    }
+
     /// This node's own disk health, for the status endpoint.
     pub(super) fn disk_health(&self) -> serde_json::Value {
         match self.disk_fault() {

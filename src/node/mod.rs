@@ -48,6 +48,7 @@ mod dispatch;
 mod heartbeat;
 mod join;
 mod keys;
+mod listing;
 mod quorum;
 mod reconfig;
 mod routing;
@@ -69,12 +70,14 @@ use tokio::task::JoinSet;
 pub use digests::DIGEST_INTERVAL;
 pub use join::JoinPlan;
 pub use keys::{Keys, Refusal, KEY_WAIT};
+pub use listing::{Listing, MAX_PAGE, SCAN_BUDGET};
 pub use quorum::QUORUM_WAIT;
 pub use reconfig::{Progress, VIEW_CATCHUP_WAIT};
 pub use routing::{
     DEAD_PEER_PROBE_INTERVAL_MS, DEAD_PEER_TIMEOUT, FORWARD_TIMEOUT, HEDGE_AFTER, MAX_FORWARDS,
 };
 pub use service::{CATCHUP_WAIT, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use status::Gauges;
 pub use sync::{SYNC_INTERVAL, SYNC_PAGE_BYTES, SYNC_PAGE_ENTRIES, SYNC_TIMEOUT};
 pub use writer::{DiskFault, ReplicaStatus, WRITER_QUEUE};
 

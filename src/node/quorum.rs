@@ -74,6 +74,32 @@ impl Node {
             .collect()
     }
 
+    /// `token` with what every peer of `r` that answers within [`QUORUM_WAIT`] holds of
+    /// `key` folded in. A conditional write goes on with it, so the replica catches up
+    /// with those versions before it checks the condition: writes other clients made
+    /// through other replicas are seen as soon as they reached any replica that
+    /// answers (not those still in flight to all of them; see `writemode`).
+    pub(super) async fn with_peers_view_of_key(
+        self: &Arc<Self>,
+        r: &ReplicaHandle,
+        key: &str,
+        token: CausalToken,
+    ) -> CausalToken {
+        let probe = CausalToken {
+            parts: Default::default(),
+            ..token.clone()
+        };
+        let mut asked = self.ask_for_key(r.peers.iter().map(|(p, _)| p), key, &probe, QUORUM_WAIT);
+        let mut merged = token;
+        let deadline = tokio::time::Instant::now() + QUORUM_WAIT;
+        while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, asked.next()).await {
+            if let Ok(Response::Get(reply)) = answer {
+                merged.observe(r.partition, &reply.token.part(r.partition));
+            }
+        }
+        merged
+    }
+
     /// The replica count `level` needs in partition `p` of `view`; a request that asks
     /// for more replicas than the partition has is refused.
     pub(super) fn needed(&self, view: &View, p: u32, level: Level) -> Result<usize> {

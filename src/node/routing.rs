@@ -4,7 +4,9 @@
 //! is probed by one request per [`DEAD_PEER_PROBE_INTERVAL_MS`]; the others skip it, so a
 //! cut-off partition fails its clients fast instead of holding each for a timeout. Also
 //! here: the calls every other file makes to peers ([`Node::call`]), which tell the
-//! failure detector how each went.
+//! failure detector how each went. Every forwarded client request is counted
+//! (`metric_names::FORWARDS_TOTAL`): a client that routes to the key's replicas itself
+//! causes none.
 //!
 //! # Caveats
 //!
@@ -25,6 +27,7 @@ use super::{lock, monotonic_ms, unexpected, Node};
 use crate::clock::{CausalToken, PartitionUid};
 use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
+use crate::metric_names;
 use crate::placement::View;
 use crate::quorum::Level;
 use crate::rpc::{CallError, Envelope, ReadReply, Request, Response, WriteReply};
@@ -144,6 +147,15 @@ impl Node {
             .forwards
             .try_acquire()
             .map_err(|_| Error::unavailable("too many forwarded requests in flight; retry"))?;
+        // Once per client request, however many replicas it is then sent to.
+        let [get, put, delete, other] = metric_names::FORWARD_OPS;
+        let op = match &req {
+            Request::Get { .. } => get,
+            Request::Put { value: Some(_), .. } => put,
+            Request::Put { value: None, .. } => delete,
+            _ => other,
+        };
+        metrics::counter!(metric_names::FORWARDS_TOTAL, "op" => op).increment(1);
         let index = view.index_of(p).unwrap_or_default();
         let replicas: Vec<String> = view
             .replicas_of(p)
@@ -361,6 +373,7 @@ mod tests {
                     context: Default::default(),
                     known: false,
                     served_by: members[1].clone(),
+                    siblings: Default::default(),
                 })),
             );
         }

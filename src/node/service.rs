@@ -30,7 +30,7 @@ use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{slot_of, View};
 use crate::quorum::Level;
-use crate::replica::{Replica, WriteRequest};
+use crate::replica::{Replica, WriteMode, WriteRequest};
 use crate::rpc::{ReadReply, Request, Response, WriteReply};
 
 /// How long a read waits for its replica to catch up with the client's token.
@@ -207,8 +207,15 @@ impl Node {
         level: Option<Level>,
         may_forward: bool,
     ) -> Result<WriteReply> {
-        self.write(key, Some(value), token, level, may_forward)
-            .await
+        self.write(
+            key,
+            Some(value),
+            token,
+            level,
+            WriteMode::default(),
+            may_forward,
+        )
+        .await
     }
 
     /// Deletes `key` for a client: writes a tombstone, durable like a write. The reply's
@@ -220,16 +227,20 @@ impl Node {
         level: Option<Level>,
         may_forward: bool,
     ) -> Result<WriteReply> {
-        self.write(key, None, token, level, may_forward).await
+        self.write(key, None, token, level, WriteMode::default(), may_forward)
+            .await
     }
 
-    /// A put (`Some`) or a delete (`None`).
-    pub(super) async fn write(
+    /// A put (`Some`) or a delete (`None`) that replaces what `mode` says, if its
+    /// condition holds at the accepting replica (the seed dialects' put and delete
+    /// replace everything, unconditionally).
+    pub async fn write(
         self: &Arc<Self>,
         key: &str,
         value: Option<Vec<u8>>,
         token: CausalToken,
         level: Option<Level>,
+        mode: WriteMode,
         may_forward: bool,
     ) -> Result<WriteReply> {
         check_bounds(key, value.as_deref())?;
@@ -239,6 +250,7 @@ impl Node {
             value: value.clone(),
             token: token.clone(),
             w: level,
+            mode: mode.clone(),
         };
         if may_forward {
             self.catch_up_view(self.epoch_needed(&token)).await?;
@@ -263,7 +275,19 @@ impl Node {
             let result = match cur.local(p) {
                 Some(r) => {
                     match self
-                        .write_local(&view, r, key, value.clone(), token.clone(), need)
+                        .write_local(
+                            &view,
+                            r,
+                            WriteRequest {
+                                slot,
+                                key: key.to_string(),
+                                value: value.clone(),
+                                token: token.clone(),
+                                now_ms: now_ms(),
+                                mode: mode.clone(),
+                            },
+                            need,
+                        )
                         .await
                     {
                         // This replica is leaving its partition, was replaced, or its
@@ -294,22 +318,25 @@ impl Node {
     /// Applies a write at this replica and, when `need` replicas must hold it, waits
     /// for `need - 1` peers to confirm it (see `quorum.rs`).
     async fn write_local(
-        &self,
+        self: &Arc<Self>,
         view: &View,
         r: &ReplicaHandle,
-        key: &str,
-        value: Option<Vec<u8>>,
-        token: CausalToken,
+        mut req: WriteRequest,
         need: usize,
     ) -> Result<WriteReply> {
         // A disk that refuses writes makes waiting pointless: its peers take the write.
         if let Some(fault) = self.disk_fault() {
             return Err(fault.refusal());
         }
+        if req.mode.condition.is_some() {
+            let token = std::mem::take(&mut req.token);
+            req.token = self.with_peers_view_of_key(r, &req.key, token).await;
+        }
+        let token = &req.token;
         // The replica must reflect what the client saw in this partition before it
         // accepts the write (see `Replica::accepts_write`): wait for the peers to supply
         // it, then give up; the caller tries another replica, which may have it.
-        if !self.catch_up(r, &token).await {
+        if !self.catch_up(r, token).await {
             return Err(Error::unavailable(format!(
                 "this replica has not received writes the causal context depends on (partition {}), \
                  and its peers did not supply them within {CATCHUP_WAIT:?}; the write was not applied",
@@ -318,13 +345,6 @@ impl Node {
         }
         let _waiting = (need > 1).then(|| AckWaiter::new(r));
         let (tx, rx) = oneshot::channel();
-        let req = WriteRequest {
-            slot: slot_of(key),
-            key: key.to_string(),
-            value,
-            token,
-            now_ms: now_ms(),
-        };
         self.send_writer(WriterCmd::Write {
             req,
             partition: r.partition,
@@ -423,6 +443,7 @@ impl Node {
                     context: out.context,
                     known: out.known,
                     served_by: self.addr.clone(),
+                    siblings: out.siblings,
                 });
             }
             drop(txn);

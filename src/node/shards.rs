@@ -46,6 +46,16 @@ impl Node {
         addr == self.addr || self.liveness().health(addr, now_ms) != Health::Dead
     }
 
+    /// What this node's failure detector believes of `addr` (this node itself is
+    /// alive).
+    pub fn health_of(&self, addr: &str) -> Health {
+        if addr == self.addr {
+            Health::Alive
+        } else {
+            self.liveness().health(addr, monotonic_ms())
+        }
+    }
+
     /// The members of this node's view that are up, in member order (see the module
     /// doc).
     pub fn live_members(&self) -> Result<Vec<String>> {

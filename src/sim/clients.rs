@@ -311,6 +311,7 @@ impl Sim {
             value,
             token: op.token,
             now_ms: self.now,
+            mode: Default::default(),
         };
         let Some(out) = self.commit(n, |r, txn| r.write(txn, req)) else {
             return self.next_request(c);

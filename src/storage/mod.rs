@@ -191,6 +191,11 @@ pub trait Store: Send + Sync + 'static {
     fn recover(&self) -> Result<Recovery> {
         Ok(Recovery::Healthy)
     }
+    /// Bytes the store's files take on disk now, `None` for an engine without files or
+    /// when they cannot be listed (shown by `GET /metrics`).
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What [`Store::recover`] did.

@@ -36,15 +36,21 @@ pub(super) fn run_batch(
     let mut new_trims = Vec::new();
     for cmd in batch {
         let outcome = match cmd {
-            WriterCmd::Write { req, partition, .. } => match writable(d, *partition, req) {
-                Ok(()) => {
-                    dirty.any = true;
-                    dirty.replica = true;
-                    let r = d.replica.as_mut().expect("writable checked the replica");
-                    Outcome::Write(r.write(&mut *txn, req.clone())?)
+            WriterCmd::Write { req, partition, .. } => {
+                let allowed = match writable(d, *partition, req) {
+                    Ok(()) => Replica::precondition(&*txn, req)?,
+                    Err(e) => Err(e),
+                };
+                match allowed {
+                    Ok(()) => {
+                        dirty.any = true;
+                        dirty.replica = true;
+                        let r = d.replica.as_mut().expect("writable checked the replica");
+                        Outcome::Write(r.write(&mut *txn, req.clone())?)
+                    }
+                    Err(e) => Outcome::Failed(e),
                 }
-                Err(e) => Outcome::Failed(e),
-            },
+            }
             WriterCmd::Sync { page, replica, .. } => match incarnation(d, *replica) {
                 Ok(r) => {
                     dirty.any = true;
@@ -539,6 +545,7 @@ mod tests {
             value: Some(b"v".to_vec()),
             token,
             now_ms: 0,
+            mode: Default::default(),
         }
     }
 

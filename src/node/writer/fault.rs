@@ -150,6 +150,7 @@ mod tests {
                 value: Some(b"v".to_vec()),
                 token: CausalToken::default(),
                 now_ms: 1,
+                mode: Default::default(),
             };
             tx.blocking_send(WriterCmd::Write {
                 req,

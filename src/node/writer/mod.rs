@@ -263,12 +263,16 @@ pub(super) fn writer_loop(
                 // out first, so a client that reads right after its ack finds this
                 // replica caught up instead of waking the pullers for nothing.
                 publish.replica_status(&durable);
-                let mut local_writes = false;
+                let mut local_writes = 0usize;
                 for (cmd, outcome) in batch.drain(..).zip(outcomes) {
-                    local_writes |= matches!(outcome, Outcome::Write(_));
+                    local_writes += usize::from(matches!(outcome, Outcome::Write(_)));
                     answer(cmd, outcome);
                 }
-                if local_writes {
+                if local_writes > 0 {
+                    // How well group commit shares its fsync among clients; commits of
+                    // sync pages or view-change steps alone say nothing of that.
+                    metrics::histogram!(crate::metric_names::WAL_BATCH_WRITES)
+                        .record(local_writes as f64);
                     publish.local_writes.send_modify(|n| *n += 1);
                 }
             }
