@@ -31,8 +31,12 @@ use tracing_subscriber::EnvFilter;
 use kvs::node::{JoinPlan, Node, NodeConfig};
 use kvs::placement::{parse_addr, parse_view_list, View};
 use kvs::quorum::{Level, Levels};
-use kvs::rpc::HttpTransport;
+use kvs::rpc::{HttpTransport, StreamTransport, Transport};
 use kvs::storage::{MemoryStore, RedbStore, StorageError, Store};
+
+/// When `1`, calls to peers use one HTTP request each instead of streams (for A/B
+/// benchmarks of `rpc::stream`).
+const RPC_HTTP_ONLY_ENV: &str = "KVS_RPC_HTTP_ONLY";
 
 #[derive(Parser)]
 #[command(
@@ -569,7 +573,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .ok()
         .map(|a| a.ip())
         .filter(|ip| ip.is_loopback());
-    let transport = Arc::new(HttpTransport::new(secret.clone(), local_ip));
+    let http = HttpTransport::new(secret.clone(), local_ip);
+    // Streams to peers (`rpc::stream`) unless turned off, for A/B measurements.
+    let transport: Arc<dyn Transport> = if std::env::var(RPC_HTTP_ONLY_ENV).is_ok_and(|v| v == "1")
+    {
+        tracing::warn!("{RPC_HTTP_ONLY_ENV}=1: calls to peers use HTTP only (no streams)");
+        Arc::new(http)
+    } else {
+        Arc::new(StreamTransport::new(http))
+    };
     let cfg = NodeConfig {
         addr: addr.clone(),
         env_view,

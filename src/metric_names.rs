@@ -27,6 +27,15 @@ pub const FORWARDS_TOTAL: &str = "kvs_forwards_total";
 /// The values of the `op` label of [`FORWARDS_TOTAL`].
 pub const FORWARD_OPS: [&str; 4] = ["get", "put", "delete", "other"];
 
+/// Counter `{outcome}`: streams to peers (`rpc::stream`) this node tried to open;
+/// `outcome` is one of [`STREAM_OUTCOMES`].
+pub const RPC_STREAMS_TOTAL: &str = "kvs_rpc_streams_total";
+/// The values of the `outcome` label of [`RPC_STREAMS_TOTAL`]: upgraded, answered with
+/// an HTTP status (the caller uses HTTP for a while), or no connection.
+pub const STREAM_OUTCOMES: [&str; 3] = ["opened", "refused", "failed"];
+/// Counter: calls from peers this node served on streams.
+pub const RPC_STREAM_CALLS_TOTAL: &str = "kvs_rpc_stream_calls_total";
+
 /// Gauge `{peer}`: per peer of this node's partition, the writes this replica has
 /// applied that the peer had not applied as of its last sync request.
 pub const REPLICATION_LAG_WRITES: &str = "kvs_replication_lag_writes";
@@ -65,11 +74,13 @@ pub const PEER_UP: &str = "kvs_peer_up";
 pub const PEER_HEALTH: &str = "kvs_peer_health";
 
 /// Every metric above, for the checks that a dashboard or page names only these.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 18] = [
     HTTP_REQUESTS_TOTAL,
     HTTP_REQUEST_DURATION_SECONDS,
     HTTP_REQUESTS_IN_FLIGHT,
     FORWARDS_TOTAL,
+    RPC_STREAMS_TOTAL,
+    RPC_STREAM_CALLS_TOTAL,
     REPLICATION_LAG_WRITES,
     ANTI_ENTROPY_ROUNDS_TOTAL,
     ANTI_ENTROPY_BYTES_TOTAL,

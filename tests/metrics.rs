@@ -1,6 +1,6 @@
 //! Process-level tests of `GET /metrics`: real `kvs` processes on loopback, their
 //! answers read with a Prometheus text-format parser (`prometheus-parse`), as a scraper
-//! would. Address ranges `127.77.120.0/24` and `127.77.121.0/24` (see `common`).
+//! would. Address ranges `127.77.120.0/24`, `127.77.121.0/24` and `127.77.130.0/24` (see `common`).
 
 mod common;
 
@@ -327,4 +327,55 @@ fn the_dashboard_queries_exported_metrics() {
         }
     }
     assert!(queried > 10, "{queried} metric references");
+}
+
+/// Calls between nodes travel on one stream per peer (`rpc::stream`): forwarded reads
+/// and writes are served on streams, and a peer killed and restarted gets a new stream
+/// without a failed client request.
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_call_each_other_on_streams_that_survive_a_restart() {
+    let c = Cluster::start(130, 4, 2).await;
+    c.within(Duration::from_secs(240), async {
+        // Node 0 holds partition 0 with node 1; nodes 2 and 3 hold partition 1.
+        let keys = c.keys_by_partition(0, "stream", 20).await;
+        let far: Vec<String> = keys
+            .iter()
+            .filter(|(p, _)| **p == 1)
+            .flat_map(|(_, ks)| ks.iter().cloned())
+            .collect();
+        assert!(!far.is_empty(), "no key of partition 1 among {keys:?}");
+        let served = |m: &Metrics| m.count(name::RPC_STREAM_CALLS_TOTAL, &[]);
+        let opened = |m: &Metrics| m.count(name::RPC_STREAMS_TOTAL, &[("outcome", "opened")]);
+        let before = served(&scrape(&c, 2).await) + served(&scrape(&c, 3).await);
+        for key in &far {
+            let (status, body) = c.put(0, key, "v1", "").await;
+            assert!(status == 200 || status == 201, "PUT {key}: {body}");
+            let (status, body) = c.get(0, key, "").await;
+            assert_eq!(status, 200, "GET {key}: {body}");
+        }
+        let after = served(&scrape(&c, 2).await) + served(&scrape(&c, 3).await);
+        assert!(
+            after - before >= 2.0 * far.len() as f64,
+            "{} forwarded calls, {} served on streams",
+            2 * far.len(),
+            after - before
+        );
+        let first = scrape(&c, 0).await;
+        assert!(opened(&first) >= 1.0, "{}", first.text);
+
+        // Node 0's streams to node 2 break; the next calls open new ones.
+        c.kill_9(2);
+        c.restart(2).await;
+        for key in &far {
+            let (status, body) = c.put(0, key, "v2", "").await;
+            assert_eq!(status, 200, "PUT {key} after node 2's restart: {body}");
+            let (status, body) = c.get(0, key, "").await;
+            assert_eq!(status, 200, "GET {key} after node 2's restart: {body}");
+        }
+        scrape_until(&c, 0, "a stream to the restarted node", |m| {
+            opened(m) > opened(&first)
+        })
+        .await;
+    })
+    .await;
 }

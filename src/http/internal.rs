@@ -18,21 +18,8 @@ pub(super) async fn rpc_endpoint(
     headers: HeaderMap,
     body: Body,
 ) -> HttpResponse {
-    let given = headers
-        .get(rpc::SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !node.secret_matches(given) {
-        return (StatusCode::UNAUTHORIZED, "bad or missing cluster secret").into_response();
-    }
-    if headers.get(rpc::PROTO_HEADER).map(|v| v.as_bytes())
-        != Some(rpc::PROTOCOL_VERSION.as_bytes())
-    {
-        return (
-            StatusCode::BAD_REQUEST,
-            "unsupported internal protocol version",
-        )
-            .into_response();
+    if let Err(refusal) = outer_gate(&node, &headers) {
+        return refusal.into_response();
     }
     // Members' calls may be large (sync pages); anyone else's must be small, and every
     // body must arrive in time, so that callers without the cluster key hold little
@@ -67,12 +54,8 @@ pub(super) async fn rpc_endpoint(
             return (StatusCode::BAD_REQUEST, format!("undecodable message: {e}")).into_response()
         }
     };
-    match node.admit(&env, proof) {
-        Ok(()) => {}
-        Err(Refusal::NotAMember(why)) => return (StatusCode::FORBIDDEN, why).into_response(),
-        Err(Refusal::NotReady(why)) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
-        }
+    if let Err(refusal) = node.admit(&env, proof) {
+        return refusal_status(refusal).into_response();
     }
     let resp = node.handle_rpc(env).await;
     (
@@ -80,4 +63,36 @@ pub(super) async fn rpc_endpoint(
         rpc::encode(&resp),
     )
         .into_response()
+}
+
+/// The cluster secret and the protocol version, which every internal call and every
+/// stream must present.
+pub(super) fn outer_gate(
+    node: &Node,
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, &'static str)> {
+    let given = headers
+        .get(rpc::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !node.secret_matches(given) {
+        return Err((StatusCode::UNAUTHORIZED, "bad or missing cluster secret"));
+    }
+    if headers.get(rpc::PROTO_HEADER).map(|v| v.as_bytes())
+        != Some(rpc::PROTOCOL_VERSION.as_bytes())
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "unsupported internal protocol version",
+        ));
+    }
+    Ok(())
+}
+
+/// What a refusal of `Node::admit` answers: its status, and the text a stream carries.
+pub(super) fn refusal_status(refusal: Refusal) -> (StatusCode, String) {
+    match refusal {
+        Refusal::NotAMember(why) => (StatusCode::FORBIDDEN, why),
+        Refusal::NotReady(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }

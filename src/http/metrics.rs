@@ -142,6 +142,14 @@ fn describe() {
         Unit::Count,
         "Client requests this node forwarded to a replica on another node"
     );
+    describe_counter!(
+        name::RPC_STREAMS_TOTAL,
+        "Streams to peers this node tried to open, by outcome (opened, refused, failed)"
+    );
+    describe_counter!(
+        name::RPC_STREAM_CALLS_TOTAL,
+        "Calls from peers this node served on streams"
+    );
     describe_gauge!(
         name::REPLICATION_LAG_WRITES,
         Unit::Count,

@@ -24,7 +24,8 @@
 //! name for it, `Dialect::endpoint_of`) and status ([`metrics`]).
 //!
 //! * [`server`]: accepting connections and the limits on each (time, size, number).
-//! * [`internal`]: the endpoint peers call.
+//! * [`internal`]: the endpoint peers call, and [`stream`]: the streams they open to
+//!   multiplex their frequent calls (`rpc::stream`).
 //! * `GET` [`STATUS_PATH`]: the node's own status (`Node::status_report`).
 //! * `GET` [`METRICS_PATH`]: its metrics, in the Prometheus text format ([`metrics`]).
 //! * `GET /`: the live status page ([`status_page`]); other methods on `/` get the
@@ -36,6 +37,7 @@ mod internal;
 pub mod metrics;
 mod server;
 pub mod status_page;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +66,7 @@ pub const METRICS_PATH: &str = "/metrics";
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route(rpc::RPC_PATH, post(internal::rpc_endpoint))
+        .route(rpc::stream::STREAM_PATH, get(stream::stream_endpoint))
         .route(STATUS_PATH, get(status_endpoint))
         .route(METRICS_PATH, get(metrics::endpoint))
         .route("/", get(status_page::page).fallback(client_request))

@@ -46,7 +46,6 @@ use std::time::Duration;
 use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -108,7 +107,10 @@ pub async fn serve(
     let cap = connection_cap();
     tracing::debug!(cap, idle = ?idle_timeout(), "accepting connections");
     let slots = Arc::new(Semaphore::new(cap));
-    let graceful = GracefulShutdown::new();
+    // hyper-util's `GracefulShutdown` does not take connections that can be upgraded
+    // (peers' streams, `rpc::stream`), so the loop does its part: it tells every
+    // connection to finish, then waits until every slot is back.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -136,16 +138,29 @@ pub async fn serve(
         let service =
             hyper::service::service_fn(move |req: Request<Incoming>| app.clone().call(req));
         let io = TokioIo::new(StallGuard::new(stream, WRITE_STALL_TIMEOUT));
-        let conn = graceful.watch(http.serve_connection(io, service));
+        let conn = http.serve_connection(io, service).with_upgrades();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, "connection ended: {e}");
             }
             drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Every connection gives its slot back when it has closed.
+    let _all = slots
+        .acquire_many(u32::try_from(cap).unwrap_or(u32::MAX))
+        .await;
     Ok(())
 }
 

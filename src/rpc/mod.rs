@@ -3,9 +3,12 @@
 //! # Design
 //!
 //! Every internal call is one [`Envelope`] (sender, its epoch, a [`Request`]) answered by
-//! one [`Response`]. Both are postcard-encoded and travel as `POST /_internal/v1/rpc` over
-//! pooled HTTP/1.1 keep-alive connections, on the same port as the client API. Three
-//! headers go with each call:
+//! one [`Response`]. Both are postcard-encoded, on the same port as the client API. The
+//! frequent small calls (pings, pokes, forwarded reads and writes, sync pulls) travel
+//! multiplexed on one upgraded connection per peer ([`stream`]); the rest, and every call
+//! to a peer that refuses streams, as `POST /_internal/v1/rpc` over pooled HTTP/1.1
+//! keep-alive connections. Three headers go with each HTTP call and with the upgrade
+//! request that opens a stream:
 //!
 //! * `x-kvs-secret`: the operator's `CLUSTER_SECRET` (or a public default when none is
 //!   set, as in the seeds' `docker run` lines), compared in constant time: with a secret,
@@ -22,7 +25,7 @@
 //! members of its view or of the change in progress (`node::keys` has the rules).
 //!
 //! [`Transport`] is a trait so that tests and a simulator can carry messages without
-//! sockets; [`HttpTransport`] is the real one.
+//! sockets; [`StreamTransport`] (over [`HttpTransport`]) is the real one.
 //!
 //! # Caveats
 //!
@@ -76,6 +79,9 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// digests (`Request::Digest`, `Response::Digests`); the check of a handoff before its
 /// source deletes (`Request::Holds`, `Response::Lacking`).
 pub const PROTOCOL_VERSION: &str = "7";
+
+pub mod stream;
+pub use stream::StreamTransport;
 /// Largest internal message accepted. Sync pages are bounded well below this
 /// (`node::SYNC_PAGE_BYTES`) but one page may carry a few maximum-size values.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -387,6 +393,7 @@ const POOL_IDLE: Duration = Duration::from_secs(20);
 pub struct HttpTransport {
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     secret: String,
+    local_ip: Option<std::net::IpAddr>,
     /// Plain lock: held to clone or swap the value, never across an await.
     member_proof: std::sync::RwLock<Option<hyper::header::HeaderValue>>,
 }
@@ -407,18 +414,31 @@ impl HttpTransport {
         Self {
             client,
             secret,
+            local_ip,
             member_proof: std::sync::RwLock::new(None),
         }
+    }
+
+    fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.local_ip
+    }
+
+    /// The member proof calls carry now, if this node holds the cluster key.
+    fn proof(&self) -> Option<hyper::header::HeaderValue> {
+        self.member_proof
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn call_once(&self, to: &str, body: Vec<u8>) -> Result<Response, CallError> {
         let unreachable =
             |e: &dyn std::fmt::Display| CallError::Unreachable(to.into(), e.to_string());
-        let proof = self
-            .member_proof
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let proof = self.proof();
         let mut request = hyper::Request::post(format!("http://{to}{RPC_PATH}"));
         if let Some(proof) = proof {
             request = request.header(MEMBER_HEADER, proof);
