@@ -134,6 +134,13 @@ pub async fn serve(
                 }
             },
         };
+        // Answers go out as soon as they are written. Without it, Nagle's algorithm holds
+        // a small write back while an earlier one is unacknowledged, and the receiver
+        // delays its acknowledgement (up to 40 ms): a peer's stream, with several
+        // answers in flight, met that wait on about 1 % of its calls.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%remote, "TCP_NODELAY not set: {e}");
+        }
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |req: Request<Incoming>| app.clone().call(req));
