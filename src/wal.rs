@@ -3,13 +3,28 @@
 //! # Design
 //!
 //! A file header, `[magic: 8 bytes][salt: u64 LE][crc32 of magic and salt: u32 LE]`,
-//! then an append-only sequence of records, each
+//! then a sequence of records, each
 //! `[length: u32 LE][crc32: u32 LE][sequence: u64 LE][payload: length bytes]`, where the
 //! CRC covers the file's salt, the sequence number and the payload. [`Wal::append`]
 //! writes one record and calls `fdatasync` before it returns: one sequential write and
 //! one sync per batch, where a durable redb commit writes every page the batch touched,
-//! wherever it lies, and syncs. [`Wal::reset`] empties the file (down to its header) once
-//! the engine has made everything in it durable by other means (a checkpoint).
+//! wherever it lies, and syncs. [`Wal::reset`] empties the log once the engine has made
+//! everything in it durable by other means (a checkpoint).
+//!
+//! # Space written once, then reused
+//!
+//! An `fdatasync` after an append that grows the file must also commit the file's new
+//! size (a journal commit on ext4, shared by every file of the filesystem); one after an
+//! overwrite of blocks already written needs only the data. So an append that would pass
+//! the end of the file first writes zeros ahead of it ([`Wal::append`]: as much again
+//! as the file holds, at least [`GROW_MIN`] and at most [`GROW_MAX`] bytes), and
+//! [`Wal::reset`] does not truncate: it writes a header with a **new salt** over the old
+//! one, and the next records overwrite the old ones from the start. Whatever lies past
+//! the last record (zeros, or records and parts of records of an earlier salt) does not
+//! check under the current salt and ends the log the way a torn tail does: the older
+//! records could not pass the sequence-number window either (they are all covered by
+//! the checkpoint that preceded the reset). [`Wal::open`] cuts such bytes off, and the
+//! file grows again with the next appends.
 //!
 //! # Damage is detected, not guessed
 //!
@@ -73,6 +88,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes before a record's payload: length, CRC, sequence number. Also the smallest
@@ -82,6 +98,10 @@ pub(crate) const HEADER: usize = 16;
 const MAGIC: [u8; 8] = *b"kvs-wal\x02";
 /// Bytes of the file header: magic, salt, CRC of both.
 pub(crate) const FILE_HEADER: usize = 20;
+/// Least and most bytes of zeros written ahead of the log when an append passes the end
+/// of the file (see the module doc).
+pub const GROW_MIN: u64 = 64 * 1024;
+pub const GROW_MAX: u64 = 4 * 1024 * 1024;
 
 /// A record read back: its sequence number and payload.
 pub type Record = (u64, Vec<u8>);
@@ -181,6 +201,9 @@ pub struct Wal {
     path: PathBuf,
     /// Bytes of the header and whole records in the file: where the next record goes.
     len: u64,
+    /// Bytes the file holds (records, then zeros or older records): appends up to here
+    /// overwrite, beyond it they grow the file.
+    allocated: u64,
     /// The salt of this file's CRCs; `None` for a file of the previous layout.
     salt: Option<u64>,
     /// Tests only: make the next append fail, cutting back (`true`) or not (`false`).
@@ -262,9 +285,11 @@ impl Wal {
             );
         }
         if scan.end < bytes.len() {
-            tracing::warn!(
+            // Usually the space the log had reserved or reused (see the module doc).
+            tracing::info!(
                 "{}: dropping {} bytes from byte {}: no valid record newer than the checkpoint \
-                 follows them (a torn last record: a crash during its write, never acknowledged)",
+                 follows them (space written ahead of the log or left by records already \
+                 checkpointed, or a last record a crash cut short, never acknowledged)",
                 path.display(),
                 bytes.len() - scan.end,
                 scan.end
@@ -281,6 +306,7 @@ impl Wal {
             file,
             path: path.to_path_buf(),
             len,
+            allocated: len,
             salt,
             #[cfg(test)]
             fail_next_append: None,
@@ -292,10 +318,12 @@ impl Wal {
         self.file.set_len(0)?;
         self.len = 0;
         self.file.seek(io::SeekFrom::Start(0))?;
+        self.allocated = 0;
         self.file.write_all(&header_bytes(salt))?;
         self.file.sync_data()?;
         self.salt = Some(salt);
         self.len = FILE_HEADER as u64;
+        self.allocated = self.len;
         Ok(())
     }
 
@@ -343,11 +371,11 @@ impl Wal {
                 if self.fail_next_append.take() == Some(false) {
                     return Err(AppendError::Unknown(e));
                 }
-                match self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.sync_data())
-                {
+                let cut = self.file.set_len(self.len);
+                if cut.is_ok() {
+                    self.allocated = self.len;
+                }
+                match cut.and_then(|()| self.file.sync_data()) {
                     Ok(()) => Err(AppendError::NotWritten(e)),
                     Err(cut) => {
                         tracing::error!(
@@ -362,14 +390,18 @@ impl Wal {
     }
 
     fn write_record(&mut self, record: &[u8]) -> io::Result<()> {
-        self.file.seek(io::SeekFrom::Start(self.len))?;
         #[cfg(test)]
         if self.fail_next_append.is_some() {
             // Half a record reaches the file, as when a disk fills up mid-write.
-            self.file.write_all(&record[..record.len() / 2])?;
+            self.file
+                .write_all_at(&record[..record.len() / 2], self.len)?;
             return Err(io::Error::other("injected append failure"));
         }
-        self.file.write_all(record)?;
+        let end = self.len + record.len() as u64;
+        if end > self.allocated {
+            self.grow(end)?;
+        }
+        self.file.write_all_at(record, self.len)?;
         // The sync alone: it is what a batch's commit waits for, and what a slow or
         // failing disk shows first.
         let started = std::time::Instant::now();
@@ -379,20 +411,47 @@ impl Wal {
         synced
     }
 
-    /// Empties the log (its records are durable elsewhere), keeping the header. A file of
-    /// the previous layout gets one.
+    /// Writes zeros from the end of the file past `end` (see the module doc). They are
+    /// synced with the record that follows them.
+    fn grow(&mut self, end: u64) -> io::Result<()> {
+        let target = end + self.allocated.clamp(GROW_MIN, GROW_MAX);
+        let zeros = vec![0u8; 64 * 1024];
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64);
+            // `n` is at most the buffer's length.
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+            self.allocated = at;
+        }
+        Ok(())
+    }
+
+    /// Empties the log (its records are durable elsewhere): a header with a new salt, so
+    /// the records left in the file no longer check, and the next records overwrite them
+    /// (see the module doc). A file of the previous layout is cut back and gets a header.
+    ///
+    /// After an error the caller must reopen the log before appending: whether the disk
+    /// holds the old header or the new one is not known, and records appended under the
+    /// wrong salt would not be read back.
     pub fn reset(&mut self) -> io::Result<()> {
-        let start = self.records_start();
-        self.file.set_len(start)?;
-        // From here on appends start after the header, even if the sync fails: appending
-        // after the old end would leave a hole of zeros, which a later open would have to
-        // scan past.
-        self.len = start;
-        if self.salt.is_none() {
+        let Some(old) = self.salt else {
+            self.file.set_len(0)?;
+            self.len = 0;
+            self.allocated = 0;
             // If writing the header fails the file stays empty and of the old layout,
             // which the appends that follow then use: consistent either way.
             return self.write_header(rand::random());
-        }
+        };
+        let salt = loop {
+            let salt = rand::random();
+            if salt != old {
+                break salt;
+            }
+        };
+        self.file.write_all_at(&header_bytes(salt), 0)?;
+        self.salt = Some(salt);
+        self.len = FILE_HEADER as u64;
         self.file.sync_data()
     }
 }
@@ -582,6 +641,12 @@ mod tests {
         for (seq, payload) in records {
             wal.append(*seq, payload).expect("append");
         }
+        // Without the zeros written ahead of the log, so that the file ends with the
+        // last record, which the tests cut or damage.
+        let end = wal.len() + FILE_HEADER as u64;
+        drop(wal);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(end).expect("cut the zeros off");
         (dir, path)
     }
 
@@ -842,5 +907,62 @@ mod tests {
         drop(wal);
         let (_, records) = Wal::open(&path, 0).expect("reopen");
         assert_eq!(records, vec![(2, b"y".to_vec())]);
+    }
+
+    /// A reset keeps the file's space: the next records overwrite the old ones, which
+    /// never come back, whatever the checkpoint the open is given.
+    #[test]
+    fn a_reset_reuses_the_space_and_older_records_stay_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let (mut wal, _) = Wal::open(&path, 0).expect("open");
+        for seq in 1..=20 {
+            wal.append(seq, &[seq as u8; 300]).expect("append");
+        }
+        let grown = std::fs::metadata(&path).expect("stat").len();
+        assert!(grown >= GROW_MIN, "the file grew ahead of the log: {grown}");
+        wal.reset().expect("reset");
+        assert!(wal.is_empty());
+        wal.append(21, b"short").expect("append");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), grown);
+        drop(wal);
+        for durable in [0, 20] {
+            let (_, records) = Wal::open(&path, durable).expect("reopen");
+            assert_eq!(records, vec![(21, b"short".to_vec())], "durable {durable}");
+        }
+        // The open cut the old records off; appends grow the file again.
+        let (mut wal, _) = Wal::open(&path, 20).expect("reopen");
+        wal.append(22, b"next").expect("append");
+        drop(wal);
+        let (_, records) = Wal::open(&path, 20).expect("reopen");
+        assert_eq!(
+            records,
+            vec![(21, b"short".to_vec()), (22, b"next".to_vec())]
+        );
+    }
+
+    /// Appends that pass the end of the file write zeros ahead of the log; a reopen reads
+    /// the records and drops the zeros.
+    #[test]
+    fn appends_write_ahead_and_the_zeros_end_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let (mut wal, _) = Wal::open(&path, 0).expect("open");
+        wal.append(1, b"one").expect("append");
+        let size = std::fs::metadata(&path).expect("stat").len();
+        assert!(size >= GROW_MIN, "{size}");
+        wal.append(2, b"two").expect("append");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), size);
+        // A large record grows the file past it.
+        wal.append(3, &vec![3u8; 2 * GROW_MIN as usize])
+            .expect("append");
+        assert!(std::fs::metadata(&path).expect("stat").len() > 2 * GROW_MIN);
+        drop(wal);
+        let (wal, records) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(records.len(), 3);
+        assert_eq!(
+            wal.len() + FILE_HEADER as u64,
+            std::fs::metadata(&path).expect("stat").len()
+        );
     }
 }

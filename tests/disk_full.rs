@@ -18,9 +18,13 @@ use common::{keys, load, value_of, Cluster};
 /// Size of the tmpfs: room for a node's files (a fresh redb file and a WAL) with space
 /// to spare, small enough to fill in a moment.
 const TMPFS_SIZE: &str = "32m";
-/// Writes tried before the full disk must have refused one (the last page of the WAL
-/// file may have room for a few small records).
+/// Writes tried before the full disk must have refused one. The WAL writes space ahead
+/// of its records (at most `kvs::wal::GROW_MAX` bytes) and takes writes into it while
+/// the disk is full: they are durable. The writes that fill it carry [`FILL_VALUE_BYTES`]
+/// each, so that 200 of them use up several times that much.
 const MAX_WRITES_TO_FILL: usize = 200;
+/// Bytes of the value of each write made while the disk is full.
+const FILL_VALUE_BYTES: usize = 64 * 1024;
 /// Time the node gets to notice the freed space (it probes every second), and a peer to
 /// learn of its state from the heartbeats.
 const HEAL_WITHIN: Duration = Duration::from_secs(20);
@@ -71,6 +75,12 @@ impl Drop for Tmpfs {
 }
 
 /// Fills the file system of `dir` with `dir/filler` until it refuses more.
+/// A value of [`FILL_VALUE_BYTES`] bytes, its own for each `n`.
+fn big_value(n: usize) -> String {
+    let head = format!("{n}=");
+    head.clone() + &"v".repeat(FILL_VALUE_BYTES - head.len())
+}
+
 fn fill(dir: &Path) -> PathBuf {
     let path = dir.join("filler");
     let mut f = std::fs::File::create(&path).expect("create the filler");
@@ -161,7 +171,7 @@ async fn a_full_disk_refuses_writes_then_heals_by_itself() {
         let filler = fill(tmpfs.path());
         let mut refused = None;
         for n in 0..MAX_WRITES_TO_FILL {
-            let (key, val) = (format!("full_{n}"), format!("full_{n}=v1"));
+            let (key, val) = (format!("full_{n}"), big_value(n));
             let (status, body) = c.put(0, &key, &val, "").await;
             match status {
                 200 | 201 => {
@@ -241,7 +251,7 @@ async fn a_replica_with_a_full_disk_is_routed_around_then_catches_up() {
                 n < MAX_WRITES_TO_FILL && Instant::now() < deadline,
                 "node 2 never noticed its full disk"
             );
-            let (key, val) = (format!("via2_{n}"), format!("via2_{n}=v1"));
+            let (key, val) = (format!("via2_{n}"), big_value(n));
             let (status, body) = c.put(2, &key, &val, "").await;
             assert!(
                 status == 200 || status == 201,

@@ -21,13 +21,20 @@ const MAX_KEYS: usize = 2_000;
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
 const CATCH_UP: Duration = Duration::from_secs(60);
 
-fn wal_len(c: &Cluster, i: usize) -> u64 {
-    std::fs::metadata(c.data_dir(i).join("kvs.wal")).map_or(0, |m| m.len())
+/// The records of the WAL in `dir` (since it was last emptied), read from a copy with
+/// the node's own reader; none while it cannot be read (a record being written).
+fn wal_records(dir: &Path) -> Vec<kvs::wal::Record> {
+    let copy = tempfile::tempdir().expect("tempdir");
+    let path = copy.path().join("kvs.wal");
+    if std::fs::copy(dir.join("kvs.wal"), &path).is_err() {
+        return Vec::new();
+    }
+    kvs::wal::Wal::open(&path, 0).map_or(Vec::new(), |(_, records)| records)
 }
 
 /// PUTs fresh keys one at a time through node `via` (each its own batch, so its own WAL
-/// record on `via`) until node `watch`'s WAL has grown [`RECORDS`] times since it was
-/// last emptied; returns the acknowledged keys and values.
+/// record on `via`) until node `watch`'s WAL holds [`RECORDS`] records since it was last
+/// emptied; returns the acknowledged keys and values.
 async fn write_until_the_wal_holds_records(
     c: &Cluster,
     via: usize,
@@ -35,36 +42,31 @@ async fn write_until_the_wal_holds_records(
     prefix: &str,
 ) -> BTreeMap<String, String> {
     let mut acked = BTreeMap::new();
-    let mut grown = 0;
-    let mut last = wal_len(c, watch);
     for n in 0..MAX_KEYS {
         let (key, val) = (format!("{prefix}_{n}"), format!("{prefix}_{n}=v1"));
         let (status, body) = c.put(via, &key, &val, "").await;
         assert_eq!(status, 201, "PUT {key} via node {via}: {body}");
         acked.insert(key, val);
-        let len = wal_len(c, watch);
-        // A checkpoint empties the WAL: count again from there.
-        grown = if len < last {
-            0
-        } else {
-            grown + usize::from(len > last)
-        };
-        last = len;
-        if grown >= RECORDS {
+        if wal_records(&c.data_dir(watch)).len() >= RECORDS {
             return acked;
         }
     }
     panic!("node {watch}'s WAL never held {RECORDS} records in {MAX_KEYS} writes");
 }
 
-/// Flips one bit in the middle of the WAL of node `i`; returns the damaged bytes.
-fn flip_middle_bit(dir: &Path) -> Vec<u8> {
+/// Flips one bit in the middle of the records of the WAL in `dir` (not in the zeros
+/// the log writes ahead of them); returns the damaged bytes and the bit's offset.
+fn flip_middle_bit(dir: &Path) -> (Vec<u8>, usize) {
     let path = dir.join("kvs.wal");
+    let records = wal_records(dir);
+    assert!(records.len() >= RECORDS, "{} records", records.len());
+    // The file header, then each record's 16-byte header and payload.
+    let end = 20 + records.iter().map(|(_, p)| 16 + p.len()).sum::<usize>();
     let mut bytes = std::fs::read(&path).expect("read the WAL");
-    let middle = bytes.len() / 2;
+    let middle = end / 2;
     bytes[middle] ^= 0x04;
     std::fs::write(&path, &bytes).expect("write the WAL");
-    bytes
+    (bytes, middle)
 }
 
 /// The directories `dir` was moved aside to (`<dir>.damaged-*`).
@@ -112,11 +114,10 @@ async fn a_single_node_refuses_a_damaged_wal_and_drops_nothing() {
     c.within(Duration::from_secs(180), async {
         let acked = write_until_the_wal_holds_records(&c, 0, 0, "single").await;
         c.kill_9(0);
-        let mut damaged = flip_middle_bit(&c.data_dir(0));
+        let (mut damaged, middle) = flip_middle_bit(&c.data_dir(0));
         assert_refuses(&c, 0, &damaged).await;
 
         // The damage undone, every acknowledged key is there.
-        let middle = damaged.len() / 2;
         damaged[middle] ^= 0x04;
         std::fs::write(c.data_dir(0).join("kvs.wal"), &damaged).expect("write the WAL");
         c.restart(0).await;
@@ -148,7 +149,7 @@ async fn a_damaged_replica_refuses_then_rebuilds_from_its_peers() {
             }
         }
         c.kill_9(2);
-        let damaged = flip_middle_bit(&c.data_dir(2));
+        let (damaged, _) = flip_middle_bit(&c.data_dir(2));
         assert_refuses(&c, 2, &damaged).await;
 
         c.set_env("KVS_REBUILD", "1");

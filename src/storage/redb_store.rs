@@ -424,9 +424,13 @@ impl RedbStore {
         if checkpoint {
             w.checkpointed = Instant::now();
             if let Err(e) = w.wal.reset() {
-                // Harmless: the records left are all covered by the checkpoint, and the
-                // replay skips them.
-                tracing::warn!("could not empty the write-ahead log after a checkpoint: {e}");
+                // The records left are all covered by the checkpoint, but whether the disk
+                // holds the log's old header or its new one is unknown (`Wal::reset`), and
+                // records appended under the wrong one would not be read back: no append
+                // until a reopen has read what the disk holds.
+                let e = format!("emptying the write-ahead log after a checkpoint: {e}");
+                tracing::error!("{e}; the store reopens before its next write");
+                w.fault = Some(Fault::Broken(e));
             }
         }
         Ok(())
@@ -679,13 +683,10 @@ mod tests {
     fn a_clean_close_leaves_an_empty_wal() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_batches(&RedbStore::open(dir.path()).expect("open"));
-        assert_eq!(
-            std::fs::metadata(dir.path().join("kvs.wal"))
-                .expect("stat")
-                .len(),
-            crate::wal::FILE_HEADER as u64,
-            "only the WAL's file header is left"
-        );
+        // The file keeps its space (`wal`'s module doc); its records no longer check.
+        let (_, records) =
+            crate::wal::Wal::open(&dir.path().join("kvs.wal"), 0).expect("the WAL opens");
+        assert!(records.is_empty(), "{} records left", records.len());
         check_batches(&RedbStore::open(dir.path()).expect("reopen"), 0);
     }
 
@@ -714,7 +715,9 @@ mod tests {
         drop(store);
         let wal = image.path().join("kvs.wal");
         let mut bytes = std::fs::read(&wal).expect("read");
-        let middle = bytes.len() / 2;
+        // The middle of the records, not of the zeros the log wrote ahead of them.
+        let end = bytes.iter().rposition(|b| *b != 0).expect("records") + 1;
+        let middle = end / 2;
         bytes[middle] ^= 1;
         std::fs::write(&wal, &bytes).expect("write");
         let err = RedbStore::open(image.path()).err().expect("refused");
