@@ -5,7 +5,8 @@
 # 1,000 keys, then counts the instructions all three nodes execute (user space only)
 # while 8 keep-alive clients send N requests of one kind to node 1.
 #
-# usage: bench/callgrind.sh [BIN] [get|put] [N]     (defaults: target/release/kvs put 2000)
+# usage: bench/callgrind.sh [BIN] [get|put] [N]     (defaults: target/release/kvs put 2000;
+#        KEEP=DIR keeps the three nodes' profiles there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/kvs}; MODE=${2:-put}; N=${3:-2000}
@@ -52,6 +53,8 @@ for p in "${pids[@]}"; do callgrind_control -i on "$p" >/dev/null; done
 load "$MODE" "$N"
 sleep 1
 for p in "${pids[@]}"; do callgrind_control -d "$p" >/dev/null; done
+# KEEP=DIR keeps the profiles (for callgrind_annotate).
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$tmp"/n*.out* "$KEEP"/; fi
 python3 - "$tmp" "$N" "$MODE" <<'PY'
 import glob, sys
 tmp, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]

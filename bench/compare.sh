@@ -24,8 +24,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release --locked --quiet --bin kvs --example hello
-KVS=target/release/kvs
-HELLO=target/release/examples/hello
+KVS=${CARGO_TARGET_DIR:-target}/release/kvs
+HELLO=${CARGO_TARGET_DIR:-target}/release/examples/hello
 
 # shellcheck source=bench/lib.sh
 source bench/lib.sh

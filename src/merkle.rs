@@ -58,8 +58,28 @@ pub fn key_digest(key: &str, state: &KeyState) -> u64 {
 
 /// The digests of every slot (index = slot); slots outside `owned` and empty slots are 0.
 pub fn slot_digests(txn: &dyn ReadTxn, owned: &SlotSet) -> Result<Vec<u64>> {
+    Ok(slot_digests_with(txn, owned, &[])?.0)
+}
+
+/// Digests [`slot_digests_with`] computed, as `(slot, digest)`.
+pub type Computed = Vec<(u32, u64)>;
+
+/// Like [`slot_digests`], taking the digest of slot `s` from `known[s]` where it is
+/// `Some` (a digest kept since it was computed: `storage::digest_cache`) and scanning the
+/// others; also returns the digests it computed, by slot.
+pub fn slot_digests_with(
+    txn: &dyn ReadTxn,
+    owned: &SlotSet,
+    known: &[Option<u64>],
+) -> Result<(Vec<u64>, Computed)> {
     let mut digests = vec![0u64; SLOTS as usize];
+    let mut computed = Vec::new();
     for slot in owned.iter() {
+        if let Some(Some(d)) = known.get(slot as usize) {
+            digests[slot as usize] = *d;
+            continue;
+        }
+        let mut digest = 0u64;
         let mut after: Option<String> = None;
         loop {
             let chunk = txn.scan_slot(slot, after.as_deref(), SCAN_CHUNK)?;
@@ -68,15 +88,16 @@ pub fn slot_digests(txn: &dyn ReadTxn, owned: &SlotSet) -> Result<Vec<u64>> {
             };
             after = Some(last.clone());
             for (key, state) in &chunk {
-                digests[slot as usize] =
-                    digests[slot as usize].wrapping_add(key_digest(key, state));
+                digest = digest.wrapping_add(key_digest(key, state));
             }
             if chunk.len() < SCAN_CHUNK {
                 break;
             }
         }
+        digests[slot as usize] = digest;
+        computed.push((slot, digest));
     }
-    Ok(digests)
+    Ok((digests, computed))
 }
 
 /// The bucket digests of a partition's slot digests.

@@ -168,10 +168,18 @@ impl Node {
         })
     }
 
-    /// This replica's slot digests, hashed on a blocking thread over one snapshot.
+    /// This replica's slot digests: those kept since no write touched their slot
+    /// (`storage::digest_cache`), the others hashed on a blocking thread over one snapshot.
     async fn slot_digests(self: &Arc<Self>, r: &ReplicaHandle) -> Result<Vec<u64>> {
         let owned = r.owned.clone();
-        self.read_blocking(move |txn| Ok(merkle::slot_digests(txn, &owned)?))
-            .await
+        let cache = self.digests.clone();
+        // Before the snapshot opens (`DigestCache::fill`).
+        let seen = cache.snapshot();
+        self.read_blocking(move |txn| {
+            let (digests, computed) = merkle::slot_digests_with(txn, &owned, &seen.digests)?;
+            cache.fill(&seen, &computed);
+            Ok(digests)
+        })
+        .await
     }
 }

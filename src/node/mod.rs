@@ -88,6 +88,7 @@ use crate::error::{Error, Result};
 use crate::placement::{Role, SlotSet, View};
 use crate::quorum::Levels;
 use crate::rpc::{Response, Transport};
+use crate::storage::digest_cache::{DigestCache, TrackedStore};
 use crate::storage::Store;
 use crate::viewchange::{Acceptor, PullKey, PullProgress, Transition};
 use writer::{Durable, Publish, WriterCmd};
@@ -216,6 +217,8 @@ pub struct Node {
     addr: String,
     k: Option<usize>,
     store: Arc<dyn Store>,
+    /// Slot digests kept between anti-entropy rounds (`storage::digest_cache`).
+    digests: Arc<DigestCache>,
     transport: Arc<dyn Transport>,
     secret: String,
     admin_token: Option<String>,
@@ -292,6 +295,10 @@ impl Node {
         transport: Arc<dyn Transport>,
     ) -> Result<Arc<Node>> {
         let join = cfg.join;
+        // Every write goes through the writer's store, so this wrapper sees each slot a
+        // write changes and the digest cache forgets its digest.
+        let digests = Arc::new(DigestCache::new());
+        let store: Arc<dyn Store> = Arc::new(TrackedStore::new(store, digests.clone()));
         let durable = Durable::load(&*store, &cfg.addr, cfg.env_view)?;
         let layout = durable.layout();
         let acceptor = durable.acceptor.clone();
@@ -313,6 +320,7 @@ impl Node {
             addr: cfg.addr,
             k: cfg.k,
             store,
+            digests,
             transport,
             secret: cfg.secret,
             admin_token: cfg.admin_token,

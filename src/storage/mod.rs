@@ -40,6 +40,7 @@
 //! * Values are stored inside the key state; very large values make rewriting a key's
 //!   state (on every update) cost proportionally.
 
+pub mod digest_cache;
 mod memory;
 mod redb_store;
 mod redb_txn;

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Cost per request as the data grows: loads N keys of 100 bytes (k0..k{N-1}) into a
+# 3-node K=3 cluster on disk with `kvs load -c 64`, reports the load rate and each node's
+# RSS and data directory size, then GET c64 with wrk over the N keys (ROUNDS runs of
+# DURATION s; the median shown) and each node's RSS again.
+#
+# usage: bench/scale.sh N     (e.g. 10000, 1000000; needs about 1 KB of disk per key
+#                              per node; DURATION=5, ROUNDS=3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:?usage: bench/scale.sh N}
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-3}"
+KEYS=$N
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --locked --quiet --bin kvs
+KVS=${CARGO_TARGET_DIR:-target}/release/kvs
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+
+rss() { # the nodes' resident memory, MiB
+  local p out=""
+  for p in "${pids[@]}"; do out="$out $(( $(ps -o rss= -p "$p") / 1024 ))"; done
+  echo "${out# }"
+}
+disk() { # the nodes' data directories, MiB
+  local i out=""
+  for i in 1 2 3; do out="$out $(du -sm "$tmp/kvs79-$i" | cut -f1)"; done
+  echo "${out# }"
+}
+
+python3 - "$N" "$tmp/keys.tsv" <<'PY'
+import sys
+n, path, v = int(sys.argv[1]), sys.argv[2], "v" * 100
+with open(path, "w") as f:
+    for i in range(n):
+        f.write(f"k{i}\t{v}\n")
+PY
+start_kvs 79 3 3
+echo "== loading $N keys of 100 bytes" >&2
+started=$(date +%s.%N)
+"$KVS" load --cluster 127.0.79.1:8080,127.0.79.2:8080,127.0.79.3:8080 -c 64 "$tmp/keys.tsv" >&2
+took=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+sleep 2 # the replicas finish syncing
+echo "loaded $N keys in ${took} s: $(awk -v n="$N" -v t="$took" 'BEGIN { printf "%.0f", n / t }') keys/s" \
+  "; RSS MiB $(rss); disk MiB $(disk)"
+for round in $(seq 1 "$ROUNDS"); do
+  measure "$round" "kvs-3xK3-$N" http://127.0.79.1:8080 bench/wrk/kvs.lua get 64
+done
+echo "after the GETs: RSS MiB $(rss); disk MiB $(disk)"
+stop_all
+summarize "kvs-3xK3-$N"
