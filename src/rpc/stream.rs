@@ -44,6 +44,12 @@
 //!   connection did; the next call opens a new one.
 //! * A stream idle for [`CLIENT_IDLE`] is dropped by its caller before the receiver's
 //!   [`SERVER_IDLE`] closes it, so a call is never sent on a stream being closed.
+//! * A call that times out on a stream on which nothing arrived since it began closes
+//!   the stream: a partition drops packets without closing the connection, and TCP's
+//!   retransmissions may resume long after the partition heals, where a new connection
+//!   works at once. (A call that times out while other answers arrive leaves it open.)
+//! * After a failed connection attempt, calls to that peer fail as not sent for
+//!   `RETRY_CONNECT` (200 ms) instead of each trying again in turn.
 //!
 //! # Caveats
 //!
@@ -102,6 +108,8 @@ pub const MAX_STREAMED_CALL: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Time to open a connection and upgrade it.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a connection to a peer failed, calls to it fail at once this long.
+const RETRY_CONNECT: Duration = Duration::from_millis(200);
 
 /// Whether a call of this kind travels on a stream (see the module doc).
 pub fn streams(request: &Request) -> bool {
@@ -190,40 +198,70 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 /// Calls waiting for their answers on one connection; `None` once it is closed.
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>;
 
+/// What a connection's caller side and its reading task share.
+struct Shared {
+    pending: Pending,
+    born: Instant,
+    /// One more than the milliseconds since `born` when the last frame arrived; 0
+    /// until one does.
+    last_heard: AtomicU64,
+    /// Tells the connection's task to drop the socket.
+    kill: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 /// One upgraded connection to a peer, as the caller sees it.
 struct Conn {
     frames: mpsc::Sender<Vec<u8>>,
-    pending: Arc<Pending>,
+    shared: Arc<Shared>,
     next_id: AtomicU64,
-    /// Milliseconds since `born` of the last call, for [`CLIENT_IDLE`].
+    /// Milliseconds since `shared.born` of the last call, for [`CLIENT_IDLE`].
     last_used: AtomicU64,
-    born: Instant,
 }
 
 impl Conn {
     fn is_open(&self) -> bool {
-        lock(&self.pending).is_some()
+        lock(&self.shared.pending).is_some()
     }
 
     fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_used.load(Ordering::Relaxed));
-        self.born.elapsed().saturating_sub(last)
+        self.shared.born.elapsed().saturating_sub(last)
+    }
+
+    /// Whether nothing arrived on the stream since `since`.
+    fn silent_since(&self, since: Instant) -> bool {
+        match self.shared.last_heard.load(Ordering::Relaxed) {
+            0 => true,
+            heard => self.shared.born + Duration::from_millis(heard - 1) < since,
+        }
+    }
+
+    /// Fails every call waiting on the stream and drops its socket.
+    fn close(&self) {
+        lock(&self.shared.pending).take();
+        self.shared.kill.notify_one();
     }
 
     async fn call(&self, to: &str, body: &[u8]) -> Result<Response, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        match lock(&self.pending).as_mut() {
+        match lock(&self.shared.pending).as_mut() {
             Some(waiting) => waiting.insert(id, tx),
             None => return Err(CallError::NotSent(to.into(), "stream closed".into())),
         };
         // Forgets the call if it is dropped (timed out) before its answer.
         let _forget = Forget {
-            pending: &self.pending,
+            pending: &self.shared.pending,
             id,
         };
-        let millis = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_used.store(millis, Ordering::Relaxed);
+        self.last_used
+            .store(self.shared.now_ms(), Ordering::Relaxed);
         if self.frames.send(frame(id, CALL, body)).await.is_err() {
             return Err(CallError::NotSent(to.into(), "stream closed".into()));
         }
@@ -279,12 +317,16 @@ enum PeerState {
     Open(Arc<Conn>),
     /// The peer refused the upgrade: use HTTP until then.
     HttpUntil(Instant),
+    /// No connection could be made: calls fail at once until then, rather than each
+    /// waiting its turn to try (connection attempts to a peer are one at a time).
+    DownUntil(Instant, String),
 }
 
 /// Which way a call goes.
 enum Route {
     Stream(Arc<Conn>),
     Http,
+    Down(String),
 }
 
 /// The real transport: streams to peers that accept them, HTTP otherwise (see the
@@ -346,7 +388,7 @@ impl StreamTransport {
                 Ok(Route::Http)
             }
             Err(Opened::Failed(why)) => {
-                *state = PeerState::None;
+                *state = PeerState::DownUntil(Instant::now() + RETRY_CONNECT, why.clone());
                 Err(CallError::NotSent(to.into(), why))
             }
         }
@@ -400,26 +442,31 @@ impl StreamTransport {
             .map_err(|e| failed(&e))?;
         let (read, write) = tokio::io::split(TokioIo::new(upgraded));
         let (frames, queue) = mpsc::channel(QUEUE);
-        let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
-        let answers = pending.clone();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Some(HashMap::new())),
+            born: Instant::now(),
+            last_heard: AtomicU64::new(0),
+            kill: tokio::sync::Notify::new(),
+        });
+        let task = shared.clone();
         let peer = to.to_string();
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                r = read_answers(read, &answers) => r,
+                r = read_answers(read, &task) => r,
                 r = write_frames(write, queue) => r,
+                () = task.kill.notified() => Ok(()),
             };
             if let Err(e) = outcome {
                 tracing::debug!(%peer, "stream to peer closed: {e}");
             }
             // Dropping the senders fails every call still waiting.
-            lock(&answers).take();
+            lock(&task.pending).take();
         });
         Ok(Arc::new(Conn {
             frames,
-            pending,
+            shared,
             next_id: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
-            born: Instant::now(),
         }))
     }
 }
@@ -440,6 +487,9 @@ fn usable(peer: &Peer) -> Option<Route> {
             Some(Route::Stream(conn.clone()))
         }
         PeerState::HttpUntil(until) if Instant::now() < *until => Some(Route::Http),
+        PeerState::DownUntil(until, why) if Instant::now() < *until => {
+            Some(Route::Down(why.clone()))
+        }
         PeerState::None => None,
         _ => {
             *state = PeerState::None;
@@ -449,10 +499,15 @@ fn usable(peer: &Peer) -> Option<Route> {
 }
 
 /// Hands each answer to the call waiting for it, until the stream ends.
-async fn read_answers<R: AsyncRead + Unpin>(read: R, pending: &Pending) -> io::Result<()> {
+async fn read_answers<R: AsyncRead + Unpin>(read: R, shared: &Shared) -> io::Result<()> {
     let mut read = BufReader::with_capacity(64 * 1024, read);
     while let Some(frame) = read_frame(&mut read, super::MAX_RPC_BYTES).await? {
-        let waiter = lock(pending).as_mut().and_then(|w| w.remove(&frame.id));
+        shared
+            .last_heard
+            .store(shared.now_ms().saturating_add(1), Ordering::Relaxed);
+        let waiter = lock(&shared.pending)
+            .as_mut()
+            .and_then(|w| w.remove(&frame.id));
         if let Some(waiter) = waiter {
             // The caller may have given up (timed out) meanwhile.
             let _ = waiter.send(frame);
@@ -475,18 +530,36 @@ impl Transport for StreamTransport {
         let body = encode(envelope);
         let to = to.to_string();
         Box::pin(async move {
+            let started = Instant::now();
+            // The stream the call went on, if it times out there.
+            let used: Mutex<Option<Arc<Conn>>> = Mutex::new(None);
             let call = async {
                 if body.len() > MAX_STREAMED_CALL {
                     return self.http.call_once(&to, body).await;
                 }
                 match self.route(&to).await? {
-                    Route::Stream(conn) => conn.call(&to, &body).await,
+                    Route::Stream(conn) => {
+                        *lock(&used) = Some(conn.clone());
+                        conn.call(&to, &body).await
+                    }
                     Route::Http => self.http.call_once(&to, body).await,
+                    Route::Down(why) => Err(CallError::NotSent(to.clone(), why)),
                 }
             };
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
-                Err(_) => Err(CallError::Timeout(to, timeout)),
+                Err(_) => {
+                    // Nothing heard on the stream for the whole call: it may be cut off
+                    // (a partition drops packets without closing anything), and TCP may
+                    // take long to resume after it heals. The next call opens a new one.
+                    if let Some(conn) = lock(&used).take() {
+                        if conn.silent_since(started) {
+                            tracing::debug!(peer = %to, "closing a silent stream");
+                            conn.close();
+                        }
+                    }
+                    Err(CallError::Timeout(to, timeout))
+                }
             }
         })
     }
@@ -559,13 +632,7 @@ mod tests {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let transport = StreamTransport::new(HttpTransport::new("s".into(), None));
-        transport.set_member_proof(Some("ab".repeat(32)));
-        let env = Envelope {
-            from: "127.0.0.1:1".into(),
-            epoch: 1,
-            body: Request::Ping,
-        };
+        let (transport, env) = member_and_ping();
         for _ in 0..3 {
             let answer = transport.call(&addr, &env, Duration::from_secs(5)).await;
             assert!(matches!(answer, Ok(Response::Ok)), "{answer:?}");
@@ -575,12 +642,8 @@ mod tests {
         assert!(matches!(*lock(&peer.state), PeerState::HttpUntil(_)));
     }
 
-    /// Nobody listening: the call certainly was not delivered.
-    #[tokio::test]
-    async fn no_listener_is_not_sent() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
-        let addr = listener.local_addr().expect("address").to_string();
-        drop(listener);
+    /// A transport holding a member proof, and a ping to send with it.
+    fn member_and_ping() -> (StreamTransport, Envelope) {
         let transport = StreamTransport::new(HttpTransport::new("s".into(), None));
         transport.set_member_proof(Some("ab".repeat(32)));
         let env = Envelope {
@@ -588,7 +651,70 @@ mod tests {
             epoch: 1,
             body: Request::Ping,
         };
+        (transport, env)
+    }
+
+    /// Nobody listening: the call certainly was not delivered.
+    #[tokio::test]
+    async fn no_listener_is_not_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let addr = listener.local_addr().expect("address").to_string();
+        drop(listener);
+        let (transport, env) = member_and_ping();
         let answer = transport.call(&addr, &env, Duration::from_secs(5)).await;
         assert!(matches!(answer, Err(CallError::NotSent(..))), "{answer:?}");
+    }
+
+    /// A peer that takes the stream but never answers (as across a partition): the call
+    /// times out, the silent stream is closed, and the next call opens a new one.
+    #[tokio::test]
+    async fn a_silent_stream_is_closed_when_a_call_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("address").to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if socket.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                         upgrade: {}\r\n\r\n",
+                        upgrade_token()
+                    );
+                    if socket.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    // Reads every call, answers none.
+                    let mut sink = [0u8; 4096];
+                    while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let (transport, env) = member_and_ping();
+        let answer = transport
+            .call(&addr, &env, Duration::from_millis(300))
+            .await;
+        assert!(matches!(answer, Err(CallError::Timeout(..))), "{answer:?}");
+        let peer = transport.peer(&addr);
+        assert!(
+            matches!(&*lock(&peer.state), PeerState::Open(conn) if !conn.is_open()),
+            "the silent stream is still open"
+        );
+        let answer = transport
+            .call(&addr, &env, Duration::from_millis(300))
+            .await;
+        assert!(matches!(answer, Err(CallError::Timeout(..))), "{answer:?}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2, "no new connection");
     }
 }
