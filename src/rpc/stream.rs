@@ -48,8 +48,8 @@
 //!   the stream: a partition drops packets without closing the connection, and TCP's
 //!   retransmissions may resume long after the partition heals, where a new connection
 //!   works at once. (A call that times out while other answers arrive leaves it open.)
-//! * After a failed connection attempt, calls to that peer fail as not sent for
-//!   `RETRY_CONNECT` (200 ms) instead of each trying again in turn.
+//! * Connection attempts to one peer are made one at a time, and each call whose
+//!   attempt fails tries again: a peer that restarts is reachable by the next call.
 //!
 //! # Caveats
 //!
@@ -108,8 +108,6 @@ pub const MAX_STREAMED_CALL: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Time to open a connection and upgrade it.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// After a connection to a peer failed, calls to it fail at once this long.
-const RETRY_CONNECT: Duration = Duration::from_millis(200);
 
 /// Whether a call of this kind travels on a stream (see the module doc).
 pub fn streams(request: &Request) -> bool {
@@ -317,16 +315,12 @@ enum PeerState {
     Open(Arc<Conn>),
     /// The peer refused the upgrade: use HTTP until then.
     HttpUntil(Instant),
-    /// No connection could be made: calls fail at once until then, rather than each
-    /// waiting its turn to try (connection attempts to a peer are one at a time).
-    DownUntil(Instant, String),
 }
 
 /// Which way a call goes.
 enum Route {
     Stream(Arc<Conn>),
     Http,
-    Down(String),
 }
 
 /// The real transport: streams to peers that accept them, HTTP otherwise (see the
@@ -388,7 +382,8 @@ impl StreamTransport {
                 Ok(Route::Http)
             }
             Err(Opened::Failed(why)) => {
-                *state = PeerState::DownUntil(Instant::now() + RETRY_CONNECT, why.clone());
+                // The next call tries again: a peer that restarts is reachable at once.
+                *state = PeerState::None;
                 Err(CallError::NotSent(to.into(), why))
             }
         }
@@ -487,9 +482,6 @@ fn usable(peer: &Peer) -> Option<Route> {
             Some(Route::Stream(conn.clone()))
         }
         PeerState::HttpUntil(until) if Instant::now() < *until => Some(Route::Http),
-        PeerState::DownUntil(until, why) if Instant::now() < *until => {
-            Some(Route::Down(why.clone()))
-        }
         PeerState::None => None,
         _ => {
             *state = PeerState::None;
@@ -543,7 +535,6 @@ impl Transport for StreamTransport {
                         conn.call(&to, &body).await
                     }
                     Route::Http => self.http.call_once(&to, body).await,
-                    Route::Down(why) => Err(CallError::NotSent(to.clone(), why)),
                 }
             };
             match tokio::time::timeout(timeout, call).await {
