@@ -76,6 +76,7 @@ HTTP_LAYER = {
     ("METRICS_PATH", "get"): ("GET", "/metrics"),
     ('"/"', "get"): ("GET", "/"),
     ("rpc::RPC_PATH", "post"): None,  # node-to-node calls (postcard, member proof)
+    ("rpc::stream::STREAM_PATH", "get"): None,  # a peer's stream (upgrade, member proof)
 }
 
 LAYER_PATHS = {op[1] for op in HTTP_LAYER.values() if op}
