@@ -77,7 +77,7 @@ fn state(value_len: usize) -> KeyState {
             },
             vv: vv(3, 10),
             deps: Default::default(),
-            timestamp_ms: 1,
+            timestamp_us: 1,
             value: Some(vec![b'v'; value_len]),
         }],
     }

@@ -42,13 +42,38 @@ pub struct Version {
     /// The writer's observations of other partitions and, for the own API's writes, of
     /// its own (see [`Version::causal_history`]).
     pub deps: BTreeMap<PartitionUid, VersionVector>,
-    /// Wall-clock time (ms since the Unix epoch) at the accepting replica.
-    pub timestamp_ms: u64,
+    /// Wall-clock time (µs since the Unix epoch) at the accepting replica. Stores of
+    /// storage formats 2 and 3 hold milliseconds, which the store converts as it reads
+    /// them ([`legacy_ms`]).
+    pub timestamp_us: u64,
     /// The value written; `None` for a delete (a tombstone). Serialized as bytes, so
     /// postcard copies it in one piece instead of visiting it byte by byte (the wire and
     /// disk format is the same either way).
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
+}
+
+/// Timestamps written by builds before storage format 4 (and RPC protocol 8) were in
+/// milliseconds. A stored value in [`FROM`](legacy_ms::FROM)..[`BELOW`](legacy_ms::BELOW)
+/// is such a one: as milliseconds that is 1973 to 2286, as microseconds the first
+/// 115 days of 1970, which no clock of ours ever stamped. `storage` multiplies them by
+/// 1000 as it reads them, so a store of format 2 or 3 opens without rewriting every key
+/// and its versions keep their place in the order of new ones. The result is at least
+/// `BELOW`, so converting twice changes nothing; smaller values (tests' `1`) stay.
+pub mod legacy_ms {
+    /// 10^11: 1973-03-03 in milliseconds.
+    pub const FROM: u64 = 100_000_000_000;
+    /// 10^13: 2286-11-20 in milliseconds, 1970-04-26 in microseconds.
+    pub const BELOW: u64 = 10_000_000_000_000;
+
+    /// A stored timestamp in microseconds.
+    pub fn to_us(stored: u64) -> u64 {
+        if (FROM..BELOW).contains(&stored) {
+            stored * 1000
+        } else {
+            stored
+        }
+    }
 }
 
 impl Version {
@@ -94,7 +119,7 @@ pub struct Siblings {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sibling {
     pub dot: Dot,
-    pub timestamp_ms: u64,
+    pub timestamp_us: u64,
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
@@ -144,7 +169,7 @@ impl KeyState {
     pub fn winner(&self) -> Option<&Version> {
         self.versions
             .iter()
-            .max_by_key(|v| (v.timestamp_ms, v.dot.replica, v.dot.counter))
+            .max_by_key(|v| (v.timestamp_us, v.dot.replica, v.dot.counter))
     }
 
     /// The value clients see: the winner's, unless the winner is a tombstone.
@@ -185,7 +210,7 @@ impl KeyState {
                 .filter_map(|v| {
                     Some(Sibling {
                         dot: v.dot,
-                        timestamp_ms: v.timestamp_ms,
+                        timestamp_us: v.timestamp_us,
                         value: v.value.clone()?,
                     })
                 })
@@ -236,6 +261,30 @@ pub(crate) mod tests {
     use crate::testing::Rng;
     use proptest::prelude::*;
 
+    /// Stores of formats 2 and 3 hold millisecond timestamps: read back, they are
+    /// microseconds, and order before a write made a millisecond later.
+    #[test]
+    fn millisecond_timestamps_of_older_stores_read_as_microseconds() {
+        let old = legacy_ms::to_us(1_796_284_522_123);
+        assert_eq!(old, 1_796_284_522_123_000);
+        assert_eq!(
+            legacy_ms::to_us(old),
+            old,
+            "converting twice changes nothing"
+        );
+        for small in [0, 1, legacy_ms::FROM - 1] {
+            assert_eq!(legacy_ms::to_us(small), small);
+        }
+        // A write 400 µs after the old one, at another replica, wins over it.
+        let state = KeyState {
+            versions: vec![
+                version(2, 1, &[], 1_796_284_522_123_400),
+                version(3, 1, &[], old),
+            ],
+        };
+        assert_eq!(state.winner().map(|v| v.dot.replica), Some(2));
+    }
+
     /// Values are serialized as bytes; the records must stay byte-for-byte what the
     /// derived sequence encoding wrote, or stores and peers of older builds are misread.
     #[test]
@@ -245,7 +294,7 @@ pub(crate) mod tests {
             dot: Dot,
             vv: VersionVector,
             deps: BTreeMap<PartitionUid, VersionVector>,
-            timestamp_ms: u64,
+            timestamp_us: u64,
             value: Option<Vec<u8>>,
         }
         for value in [None, Some(vec![]), Some((0..=255u8).collect::<Vec<u8>>())] {
@@ -256,14 +305,14 @@ pub(crate) mod tests {
                 },
                 vv: [(7, 300)].into_iter().collect(),
                 deps: [(2, [(1, 5)].into_iter().collect())].into_iter().collect(),
-                timestamp_ms: 1_700_000_000_000,
+                timestamp_us: 1_700_000_000_000_000,
                 value: value.clone(),
             };
             let old = Derived {
                 dot: v.dot,
                 vv: v.vv.clone(),
                 deps: v.deps.clone(),
-                timestamp_ms: v.timestamp_ms,
+                timestamp_us: v.timestamp_us,
                 value,
             };
             let bytes = postcard::to_stdvec(&v).expect("encode");
@@ -279,7 +328,7 @@ pub(crate) mod tests {
             dot: Dot { replica, counter },
             vv,
             deps: BTreeMap::new(),
-            timestamp_ms: ts,
+            timestamp_us: ts,
             value: Some(format!("{replica}.{counter}").into_bytes()),
         }
     }

@@ -175,7 +175,7 @@ mod tests {
                     dot: Dot { replica, counter },
                     vv: VersionVector::default(),
                     deps: Default::default(),
-                    timestamp_ms: 0,
+                    timestamp_us: 0,
                     value: Some(b"v".to_vec()),
                 })
                 .collect(),

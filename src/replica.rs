@@ -109,7 +109,7 @@ pub struct WriteRequest {
     /// `None` deletes the key.
     pub value: Option<Vec<u8>>,
     pub token: CausalToken,
-    pub now_ms: u64,
+    pub now_us: u64,
     /// Which versions it replaces (the seeds: everything; the own API: what it saw)
     /// and the condition it puts on the key's state.
     pub mode: WriteMode,
@@ -122,7 +122,7 @@ pub struct WriteOutcome {
     /// and nothing was written.
     pub created: bool,
     pub token: CausalToken,
-    pub timestamp_ms: u64,
+    pub timestamp_us: u64,
     /// The new version's identity; `None` when nothing was written (a delete of a key
     /// that did not exist). A quorum write waits until enough peers hold it.
     pub dot: Option<Dot>,
@@ -393,7 +393,7 @@ impl Replica {
             return Ok(WriteOutcome {
                 created,
                 token,
-                timestamp_ms: req.now_ms,
+                timestamp_us: req.now_us,
                 dot: None,
             });
         }
@@ -431,15 +431,15 @@ impl Replica {
         let floor = existing
             .versions
             .iter()
-            .map(|v| v.timestamp_ms)
+            .map(|v| v.timestamp_us)
             .max()
             .unwrap_or(0);
-        let timestamp_ms = req.now_ms.max(floor);
+        let timestamp_us = req.now_us.max(floor);
         let version = Version {
             dot,
             vv,
             deps,
-            timestamp_ms,
+            timestamp_us,
             value: req.value,
         };
         let state = match req.mode.supersedes {
@@ -468,7 +468,7 @@ impl Replica {
         Ok(WriteOutcome {
             created,
             token,
-            timestamp_ms,
+            timestamp_us,
             dot: Some(dot),
         })
     }
@@ -486,7 +486,7 @@ impl Replica {
         state.observe_into(partition, &mut token);
         let visible = state.visible();
         Ok(ReadOutcome {
-            value: visible.and_then(|v| Some((v.value.clone()?, v.timestamp_ms))),
+            value: visible.and_then(|v| Some((v.value.clone()?, v.timestamp_us))),
             token,
             context: visible.map(|v| v.context(partition)).unwrap_or_default(),
             known: !state.versions.is_empty(),
@@ -667,16 +667,16 @@ impl Replica {
     /// this replica's and every peer's applied counter. Only call with the vectors of
     /// *all* peers, or the log could be trimmed under a peer that still needs it.
     /// Whether a key's state may be dropped altogether (tombstone collection): every
-    /// version is a tombstone written at or before `cutoff_ms`, and `floor` (what every
+    /// version is a tombstone written at or before `cutoff_us`, and `floor` (what every
     /// replica of the partition has applied, see [`Self::trim_floor`]) holds each. Then
     /// every replica reflects the delete or something newer, so no replica's copy can
     /// bring the value back, and the key's absence means what the tombstone meant.
-    pub fn collectable(state: &KeyState, floor: &VersionVector, cutoff_ms: u64) -> bool {
+    pub fn collectable(state: &KeyState, floor: &VersionVector, cutoff_us: u64) -> bool {
         !state.versions.is_empty()
             && state
                 .versions
                 .iter()
-                .all(|v| v.value.is_none() && v.timestamp_ms <= cutoff_ms && floor.contains(v.dot))
+                .all(|v| v.value.is_none() && v.timestamp_us <= cutoff_us && floor.contains(v.dot))
     }
 
     /// Whether `state` holds only deletes this replica already reflects (`served` holds
@@ -860,7 +860,7 @@ mod tests {
                         key: key.into(),
                         value: Some(value.as_bytes().to_vec()),
                         token,
-                        now_ms: now,
+                        now_us: now,
                         mode: Default::default(),
                     },
                 )
@@ -885,7 +885,7 @@ mod tests {
                 key: key.into(),
                 value: value.map(|v| v.as_bytes().to_vec()),
                 token,
-                now_ms: now,
+                now_us: now,
                 mode,
             };
             Replica::precondition(&*txn, &req).expect("get")?;

@@ -188,7 +188,7 @@ fn orphan(value: &str, counter: u64) -> KeyState {
             dot,
             vv,
             deps: Default::default(),
-            timestamp_ms: u64::MAX / 2,
+            timestamp_us: u64::MAX / 2,
             value: Some(value.as_bytes().to_vec()),
         }],
     }

@@ -96,7 +96,7 @@ fn regressions() -> Vec<(&'static str, Vec<u8>)> {
         },
         vv: vv.iter().copied().collect::<VersionVector>(),
         deps: Default::default(),
-        timestamp_ms: 1,
+        timestamp_us: 1,
         value: Some(b"v".to_vec()),
     };
     let state = KeyState {

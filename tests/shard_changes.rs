@@ -327,7 +327,7 @@ async fn handed_over_keys_are_deleted_only_once_the_new_owners_hold_them() {
             },
             vv: [(0x5eed, counter)].into_iter().collect(),
             deps: Default::default(),
-            timestamp_ms: 1,
+            timestamp_us: 1,
             value: Some(b"left over".to_vec()),
         }],
     };

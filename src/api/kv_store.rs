@@ -236,7 +236,7 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
             let (value, ts) = reply
                 .value
                 .ok_or_else(|| Error::new(ErrorKind::NotFound, "key does not exist"))?;
-            let mut answer = KeyAnswer::new(node, reply.index, &reply.token, ts)?;
+            let mut answer = KeyAnswer::new(node, reply.index, &reply.token, ts / 1000)?;
             answer.value = Some(&value);
             Ok(answer.into_response(StatusCode::OK))
         }
@@ -364,7 +364,10 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 
 /// The answer to a PUT or DELETE that was applied.
 fn write_success(node: &Node, status: StatusCode, reply: &WriteReply) -> Result<Response, Error> {
-    Ok(KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_ms)?.into_response(status))
+    Ok(
+        KeyAnswer::new(node, reply.index, &reply.token, reply.timestamp_us / 1000)?
+            .into_response(status),
+    )
 }
 
 /// The node's view, or the retryable error of a node in no cluster.

@@ -503,15 +503,15 @@ fn read_answer(node: &Node, key: &str, read: ReadReply) -> Result<axum::response
         .siblings
         .others
         .iter()
-        .map(|s| (s.dot, s.timestamp_ms, s.value.as_slice()));
+        .map(|s| (s.dot, s.timestamp_us, s.value.as_slice()));
     let all = winner
         .map(|((value, ts), dot)| (dot, *ts, value.as_slice()))
         .into_iter()
         .chain(others);
-    for (dot, timestamp_ms, value) in all {
+    for (dot, timestamp_us, value) in all {
         let mut sibling = serde_json::Map::new();
         sibling.insert("version".into(), json!(version_id(dot)));
-        sibling.insert("timestamp_ms".into(), json!(timestamp_ms));
+        sibling.insert("timestamp_ms".into(), json!(timestamp_us / 1000));
         value_fields(value, &mut sibling);
         siblings.push(Value::Object(sibling));
     }
@@ -545,7 +545,7 @@ fn write_answer(
     mut answer: Value,
     written: &WriteReply,
 ) -> Result<axum::response::Response, Error> {
-    answer["timestamp_ms"] = json!(written.timestamp_ms);
+    answer["timestamp_ms"] = json!(written.timestamp_us / 1000);
     answer["token"] = json!(node.encode_token(&written.token)?);
     answer["partition_id"] = json!(written.index);
     answer["served_by"] = json!(written.served_by);

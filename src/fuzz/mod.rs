@@ -103,7 +103,7 @@ pub use token::{sign_token_payload, token, TOKEN_CLUSTER};
 use alloc::{check_alloc, decoded};
 use disk::{wal_files, wal_payloads};
 use form::form_seeds;
-use rpc::{check_state, envelopes, reencodes, responses};
+use rpc::{check_state, envelopes, reencodes, reencodes_within, responses};
 use samples::{addr, encode, key_states, sample_proposals, sample_state, sample_view};
 use token::{sample_token, token_key, token_seeds};
 

@@ -11,9 +11,17 @@ pub(super) fn reencodes<T>(what: &str, data: &[u8], value: &T) -> Vec<u8>
 where
     T: serde::Serialize + serde::de::DeserializeOwned,
 {
+    reencodes_within(what, data, 0, value)
+}
+
+/// [`reencodes`], allowing the re-encoding `slack` bytes more than `data`.
+pub(super) fn reencodes_within<T>(what: &str, data: &[u8], slack: usize, value: &T) -> Vec<u8>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
     let bytes = postcard::to_stdvec(value).expect("every message type serializes");
     assert!(
-        bytes.len() <= data.len(),
+        bytes.len() <= data.len() + slack,
         "{what}: {} bytes re-encode to {}",
         data.len(),
         bytes.len()
@@ -335,7 +343,7 @@ pub(super) fn responses() -> Vec<Response> {
                         replica: 8,
                         counter: 1,
                     },
-                    timestamp_ms: 5,
+                    timestamp_us: 5,
                     value: vec![0, 255],
                 }],
                 context: vv.clone(),
@@ -355,7 +363,7 @@ pub(super) fn responses() -> Vec<Response> {
             partition: 0,
             index: 0,
             created: true,
-            timestamp_ms: 1_796_284_522_000,
+            timestamp_us: 1_796_284_522_000_000,
             token,
             served_by: addr(1),
         }),

@@ -72,7 +72,7 @@ pub(super) fn sample_state(versions: u64, deps: bool) -> KeyState {
                 dot,
                 vv,
                 deps: dep,
-                timestamp_ms: 1_796_284_522_000 + i,
+                timestamp_us: 1_796_284_522_000_000 + i,
                 value: (i % 3 != 2).then(|| format!("value {i}").into_bytes()),
             }
         })
@@ -94,7 +94,7 @@ pub(super) fn key_states() -> Vec<KeyState> {
                 },
                 vv: [(u64::MAX, u64::MAX)].into_iter().collect(),
                 deps: BTreeMap::new(),
-                timestamp_ms: u64::MAX,
+                timestamp_us: u64::MAX,
                 value: Some(vec![0xff; 300]),
             }],
         },

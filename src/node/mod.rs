@@ -116,11 +116,19 @@ pub fn monotonic_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Microseconds since the Unix epoch; the shell's clock, passed into the core to stamp
+/// writes. Microseconds, not milliseconds: writes to one key accepted at two replicas
+/// a fraction of a millisecond apart (a client that writes on both sides of a
+/// partition) must still be ordered as they happened when the partition heals.
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 

@@ -436,7 +436,7 @@ mod tests {
             partition: view.partitions[0].uid,
             index: 0,
             created: true,
-            timestamp_ms: 1,
+            timestamp_us: 1,
             token: CausalToken::default(),
             served_by: second.clone(),
         });

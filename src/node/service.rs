@@ -24,7 +24,7 @@ use futures_util::stream::StreamExt;
 use tokio::sync::oneshot;
 
 use super::quorum::AckWaiter;
-use super::{monotonic_ms, now_ms, Node, ReplicaHandle, ReplicaStatus, WriterCmd};
+use super::{monotonic_ms, now_us, Node, ReplicaHandle, ReplicaStatus, WriterCmd};
 use crate::clock::{CausalToken, PartitionUid};
 use crate::cluster::Health;
 use crate::error::{Error, ErrorKind, Result};
@@ -283,7 +283,7 @@ impl Node {
                                 key: key.to_string(),
                                 value: value.clone(),
                                 token: token.clone(),
-                                now_ms: now_ms(),
+                                now_us: now_us(),
                                 mode: mode.clone(),
                             },
                             need,
@@ -362,7 +362,7 @@ impl Node {
             partition: r.partition,
             index: view.index_of(r.partition).unwrap_or_default(),
             created: outcome.created,
-            timestamp_ms: outcome.timestamp_ms,
+            timestamp_us: outcome.timestamp_us,
             token: outcome.token,
             served_by: self.addr.clone(),
         })

@@ -377,8 +377,8 @@ impl Node {
         floor: VersionVector,
         cursor: &mut Option<(u32, String)>,
     ) -> Result<usize> {
-        let horizon = self.tombstone_horizon.as_millis() as u64;
-        let cutoff_ms = super::now_ms().saturating_sub(horizon);
+        let horizon = u64::try_from(self.tombstone_horizon.as_micros()).unwrap_or(u64::MAX);
+        let cutoff_us = super::now_us().saturating_sub(horizon);
         let owned = r.owned.clone();
         let (after, pick_floor) = (cursor.clone(), floor.clone());
         let (candidates, next) = self
@@ -391,7 +391,7 @@ impl Node {
                 for (slot, key) in dead.into_iter().filter(|(slot, _)| owned.contains(*slot)) {
                     if txn
                         .get(slot, &key)?
-                        .is_some_and(|s| Replica::collectable(&s, &pick_floor, cutoff_ms))
+                        .is_some_and(|s| Replica::collectable(&s, &pick_floor, cutoff_us))
                     {
                         candidates.push((slot, key));
                     }
@@ -407,7 +407,7 @@ impl Node {
         self.send_writer(WriterCmd::Collect {
             candidates,
             floor,
-            cutoff_ms,
+            cutoff_us,
             replica: r.id,
             tx,
         })

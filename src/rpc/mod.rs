@@ -78,7 +78,10 @@ pub const PROTO_HEADER: &str = "x-kvs-proto";
 /// whether a quorum write waits for the asker's report (`ack_wanted`); anti-entropy
 /// digests (`Request::Digest`, `Response::Digests`); the check of a handoff before its
 /// source deletes (`Request::Holds`, `Response::Lacking`).
-pub const PROTOCOL_VERSION: &str = "7";
+/// 7: the own API's siblings and key contexts (`Request::ListKeys`, write modes).
+/// 8: timestamps in microseconds (`Version::timestamp_us`, `WriteReply::timestamp_us`,
+/// the time in `ReadReply::value`).
+pub const PROTOCOL_VERSION: &str = "8";
 
 pub mod stream;
 pub use stream::StreamTransport;
@@ -291,7 +294,7 @@ pub struct ReadReply {
     /// The partition's uid and the index clients see, in the serving node's view.
     pub partition: PartitionUid,
     pub index: u32,
-    /// The winning value and its timestamp (ms), `None` when the key does not exist.
+    /// The winning value and its timestamp (µs), `None` when the key does not exist.
     #[serde(with = "value_and_time")]
     pub value: Option<(Vec<u8>, u64)>,
     pub token: CausalToken,
@@ -331,7 +334,7 @@ pub struct WriteReply {
     pub partition: PartitionUid,
     pub index: u32,
     pub created: bool,
-    pub timestamp_ms: u64,
+    pub timestamp_us: u64,
     pub token: CausalToken,
     /// The replica that accepted the write.
     pub served_by: String,
@@ -524,7 +527,7 @@ mod tests {
                     replica: 5,
                     counter: 6,
                 },
-                timestamp_ms: 9,
+                timestamp_us: 9,
                 value: b"other".to_vec(),
             }],
             context: [(5, 7)].into_iter().collect(),

@@ -322,7 +322,7 @@ impl Sim {
             });
         }
         let floor = floor.unwrap_or_default();
-        let cutoff_ms = self.now.saturating_sub(self.horizon_ms);
+        let cutoff_us = self.now.saturating_sub(self.horizon_ms) * 1000;
         let mut problems = Vec::new();
         for &n in replicas {
             for (_, key, state) in &states[n] {
@@ -338,7 +338,7 @@ impl Sim {
                         ));
                     }
                 }
-                if Replica::collectable(state, &floor, cutoff_ms) {
+                if Replica::collectable(state, &floor, cutoff_us) {
                     problems.push(format!(
                         "n{n} still keeps the tombstone of {key}, which every replica has"
                     ));

@@ -310,7 +310,7 @@ impl Sim {
             key: op.key.clone(),
             value,
             token: op.token,
-            now_ms: self.now,
+            now_us: self.now * 1000,
             mode: Default::default(),
         };
         let Some(out) = self.commit(n, |r, txn| r.write(txn, req)) else {

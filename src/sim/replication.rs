@@ -281,7 +281,7 @@ impl Sim {
     /// `Collect`): dead keys after the cursor that are collectable are dropped, checked
     /// again in the transaction that drops them.
     fn collect(&mut self, n: usize, floor: VersionVector) {
-        let cutoff_ms = self.now.saturating_sub(self.horizon_ms);
+        let cutoff_us = self.now.saturating_sub(self.horizon_ms) * 1000;
         let after = self.nodes[n].collect_cursor.take();
         let owned = self.nodes[n].owned();
         let (candidates, next) = {
@@ -300,7 +300,7 @@ impl Sim {
                             .get(*slot, key)
                             .ok()
                             .flatten()
-                            .is_some_and(|s| Replica::collectable(&s, &floor, cutoff_ms))
+                            .is_some_and(|s| Replica::collectable(&s, &floor, cutoff_us))
                 })
                 .collect();
             (candidates, next)
@@ -313,7 +313,7 @@ impl Sim {
             let mut dropped = Vec::new();
             for (slot, key) in candidates {
                 let state = txn.get(slot, &key)?;
-                if let Some(state) = state.filter(|s| Replica::collectable(s, &floor, cutoff_ms)) {
+                if let Some(state) = state.filter(|s| Replica::collectable(s, &floor, cutoff_us)) {
                     txn.delete(slot, &key)?;
                     dropped.push((key, state));
                 }

@@ -278,7 +278,7 @@ mod tests {
                 },
                 vv: [(1, counter)].into_iter().collect(),
                 deps: Default::default(),
-                timestamp_ms: 1,
+                timestamp_us: 1,
                 value: Some(b"v".to_vec()),
             }],
         }

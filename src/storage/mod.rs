@@ -55,7 +55,7 @@ pub(crate) use redb_txn::{decode_ops, WalOp};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Dot, ReplicaId};
-use crate::keystate::KeyState;
+use crate::keystate::{legacy_ms, KeyState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -213,11 +213,17 @@ pub enum Recovery {
 }
 
 /// Decodes a stored key state (`pub(crate)` for the fuzz target `fuzz::key_state`).
+/// Millisecond timestamps of stores of formats 2 and 3 come out in microseconds
+/// (`keystate::legacy_ms`).
 pub(crate) fn decode_state(bytes: &[u8]) -> Result<KeyState> {
-    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
+    let mut state: KeyState = postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
         table: "kv",
         detail: e.to_string(),
-    })
+    })?;
+    for v in &mut state.versions {
+        v.timestamp_us = legacy_ms::to_us(v.timestamp_us);
+    }
+    Ok(state)
 }
 
 fn encode_state(state: &KeyState) -> Vec<u8> {
@@ -239,7 +245,7 @@ mod tests {
                 },
                 vv: [(1, 1)].into_iter().collect(),
                 deps: Default::default(),
-                timestamp_ms: 1,
+                timestamp_us: 1_796_284_522_000_000,
                 value: value.map(|v| v.as_bytes().to_vec()),
             }],
         }

@@ -89,10 +89,14 @@ use crate::wal::{AppendError, OpenError, Wal};
 /// 2: versions carry an optional value (tombstones).
 /// 3: as 2, plus the write-ahead log `kvs.wal` beside the redb file, which a build of
 ///    format 2 would ignore (losing the writes only it holds), hence the new number.
+/// 4: as 3, with versions' timestamps in microseconds, which a build of format 3 would
+///    read as milliseconds thousands of years ahead, winning over every later write.
+///    Formats 2 and 3 are read as they are: their millisecond timestamps are told apart
+///    by their size (`keystate::legacy_ms`), so nothing is rewritten.
 const FORMAT_META: &str = "storage.format";
-pub const FORMAT: &[u8] = b"3";
+pub const FORMAT: &[u8] = b"4";
 /// Formats this build opens; older ones are upgraded in place.
-const READABLE_FORMATS: [&[u8]; 2] = [b"2", b"3"];
+const READABLE_FORMATS: [&[u8]; 3] = [b"2", b"3", b"4"];
 
 /// Meta entry: the sequence number of the last WAL record that the durable redb state
 /// includes. Records up to it are skipped at replay.
@@ -288,7 +292,7 @@ fn open_engine(dir: &Path, cache_bytes: usize) -> Result<(redb::Database, Wal, u
         other => {
             let found: String = other.map_or("1".into(), |f| String::from_utf8_lossy(&f).into());
             return Err(StorageError::Engine(format!(
-                "{} holds data in storage format {found}; this build reads formats 2 and 3. \
+                "{} holds data in storage format {found}; this build reads formats 2, 3 and 4. \
                  Move the directory away (the node rebuilds its data from its peers) \
                  or run the build that wrote it",
                 dir.display(),

@@ -84,7 +84,7 @@ pub(super) fn run_batch(
             WriterCmd::Collect {
                 candidates,
                 floor,
-                cutoff_ms,
+                cutoff_us,
                 replica,
                 ..
             } => match incarnation(d, *replica) {
@@ -94,7 +94,7 @@ pub(super) fn run_batch(
                     // candidates were picked from a snapshot.
                     for (slot, key) in candidates {
                         let state = txn.get(*slot, key)?;
-                        if state.is_some_and(|s| Replica::collectable(&s, floor, *cutoff_ms)) {
+                        if state.is_some_and(|s| Replica::collectable(&s, floor, *cutoff_us)) {
                             txn.delete(*slot, key)?;
                             dropped += 1;
                         }
@@ -448,7 +448,7 @@ mod tests {
                 dot,
                 vv: [(replica, counter)].into_iter().collect(),
                 deps: Default::default(),
-                timestamp_ms: 1,
+                timestamp_us: 1,
                 value: Some(b"v".to_vec()),
             }],
         }
@@ -544,7 +544,7 @@ mod tests {
             key: "k".into(),
             value: Some(b"v".to_vec()),
             token,
-            now_ms: 0,
+            now_us: 0,
             mode: Default::default(),
         }
     }

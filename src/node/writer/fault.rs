@@ -149,7 +149,7 @@ mod tests {
                 key: key.into(),
                 value: Some(b"v".to_vec()),
                 token: CausalToken::default(),
-                now_ms: 1,
+                now_us: 1,
                 mode: Default::default(),
             };
             tx.blocking_send(WriterCmd::Write {

@@ -78,7 +78,7 @@ pub(super) enum WriterCmd {
     Collect {
         candidates: Vec<(u32, String)>,
         floor: VersionVector,
-        cutoff_ms: u64,
+        cutoff_us: u64,
         replica: ReplicaId,
         tx: Reply<usize>,
     },
