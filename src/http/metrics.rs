@@ -10,7 +10,7 @@
 //!
 //! * **Events**, where they happen: client requests by dialect, endpoint and status, and
 //!   their latency (`client_request` in `http/mod.rs`, through [`record_request`]);
-//!   forwards (`node/routing.rs`); WAL fsyncs (`wal.rs`); client writes per group commit
+//!   forwards (`node/routing.rs`); WAL fsyncs (`wal/`); client writes per group commit
 //!   (`node/writer/`).
 //! * **State**, when `/metrics` is scraped ([`endpoint`]): the view epoch and the change
 //!   in progress, the partition's keys and bytes, the replication lag and the failure
