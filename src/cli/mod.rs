@@ -9,6 +9,7 @@
 
 mod admin;
 mod load;
+pub mod sim;
 
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
