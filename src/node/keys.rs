@@ -32,6 +32,13 @@
 //! then a new cluster whose predecessor's tokens are refused. Every node persists the key
 //! (`writer::durable::META_CLUSTER_KEY`) before it uses or hands it out.
 //!
+//! Forming is quick whichever member starts last. A keyless member remembers the latest
+//! nonce of each member that asked it, and delivers the key to them as soon as it
+//! obtains one; and being asked ends its own pause between rounds (the asker may be the
+//! generator, about to draw). Before, a member that asked just before the key was drawn
+//! waited out its pause (up to [`KEY_RETRY_MAX`]) while the generator, already serving
+//! clients, forwarded it requests it refused with 503.
+//!
 //! A node joining a running cluster (an added node) drops any key from an earlier
 //! cluster when it learns the change and fetches the cluster's key from the members of
 //! the change's old view, which know it as a newcomer.
@@ -78,6 +85,9 @@ pub const KEY_WAIT: Duration = Duration::from_secs(5);
 const MAX_PENDING_NONCES: usize = 64;
 /// A nonce is honoured this long after it was sent (above [`KEY_CALL_TIMEOUT`]).
 const NONCE_LIFETIME: Duration = Duration::from_secs(10);
+/// Askers remembered for a delivery once the key is here (members only; a bound all
+/// the same).
+const MAX_WAITING: usize = 256;
 /// At most one delivery to each address per this interval: a key request costs the
 /// receiver a call, and anyone can send one.
 const DELIVERY_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -116,6 +126,9 @@ pub enum Refusal {
 pub(super) struct Exchange {
     nonces: BTreeMap<Nonce, Instant>,
     delivered: BTreeMap<String, Instant>,
+    /// Members whose key request this node answered `NoKey`: their latest nonce and
+    /// when it came. Served once this node holds the key.
+    waiting: BTreeMap<String, (Nonce, Instant)>,
 }
 
 impl Node {
@@ -208,26 +221,51 @@ impl Node {
     }
 
     /// `KeyRequest` from `from`: deliver the key to `from`'s address if it is a member.
+    /// Without a key, the request is remembered ([`Exchange::waiting`]) so that the key
+    /// reaches the asker as soon as this node has it.
     pub(super) async fn on_key_request(
         self: &Arc<Self>,
         from: &str,
         nonce: Nonce,
     ) -> Result<Response> {
+        let cur = self.current();
+        let member = cur.view.is_some() && cur.knows(from) && from != self.addr;
         let Some(keys) = self.keys() else {
+            if member {
+                let mut exchange = lock(&self.exchange);
+                let now = Instant::now();
+                exchange
+                    .waiting
+                    .retain(|_, (_, at)| now.duration_since(*at) < NONCE_LIFETIME);
+                if exchange.waiting.len() < MAX_WAITING || exchange.waiting.contains_key(from) {
+                    exchange.waiting.insert(from.to_string(), (nonce, now));
+                }
+                drop(exchange);
+                self.key_asked.notify_one();
+            }
             return Ok(Response::Key(KeyAnswer::NoKey));
         };
-        let cur = self.current();
-        if cur.view.is_none() || !cur.knows(from) || from == self.addr {
+        if !member {
             return Err(Error::bad_request(format!(
                 "{from} is not a member of this node's view"
             )));
         }
+        self.deliver_key(&keys, from, nonce).await
+    }
+
+    /// Delivers the key to `to`'s address (a member), answering its request `nonce`.
+    async fn deliver_key(
+        self: &Arc<Self>,
+        keys: &Keys,
+        to: &str,
+        nonce: Nonce,
+    ) -> Result<Response> {
         {
             let mut exchange = lock(&self.exchange);
             let now = Instant::now();
             if exchange
                 .delivered
-                .get(from)
+                .get(to)
                 .is_some_and(|t| now.duration_since(*t) < DELIVERY_DEBOUNCE)
             {
                 return Err(Error::unavailable("a key was delivered there just now"));
@@ -235,14 +273,14 @@ impl Node {
             exchange
                 .delivered
                 .retain(|_, t| now.duration_since(*t) < DELIVERY_DEBOUNCE);
-            exchange.delivered.insert(from.to_string(), now);
+            exchange.delivered.insert(to.to_string(), now);
         }
         let delivery = Request::KeyDelivery {
             nonce,
             key: keys.key.clone(),
         };
         match self
-            .send(from, &self.envelope(delivery), KEY_CALL_TIMEOUT)
+            .send(to, &self.envelope(delivery), KEY_CALL_TIMEOUT)
             .await
         {
             Ok(Response::Ok) => Ok(Response::Key(KeyAnswer::Delivered)),
@@ -275,7 +313,8 @@ impl Node {
         Ok(Response::Ok)
     }
 
-    /// Persists `key` through the writer, then publishes it.
+    /// Persists `key` through the writer, publishes it, and hands it to the members
+    /// whose requests this node answered without one.
     async fn store_key(self: &Arc<Self>, key: ClusterKey) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send_writer(WriterCmd::SetKey { key, tx }).await?;
@@ -283,7 +322,33 @@ impl Node {
             .await
             .map_err(|_| Error::unavailable("the node is shutting down"))??;
         self.apply_layout(layout);
+        let node = self.clone();
+        lock(&self.tasks).spawn(async move { node.deliver_to_waiting().await });
         Ok(())
+    }
+
+    /// Delivers the key to every member whose recent request was answered `NoKey`:
+    /// without this, a member that asked just before the key was drawn would wait out
+    /// its retry pause (up to [`KEY_RETRY_MAX`]) while this node forwards it clients'
+    /// requests that it refuses.
+    async fn deliver_to_waiting(self: &Arc<Self>) {
+        let Some(keys) = self.keys() else {
+            return;
+        };
+        let waiting = std::mem::take(&mut lock(&self.exchange).waiting);
+        let cur = self.current();
+        let deliveries = waiting
+            .into_iter()
+            .filter(|(to, (_, at))| at.elapsed() < NONCE_LIFETIME && cur.knows(to))
+            .map(|(to, (nonce, _))| {
+                let keys = keys.clone();
+                async move {
+                    if let Err(e) = self.deliver_key(&keys, &to, nonce).await {
+                        tracing::debug!(%to, "delivering the cluster key failed: {e}");
+                    }
+                }
+            });
+        join_all(deliveries).await;
     }
 
     /// A fresh nonce, remembered until a delivery quotes it or it expires.
@@ -387,8 +452,15 @@ impl Node {
                 );
                 logged = true;
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(KEY_RETRY_MAX);
+            // A member asking us means it is up and keyless too, and if it is the
+            // generator it may draw the key on this very round: ask again soon.
+            pause = tokio::select! {
+                () = tokio::time::sleep(pause) => (pause * 2).min(KEY_RETRY_MAX),
+                () = self.key_asked.notified() => {
+                    tokio::time::sleep(KEY_RETRY).await;
+                    KEY_RETRY
+                }
+            };
         }
         if logged {
             tracing::info!("received the cluster key");

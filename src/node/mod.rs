@@ -243,6 +243,9 @@ pub struct Node {
     keys_changed: Notify,
     /// Nonces of key requests in flight, recent deliveries (see `keys`).
     exchange: Mutex<keys::Exchange>,
+    /// Woken when a member asks this keyless node for the key: the asker may be about
+    /// to draw it, so the next round of requests should not wait out a long pause.
+    key_asked: tokio::sync::Notify,
     /// Whether the task obtaining the key runs.
     acquiring_key: AtomicBool,
     writer: mpsc::Sender<WriterCmd>,
@@ -338,6 +341,7 @@ impl Node {
             keys: RwLock::new(None),
             keys_changed: Notify::new(),
             exchange: Mutex::new(keys::Exchange::default()),
+            key_asked: tokio::sync::Notify::new(),
             acquiring_key: AtomicBool::new(false),
             writer: tx,
             writer_thread: Mutex::new(Some(handle)),
