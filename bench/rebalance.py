@@ -153,8 +153,11 @@ class Cluster:
             if self.procs[a].poll() is not None:
                 raise BenchError(f"{a} exited with {self.procs[a].returncode}:\n{self.log_tail(a)}")
             try:
-                status(a, timeout=2)
-                return
+                # Ready: answering, and (a member) holding the cluster key; before every
+                # member does, a request forwarded to a keyless one gets 503.
+                if status(a, timeout=2).get("ready", True):
+                    return
+                raise BenchError(f"{a} is not ready yet")
             except (OSError, http.client.HTTPException, BenchError):
                 if time.time() > end:
                     raise BenchError(f"{a} not ready after 20 s:\n{self.log_tail(a)}")

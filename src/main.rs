@@ -154,6 +154,23 @@ const DEFAULT_SECRET: &str = "kvs-default-cluster-secret";
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read by jemalloc before `main` (`_RJEM_MALLOC_CONF` in the
+/// environment still overrides them):
+///
+/// * `oversize_threshold:0`: no dedicated arena for allocations of 8 MiB and more, whose
+///   memory jemalloc returns to the kernel as soon as it is freed. A state-transfer page
+///   (4 MiB of values) is encoded, sent, read and logged through buffers that grow past
+///   8 MiB, and every page then faulted in and zeroed its buffers afresh: two fifths of a
+///   rebalance's CPU time (perf) went to clearing new pages.
+/// * `dirty_decay_ms:30000`: freed pages are returned over 30 s instead of 10, so a burst
+///   (a load, then a rebalance) reuses what the previous one freed.
+///
+/// `bench/rebalance.py --scenarios k1` (1 GiB of 64 KiB values): 51-150 MB/s with the
+/// defaults, 158-214 MB/s with these (BENCHMARKS.md, "Rebalance").
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 42] = b"oversize_threshold:0,dirty_decay_ms:30000\0";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A node logs to stdout (containers, `kvs local`'s log files); the tools keep stdout
