@@ -6,6 +6,9 @@
 #
 # usage: bench/scale.sh N     (e.g. 10000, 1000000; needs about 1 KB of disk per key
 #                              per node; DURATION=5, ROUNDS=3)
+#        QUIET_AFTER=PATH bench/scale.sh N   waits, after the load and before the GETs,
+#                              until PATH does not exist (at most 2 hours): a long load
+#                              may share the machine, the GETs must not
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:?usage: bench/scale.sh N}
@@ -44,6 +47,10 @@ took=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }
 sleep 2 # the replicas finish syncing
 echo "loaded $N keys in ${took} s: $(awk -v n="$N" -v t="$took" 'BEGIN { printf "%.0f", n / t }') keys/s" \
   "; RSS MiB $(rss); disk MiB $(disk)"
+if [ -n "${QUIET_AFTER:-}" ]; then
+  for _ in $(seq 1 720); do [ -e "$QUIET_AFTER" ] || break; sleep 10; done
+  echo "quiet from $(date +%T): RSS MiB $(rss); disk MiB $(disk)"
+fi
 for round in $(seq 1 "$ROUNDS"); do
   measure "$round" "kvs-3xK3-$N" http://127.0.79.1:8080 bench/wrk/kvs.lua get 64
 done
