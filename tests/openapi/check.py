@@ -3,7 +3,7 @@
 
 1. **Valid**: the file is OpenAPI 3.1.0 and passes `openapi-spec-validator`.
 2. **Complete**: its operations are exactly the endpoints the server has. The table
-   `V1_ENDPOINTS` below names each endpoint of `src/api/v1.rs` by its metric name
+   `V1_ENDPOINTS` below names each endpoint of `src/api/v1/mod.rs` by its metric name
    (`Endpoint::name`) and `HTTP_LAYER` each route of `src/http/mod.rs`'s router; both
    tables are checked against the source (every name `Endpoint::name` returns, every
    `.route(...)`), and the spec's paths and methods against the tables. Then, on the
@@ -17,7 +17,7 @@
 
 The admin operations (add, remove, reshard, replace the view) are tested too, but only
 on their refusal paths: the node gets a random ADMIN_TOKEN that schemathesis never
-sees, and `v1.rs` parses a request (400) and checks its credential (401) before it
+sees, and `v1/mod.rs` parses a request (400) and checks its credential (401) before it
 changes anything, so no generated request can change the membership or make the node
 call an address schemathesis made up. After the run the script checks that this held:
 the node's own request counters (`/metrics`) show the admin endpoints answered nothing
@@ -52,7 +52,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = os.path.join(REPO, "api", "openapi.yaml")
 
-# The endpoints of `src/api/v1.rs`, by the name `Endpoint::name` gives each variant
+# The endpoints of `src/api/v1/mod.rs`, by the name `Endpoint::name` gives each variant
 # (the `endpoint` label of the request metrics): method and path as the spec writes it.
 V1_ENDPOINTS = {
     "get": ("GET", "/api/v1/kv/{key}"),
@@ -150,18 +150,18 @@ def spec_operations(spec):
 
 
 def check_tables_against_source():
-    v1 = read("src/api/v1.rs")
+    v1 = read("src/api/v1/mod.rs")
     body = re.search(r"fn name\(&self\) -> &'static str \{(.*?)\n    \}", v1, re.S)
     if not body:
-        raise Failure("src/api/v1.rs: cannot find Endpoint::name (update check.py with the code)")
+        raise Failure("src/api/v1/mod.rs: cannot find Endpoint::name (update check.py with the code)")
     names = set(re.findall(r'Endpoint::\w+(?:\(_\))?\s*=>\s*"(\w+)"', body.group(1)))
     variants = re.search(r"enum Endpoint \{(.*?)\}", v1, re.S)
     n_variants = len(re.findall(r"^\s*\w+(?:\(\w+\))?,", variants.group(1), re.M)) if variants else -1
     if not names or n_variants != len(names):
-        raise Failure(f"src/api/v1.rs: {n_variants} Endpoint variants but {len(names)} names in Endpoint::name: {sorted(names)}")
+        raise Failure(f"src/api/v1/mod.rs: {n_variants} Endpoint variants but {len(names)} names in Endpoint::name: {sorted(names)}")
     if names != set(V1_ENDPOINTS):
         raise Failure(
-            "src/api/v1.rs's endpoints differ from check.py's table: "
+            "src/api/v1/mod.rs's endpoints differ from check.py's table: "
             f"only in the code {sorted(names - set(V1_ENDPOINTS))}, only in the table {sorted(set(V1_ENDPOINTS) - names)}"
         )
     http = read("src/http/mod.rs")
@@ -177,7 +177,7 @@ def check_tables_against_source():
     for (const, _), op in HTTP_LAYER.items():
         if op and const in consts and consts[const] != op[1]:
             raise Failure(f"src/http/mod.rs: {const} is {consts[const]!r}, the table says {op[1]!r}")
-    log(f"complete: the tables match the code ({len(names)} endpoints in src/api/v1.rs, {len(routes)} routes in src/http/mod.rs)")
+    log(f"complete: the tables match the code ({len(names)} endpoints in src/api/v1/mod.rs, {len(routes)} routes in src/http/mod.rs)")
 
 
 def check_spec_against_tables(spec):
