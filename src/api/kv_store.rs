@@ -353,13 +353,23 @@ impl<'a> KeyAnswer<'a> {
 /// Appends `s` as a JSON string. Most values need no escaping, and checking that is far
 /// cheaper than escaping byte by byte; the rest go through serde_json.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(s.as_bytes()) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     } else {
         serde_json::to_writer(&mut *out, s).expect("writing a JSON string into a Vec cannot fail");
     }
+}
+
+/// Whether `s` holds a byte a JSON string must escape. A fold without an early exit, so
+/// that the compiler vectorizes it: with `all`, which stops at the first such byte, a
+/// 256-byte value cost about 2,500 instructions to check (callgrind), with this a few
+/// hundred.
+fn needs_escape(s: &[u8]) -> bool {
+    s.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
 }
 
 /// The answer to a PUT or DELETE that was applied.

@@ -41,11 +41,14 @@
 //! * Histogram samples are held until drained: a thread drains them every
 //!   [`UPKEEP_INTERVAL`], so a node nobody scrapes does not grow.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
 };
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -213,11 +216,54 @@ pub(super) fn record_request(
     status: StatusCode,
     took: Duration,
 ) {
+    let record = |(requests, duration): &(Counter, Histogram)| {
+        requests.increment(1);
+        duration.record(took.as_secs_f64());
+    };
+    // Only the installed recorder's handles are kept: in tests, a local recorder is in
+    // force for a while (and elsewhere in the library none is).
+    if HANDLE.get().is_none() {
+        return record(&request_metrics(dialect, endpoint, status));
+    }
+    REQUEST_METRICS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let key = (dialect, endpoint, status.as_u16());
+        if let Some(handles) = cache.get(&key) {
+            return record(handles);
+        }
+        let handles = request_metrics(dialect, endpoint, status);
+        record(&handles);
+        if cache.len() < MAX_CACHED_REQUEST_METRICS {
+            cache.insert(key, handles);
+        }
+    });
+}
+
+/// The handles of one kind of request's metrics, from the recorder in force.
+fn request_metrics(
+    dialect: &'static str,
+    endpoint: &'static str,
+    status: StatusCode,
+) -> (Counter, Histogram) {
     let status = status.as_u16().to_string();
-    counter!(name::HTTP_REQUESTS_TOTAL, "dialect" => dialect, "endpoint" => endpoint, "status" => status)
-        .increment(1);
-    histogram!(name::HTTP_REQUEST_DURATION_SECONDS, "dialect" => dialect, "endpoint" => endpoint)
-        .record(took.as_secs_f64());
+    (
+        counter!(name::HTTP_REQUESTS_TOTAL, "dialect" => dialect, "endpoint" => endpoint, "status" => status),
+        histogram!(name::HTTP_REQUEST_DURATION_SECONDS, "dialect" => dialect, "endpoint" => endpoint),
+    )
+}
+
+/// Request metrics' handles per dialect, endpoint and status, kept by each thread.
+/// `counter!` and `histogram!` build the labelled key, hash it and look it up in the
+/// recorder's registry on every call: about 3,500 instructions per request, 7.5 % of a
+/// GET on its node (callgrind). Kept per thread, so that the lookup takes no lock. Only
+/// gauges expire in this exporter's configuration, so a kept handle stays registered.
+type RequestMetrics = HashMap<(&'static str, &'static str, u16), (Counter, Histogram)>;
+
+/// Bound on the handles a thread keeps (dialects × endpoints × statuses is far less).
+const MAX_CACHED_REQUEST_METRICS: usize = 1024;
+
+thread_local! {
+    static REQUEST_METRICS: RefCell<RequestMetrics> = RefCell::new(HashMap::new());
 }
 
 /// `GET /metrics`: sets the gauges from the node's state, then renders everything.
