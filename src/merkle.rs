@@ -24,8 +24,9 @@
 //!
 //! # Caveats
 //!
-//! * Each round hashes every key of the partition on both sides (a full scan); rounds are
-//!   spaced to keep that a small share of a node's work (see `node::sync`).
+//! * Hashed from scratch, a round would read every key of the partition on both sides;
+//!   the node keeps slot digests up to date as writes commit and rescans a bounded
+//!   number of keys per round instead (`storage::digest_cache`).
 //! * A collision of 64-bit digests hides a difference from this round only until the
 //!   next write to that slot changes its digest.
 
@@ -58,46 +59,97 @@ pub fn key_digest(key: &str, state: &KeyState) -> u64 {
 
 /// The digests of every slot (index = slot); slots outside `owned` and empty slots are 0.
 pub fn slot_digests(txn: &dyn ReadTxn, owned: &SlotSet) -> Result<Vec<u64>> {
-    Ok(slot_digests_with(txn, owned, &[])?.0)
+    Ok(slot_digests_with(txn, owned, &[], None)?.digests)
 }
 
 /// Digests [`slot_digests_with`] computed, as `(slot, digest)`.
 pub type Computed = Vec<(u32, u64)>;
 
+/// A rescan of slots whose digests are known, to find damage no write caused: owned
+/// slots from `from` on (wrapping), until `keys` keys were read (at least one slot).
+#[derive(Debug, Clone, Copy)]
+pub struct Refresh {
+    pub from: u32,
+    pub keys: usize,
+}
+
+/// What [`slot_digests_with`] found: every slot's digest, those it computed, and the
+/// slot after the last one its refresh rescanned (where the next should start).
+pub struct Digests {
+    pub digests: Vec<u64>,
+    pub computed: Computed,
+    pub refreshed_to: Option<u32>,
+}
+
 /// Like [`slot_digests`], taking the digest of slot `s` from `known[s]` where it is
 /// `Some` (a digest kept since it was computed: `storage::digest_cache`) and scanning the
-/// others; also returns the digests it computed, by slot.
+/// others, plus the slots `refresh` names.
 pub fn slot_digests_with(
     txn: &dyn ReadTxn,
     owned: &SlotSet,
     known: &[Option<u64>],
-) -> Result<(Vec<u64>, Computed)> {
+    refresh: Option<Refresh>,
+) -> Result<Digests> {
     let mut digests = vec![0u64; SLOTS as usize];
     let mut computed = Vec::new();
     for slot in owned.iter() {
-        if let Some(Some(d)) = known.get(slot as usize) {
-            digests[slot as usize] = *d;
-            continue;
-        }
-        let mut digest = 0u64;
-        let mut after: Option<String> = None;
-        loop {
-            let chunk = txn.scan_slot(slot, after.as_deref(), SCAN_CHUNK)?;
-            let Some((last, _)) = chunk.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            for (key, state) in &chunk {
-                digest = digest.wrapping_add(key_digest(key, state));
-            }
-            if chunk.len() < SCAN_CHUNK {
-                break;
+        match known.get(slot as usize) {
+            Some(Some(d)) => digests[slot as usize] = *d,
+            _ => {
+                let (digest, _) = scan_slot_digest(txn, slot)?;
+                digests[slot as usize] = digest;
+                computed.push((slot, digest));
             }
         }
-        digests[slot as usize] = digest;
-        computed.push((slot, digest));
     }
-    Ok((digests, computed))
+    let mut refreshed_to = None;
+    if let Some(Refresh { from, keys }) = refresh {
+        let mut read = 0;
+        let order = owned
+            .iter()
+            .filter(|&s| s >= from)
+            .chain(owned.iter().filter(|&s| s < from));
+        for slot in order {
+            if read >= keys {
+                break;
+            }
+            refreshed_to = Some((slot + 1) % SLOTS);
+            if matches!(known.get(slot as usize), Some(None) | None) {
+                continue; // scanned above
+            }
+            let (digest, n) = scan_slot_digest(txn, slot)?;
+            read += n.max(1);
+            digests[slot as usize] = digest;
+            computed.push((slot, digest));
+        }
+    }
+    Ok(Digests {
+        digests,
+        computed,
+        refreshed_to,
+    })
+}
+
+/// One slot's digest from its keys in `txn`, and how many keys it read.
+fn scan_slot_digest(txn: &dyn ReadTxn, slot: u32) -> Result<(u64, usize)> {
+    let mut digest = 0u64;
+    let mut read = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let chunk = txn.scan_slot(slot, after.as_deref(), SCAN_CHUNK)?;
+        let Some((last, _)) = chunk.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        read += chunk.len();
+        for (key, state) in &chunk {
+            digest = digest.wrapping_add(key_digest(key, state));
+        }
+        if chunk.len() < SCAN_CHUNK {
+            break;
+        }
+    }
+    Ok((digest, read))
 }
 
 /// The bucket digests of a partition's slot digests.

@@ -22,8 +22,9 @@ use crate::merkle;
 use crate::replica::{Replica, SnapshotRequest, SyncResponse};
 use crate::rpc::{Request, Response};
 
-/// Time between two digest rounds of a replica with one peer. Each round hashes the
-/// partition's keys on both sides; at 100,000 keys that is tens of milliseconds.
+/// Time between two digest rounds of a replica with one peer. A round reads the slot
+/// digests the node keeps and rescans a bounded number of keys on each side
+/// (`storage::digest_cache`).
 pub const DIGEST_INTERVAL: Duration = Duration::from_secs(5);
 /// Snapshot pages one round fetches at most; the next round goes on.
 const MAX_PAGES_PER_ROUND: usize = 64;
@@ -168,17 +169,17 @@ impl Node {
         })
     }
 
-    /// This replica's slot digests: those kept since no write touched their slot
-    /// (`storage::digest_cache`), the others hashed on a blocking thread over one snapshot.
+    /// This replica's slot digests: those the cache keeps (`storage::digest_cache`), the
+    /// others, and the cache's refresh, hashed on a blocking thread over one snapshot.
     async fn slot_digests(self: &Arc<Self>, r: &ReplicaHandle) -> Result<Vec<u64>> {
         let owned = r.owned.clone();
         let cache = self.digests.clone();
         // Before the snapshot opens (`DigestCache::fill`).
         let seen = cache.snapshot();
         self.read_blocking(move |txn| {
-            let (digests, computed) = merkle::slot_digests_with(txn, &owned, &seen.digests)?;
-            cache.fill(&seen, &computed);
-            Ok(digests)
+            let found = merkle::slot_digests_with(txn, &owned, &seen.digests, Some(seen.refresh))?;
+            cache.fill(&seen, &found);
+            Ok(found.digests)
         })
         .await
     }

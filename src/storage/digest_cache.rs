@@ -5,38 +5,51 @@
 //!
 //! A digest round (`node::digests`, `crate::merkle`) needs the digest of every slot the
 //! replica owns. Computed from scratch, that reads and hashes every key of the replica,
-//! once per peer every few seconds: with a million keys, most of two cores. A slot's
-//! digest changes only when one of its keys does, so [`DigestCache`] keeps each slot's
-//! digest until a write to the slot commits, and a round rescans only those slots.
+//! once per peer every few seconds: with a million keys, most of two cores. So
+//! [`DigestCache`] keeps each slot's digest, and keeps it up to date as writes commit.
 //!
 //! # How it stays right
 //!
+//! A slot's digest is the wrapping sum of its keys' digests (`merkle`), so a write that
+//! replaces a key's state changes it by the new state's digest less the old one's.
 //! Every change of a key's state goes through a write transaction of the store, so
-//! [`TrackedStore`] wraps the node's store: its transactions note the slots they touch
-//! (`put`, `delete`, `delete_slot`) and, once the commit returns (whether it succeeded
-//! or not: a failed commit may have applied), forget those slots' digests and bump their
-//! generation. A reopen that replays the write-ahead log (`Store::recover`) forgets
-//! every digest. A round computes the digests it lacks from a read snapshot and stores
-//! each only if the slot's generation is still the one it saw before the snapshot
-//! opened ([`DigestCache::fill`]): a write that committed meanwhile, which the snapshot
-//! may not hold, has bumped it. So a kept digest is always that of the slot's current
-//! contents, as far as writes go.
+//! [`TrackedStore`] wraps the node's store: its transactions note, for each key they put
+//! or delete in a slot whose digest is known, that difference (reading the key's state
+//! before the change, from the transaction itself), and a slot whose keys they delete
+//! wholesale (`delete_slot`) as unknown. Before the commit, the slots it touches get a
+//! new generation; once it returned, their digests move by the differences (or become
+//! unknown, if the commit failed: it may have applied) and their generation moves again.
+//! A reopen that replays the write-ahead log (`Store::recover`) forgets every digest.
+//!
+//! A round computes the digests it lacks from a read snapshot and stores each only if
+//! the slot's generation is still the one it saw before the snapshot opened
+//! ([`DigestCache::fill`]): a write that committed meanwhile, which the snapshot may or
+//! may not hold, has moved it. So a kept digest is always that of the slot's current
+//! contents, as far as writes go, and a write costs its round nothing.
 //!
 //! A disk can also lose or change keys without a write (the damage anti-entropy exists
-//! to repair). So each snapshot also forgets the digests of the next [`REFRESH_SLOTS`]
-//! slots in turn: every slot is rescanned at least once per `SLOTS / REFRESH_SLOTS`
-//! snapshots (16; a node takes about two per peer per digest interval), and such damage
-//! is found within a minute instead of within one round. A round still scans at most a
-//! sixteenth of the replica plus the slots written since the last one.
+//! to repair). So each round also rescans slots whose digests are known, in turn, up to
+//! [`REFRESH_KEYS`] keys ([`merkle::Refresh`]): the work is bounded whatever the data's
+//! size, and such damage is found within `keys / REFRESH_KEYS` rounds (a node makes
+//! about two per peer every `DIGEST_INTERVAL`, 5 s): within a minute up to about
+//! 200,000 keys per replica of a K=3 partition, within about 13 minutes at 10 million.
+//!
+//! Before, a write made its slot's digest unknown and the next round rescanned the slot,
+//! and each round rescanned a sixteenth of the slots besides: the cost of a round grew
+//! with the data, and under writes spread over all slots every round rescanned all of
+//! them. Loading 10 million keys into a 3xK3 cluster slowed from 5,700 to 2,100 keys/s
+//! within 2 million (`bench/scale.sh`, BENCHMARKS.md), most of the nodes' time going to
+//! rescans.
 
 use std::sync::{Arc, Mutex};
 
 use super::{KeyState, LogEntry, ReadTxn, Recovery, Result, Store, WriteTxn};
 use crate::clock::ReplicaId;
+use crate::merkle::{self, Refresh};
 use crate::placement::SLOTS;
 
-/// Slots each [`DigestCache::snapshot`] rescans whatever the cache knows of them.
-pub const REFRESH_SLOTS: u32 = SLOTS / 16;
+/// Keys each round rescans in slots whose digests are known (see the module doc).
+pub const REFRESH_KEYS: usize = 16_384;
 
 /// What is known of each slot's digest.
 pub struct DigestCache {
@@ -49,13 +62,15 @@ struct Known {
     digests: Vec<Option<u64>>,
     /// Per slot: bumped by every write that touches it.
     generations: Vec<u64>,
-    /// First slot the next snapshot rescans anyway.
+    /// First slot the next round rescans anyway.
     refresh_at: u32,
 }
 
 /// A copy of what the cache knew at one moment: see [`DigestCache::snapshot`].
 pub struct Snapshot {
     pub digests: Vec<Option<u64>>,
+    /// What the round should rescan besides the slots whose digests are unknown.
+    pub refresh: Refresh,
     generations: Vec<u64>,
 }
 
@@ -81,29 +96,25 @@ impl DigestCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What is known now, less the next [`REFRESH_SLOTS`] slots' digests. Take it
-    /// before opening the snapshot the missing digests are computed from.
+    /// What is known now, and where the round's refresh starts. Take it before opening
+    /// the snapshot the missing digests are computed from.
     pub fn snapshot(&self) -> Snapshot {
-        let mut known = self.lock();
-        let start = known.refresh_at;
-        known.refresh_at = (start + REFRESH_SLOTS) % SLOTS;
-        let mut digests = known.digests.clone();
-        for slot in start..start + REFRESH_SLOTS {
-            if let Some(d) = digests.get_mut((slot % SLOTS) as usize) {
-                *d = None;
-            }
-        }
+        let known = self.lock();
         Snapshot {
-            digests,
+            digests: known.digests.clone(),
+            refresh: Refresh {
+                from: known.refresh_at,
+                keys: REFRESH_KEYS,
+            },
             generations: known.generations.clone(),
         }
     }
 
-    /// Keeps the digests computed after `seen` was taken, for the slots no write touched
-    /// since.
-    pub fn fill(&self, seen: &Snapshot, computed: &[(u32, u64)]) {
+    /// Keeps the digests of a round that took `seen` before its snapshot opened, for the
+    /// slots no write touched since, and moves the refresh on.
+    pub fn fill(&self, seen: &Snapshot, found: &merkle::Digests) {
         let mut known = self.lock();
-        for &(slot, digest) in computed {
+        for &(slot, digest) in &found.computed {
             let s = slot as usize;
             if known.generations.get(s) == seen.generations.get(s) {
                 if let Some(d) = known.digests.get_mut(s) {
@@ -111,18 +122,46 @@ impl DigestCache {
                 }
             }
         }
+        if let Some(next) = found.refreshed_to {
+            known.refresh_at = next;
+        }
     }
 
-    fn touch(&self, slots: &[u32]) {
-        let mut guard = self.lock();
-        let known = &mut *guard;
+    /// Whether the digest of `slot` is known (a write there need not note a difference).
+    fn knows(&self, slot: u32) -> bool {
+        self.lock()
+            .digests
+            .get(slot as usize)
+            .is_some_and(Option::is_some)
+    }
+
+    /// Before a commit: the rounds that saw the slots as they were keep nothing of them.
+    fn bump(&self, slots: &[u32]) {
+        let mut known = self.lock();
         for &slot in slots {
-            let s = slot as usize;
-            if let (Some(d), Some(g)) = (known.digests.get_mut(s), known.generations.get_mut(s)) {
-                *d = None;
+            if let Some(g) = known.generations.get_mut(slot as usize) {
                 *g += 1;
             }
         }
+    }
+
+    /// After a commit that succeeded: the digests move by the transaction's differences
+    /// (`None`: the slot's digest is unknown now).
+    fn apply(&self, changes: &[(u32, Option<u64>)]) {
+        let mut guard = self.lock();
+        let known = &mut *guard;
+        for &(slot, delta) in changes {
+            let s = slot as usize;
+            if let (Some(d), Some(g)) = (known.digests.get_mut(s), known.generations.get_mut(s)) {
+                *d = d.zip(delta).map(|(d, delta)| d.wrapping_add(delta));
+                *g += 1;
+            }
+        }
+    }
+
+    fn touch(&self, slots: &[u32]) {
+        let changes: Vec<(u32, Option<u64>)> = slots.iter().map(|&s| (s, None)).collect();
+        self.apply(&changes);
     }
 
     fn touch_all(&self) {
@@ -152,7 +191,7 @@ impl Store for TrackedStore {
         Ok(Box::new(TrackedWrite {
             inner: self.inner.write()?,
             cache: &self.cache,
-            touched: Vec::new(),
+            changes: Vec::new(),
         }))
     }
 
@@ -175,8 +214,24 @@ impl Store for TrackedStore {
 struct TrackedWrite<'a> {
     inner: Box<dyn WriteTxn + 'a>,
     cache: &'a DigestCache,
-    /// Slots changed so far (with repeats; a batch touches few keys).
-    touched: Vec<u32>,
+    /// Each change so far: its slot and the difference it makes to the slot's digest
+    /// (`None`: unknown). With repeats; summed at the commit.
+    changes: Vec<(u32, Option<u64>)>,
+}
+
+impl TrackedWrite<'_> {
+    /// Notes that `key` of `slot` is about to become `new` (`None`: deleted).
+    fn note(&mut self, slot: u32, key: &str, new: Option<&KeyState>) -> Result<()> {
+        let delta = if self.cache.knows(slot) {
+            let old = self.inner.get(slot, key)?;
+            let digest = |state: Option<&KeyState>| state.map_or(0, |s| merkle::key_digest(key, s));
+            Some(digest(new).wrapping_sub(digest(old.as_ref())))
+        } else {
+            None
+        };
+        self.changes.push((slot, delta));
+        Ok(())
+    }
 }
 
 impl ReadTxn for TrackedWrite<'_> {
@@ -220,7 +275,7 @@ impl ReadTxn for TrackedWrite<'_> {
 
 impl WriteTxn for TrackedWrite<'_> {
     fn put(&mut self, slot: u32, key: &str, state: &KeyState) -> Result<()> {
-        self.touched.push(slot);
+        self.note(slot, key, Some(state))?;
         self.inner.put(slot, key, state)
     }
     fn log_append(&mut self, entry: &LogEntry) -> Result<()> {
@@ -236,11 +291,11 @@ impl WriteTxn for TrackedWrite<'_> {
         self.inner.delete_meta(name)
     }
     fn delete_slot(&mut self, slot: u32, limit: usize) -> Result<usize> {
-        self.touched.push(slot);
+        self.changes.push((slot, None));
         self.inner.delete_slot(slot, limit)
     }
     fn delete(&mut self, slot: u32, key: &str) -> Result<()> {
-        self.touched.push(slot);
+        self.note(slot, key, None)?;
         self.inner.delete(slot, key)
     }
     fn log_clear(&mut self) -> Result<()> {
@@ -250,12 +305,28 @@ impl WriteTxn for TrackedWrite<'_> {
         let TrackedWrite {
             inner,
             cache,
-            mut touched,
+            changes,
         } = *self;
+        // One difference per slot (unknown if any change to it was).
+        let mut summed: Vec<(u32, Option<u64>)> = Vec::new();
+        let mut sorted = changes;
+        sorted.sort_by_key(|&(slot, _)| slot);
+        for (slot, delta) in sorted {
+            match summed.last_mut() {
+                Some((last, sum)) if *last == slot => {
+                    *sum = sum.zip(delta).map(|(a, b)| a.wrapping_add(b));
+                }
+                _ => summed.push((slot, delta)),
+            }
+        }
+        let slots: Vec<u32> = summed.iter().map(|&(slot, _)| slot).collect();
+        cache.bump(&slots);
         let committed = inner.commit();
-        touched.sort_unstable();
-        touched.dedup();
-        cache.touch(&touched);
+        if committed.is_ok() {
+            cache.apply(&summed);
+        } else {
+            cache.touch(&slots);
+        }
         committed
     }
 }
@@ -284,8 +355,26 @@ mod tests {
         }
     }
 
+    /// One round as the node runs it, with a refresh of `budget` keys; returns the
+    /// digests and how many slots it scanned.
+    fn round(
+        cache: &DigestCache,
+        store: &TrackedStore,
+        owned: &SlotSet,
+        budget: usize,
+    ) -> (Vec<u64>, usize) {
+        let mut seen = cache.snapshot();
+        seen.refresh.keys = budget;
+        let txn = store.read().expect("read");
+        let found = merkle::slot_digests_with(&*txn, owned, &seen.digests, Some(seen.refresh))
+            .expect("digests");
+        cache.fill(&seen, &found);
+        (found.digests, found.computed.len())
+    }
+
     /// Digests kept by the cache are always those a full scan computes, through puts,
-    /// deletes, slot deletions, failed rounds interleaved with writes, and a recovery.
+    /// overwrites, deletes, slot deletions, rounds whose snapshots a commit overtook, and
+    /// a recovery; and once known, writes cost a round no rescans.
     #[test]
     fn kept_digests_match_a_full_scan() {
         let cache = Arc::new(DigestCache::new());
@@ -294,62 +383,86 @@ mod tests {
         for slot in (0..SLOTS).step_by(7) {
             owned.insert(slot);
         }
-        let check = |what: &str| {
-            let seen = cache.snapshot();
+        let full = || {
             let txn = store.read().expect("read");
-            let (cached, computed) =
-                merkle::slot_digests_with(&*txn, &owned, &seen.digests).expect("digests");
-            cache.fill(&seen, &computed);
-            let full = merkle::slot_digests(&*txn, &owned).expect("digests");
-            assert_eq!(cached, full, "{what}");
-            computed.len()
+            merkle::slot_digests(&*txn, &owned).expect("digests")
+        };
+        let check = |what: &str| {
+            let (cached, scanned) = round(&cache, &store, &owned, 1);
+            assert_eq!(cached, full(), "{what}");
+            scanned
         };
         let mut counter = 0;
-        for round in 0..20u32 {
+        for round_no in 0..20u32 {
             let mut w = store.write().expect("write");
             for i in 0..50u32 {
                 counter += 1;
-                let slot = (round * 31 + i * 7) % SLOTS;
-                w.put(slot, &format!("k{round}-{i}"), &state(counter))
-                    .expect("put");
+                // Owned slots and others; new keys, and keys written in earlier rounds.
+                let slot = (round_no * 31 + i * 7) % SLOTS;
+                let key = format!("k{}-{i}", round_no % 4);
+                w.put(slot, &key, &state(counter)).expect("put");
+                if i % 10 == 0 {
+                    counter += 1;
+                    w.put(slot, &key, &state(counter)).expect("overwrite");
+                }
             }
-            if round % 3 == 0 {
-                w.delete((round * 31) % SLOTS, &format!("k{round}-0"))
+            if round_no % 3 == 0 {
+                w.delete((round_no * 31) % SLOTS, &format!("k{}-0", round_no % 4))
                     .expect("delete");
             }
-            if round % 5 == 4 {
-                w.delete_slot((round * 31 + 7) % SLOTS, 1_000)
-                    .expect("delete slot");
+            let wiped = (round_no % 5 == 4).then(|| (round_no * 31 + 7) % SLOTS);
+            if let Some(slot) = wiped {
+                w.delete_slot(slot, 1_000).expect("delete slot");
             }
             // A round's snapshot taken before this commit must not keep its digests.
             let stale = cache.snapshot();
             let before = store.read().expect("read");
-            let (_, computed) =
-                merkle::slot_digests_with(&*before, &owned, &stale.digests).expect("digests");
+            let found =
+                merkle::slot_digests_with(&*before, &owned, &stale.digests, None).expect("digests");
             drop(before);
             w.commit().expect("commit");
-            cache.fill(&stale, &computed);
-            check(&format!("round {round}"));
-            // Nothing written since: only the slots due for a refresh are scanned.
-            let again = check(&format!("round {round}, again"));
-            assert!(again <= REFRESH_SLOTS as usize, "{again} slots scanned");
+            cache.fill(&stale, &found);
+            let scanned = check(&format!("round {round_no}"));
+            if round_no > 0 {
+                // Only a wiped slot is unknown, and the refresh scans one slot.
+                let wiped = usize::from(wiped.is_some_and(|s| owned.contains(s)));
+                assert!(
+                    scanned <= 1 + wiped,
+                    "round {round_no}: {scanned} slots scanned"
+                );
+            }
         }
         store.recover().expect("recover");
-        assert_eq!(check("after a recovery"), owned.len());
+        assert!(check("after a recovery") >= owned.len());
 
         // A key changed behind the store's back (as a disk could, with no write of
-        // ours) is found within one turn of the refresh.
+        // ours) is found once the refresh comes round to its slot.
         let mut w = store.inner.write().expect("write");
         w.put(0, "behind", &state(999_999)).expect("put");
         w.commit().expect("commit");
-        let found = (0..SLOTS / REFRESH_SLOTS).any(|_| {
-            let seen = cache.snapshot();
-            let txn = store.read().expect("read");
-            let (cached, computed) =
-                merkle::slot_digests_with(&*txn, &owned, &seen.digests).expect("digests");
-            cache.fill(&seen, &computed);
-            cached == merkle::slot_digests(&*txn, &owned).expect("digests")
-        });
+        assert_ne!(round(&cache, &store, &owned, 0).0, full());
+        let found = (0..owned.len()).any(|_| round(&cache, &store, &owned, 1).0 == full());
         assert!(found, "slot 0 was never rescanned");
+    }
+
+    /// A round rescans about its budget of keys, whatever the data's size.
+    #[test]
+    fn the_refresh_reads_about_its_budget() {
+        let cache = Arc::new(DigestCache::new());
+        let store = TrackedStore::new(Arc::new(MemoryStore::new()), cache.clone());
+        let owned: SlotSet = (0..SLOTS).collect();
+        let mut w = store.write().expect("write");
+        for i in 0..(4 * SLOTS) {
+            w.put(i % SLOTS, &format!("k{i}"), &state(u64::from(i) + 1))
+                .expect("put");
+        }
+        w.commit().expect("commit");
+        let (_, first) = round(&cache, &store, &owned, 100);
+        assert!(first >= SLOTS as usize, "every slot scanned once: {first}");
+        for _ in 0..3 {
+            // 4 keys per slot: 25 slots make the 100 keys.
+            let (_, scanned) = round(&cache, &store, &owned, 100);
+            assert_eq!(scanned, 25);
+        }
     }
 }
