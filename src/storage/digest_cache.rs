@@ -30,9 +30,11 @@
 //! A disk can also lose or change keys without a write (the damage anti-entropy exists
 //! to repair). So each round also rescans slots whose digests are known, in turn, up to
 //! [`REFRESH_KEYS`] keys ([`merkle::Refresh`]): the work is bounded whatever the data's
-//! size, and such damage is found within `keys / REFRESH_KEYS` rounds (a node makes
-//! about two per peer every `DIGEST_INTERVAL`, 5 s): within a minute up to about
-//! 200,000 keys per replica of a K=3 partition, within about 13 minutes at 10 million.
+//! size, and such damage is found within `keys / REFRESH_KEYS` rounds. A replica takes
+//! part in about two rounds per peer every `DIGEST_INTERVAL` (5 s; its own and the
+//! peer's), so with two peers (K=3) it rescans about 13,000 keys a second: a minute
+//! covers about 800,000 keys, 10 million take about 13 minutes (longer when two rounds
+//! overlap and rescan the same slots).
 //!
 //! Before, a write made its slot's digest unknown and the next round rescanned the slot,
 //! and each round rescanned a sixteenth of the slots besides: the cost of a round grew
