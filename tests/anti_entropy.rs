@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use kvs::clock::{CausalToken, Dot, VersionVector};
 use kvs::keystate::{KeyState, Version};
-use kvs::node::{Node, NodeConfig, DIGEST_INTERVAL};
+use kvs::node::{Node, DIGEST_INTERVAL};
 use kvs::placement::{slot_of, View};
 use kvs::quorum::Level;
 use kvs::storage::{MemoryStore, Store};
@@ -51,19 +51,7 @@ impl Cluster {
         };
         for m in members {
             let store = Arc::new(MemoryStore::new());
-            let cfg = NodeConfig {
-                addr: m.clone(),
-                env_view: Some(view.clone()),
-                k: Some(n),
-                secret: "ae-test".into(),
-                admin_token: None,
-                join: None,
-                levels: Default::default(),
-                tombstone_horizon: std::time::Duration::from_secs(60),
-                auto_replace_after: None,
-            };
-            let node = Node::start(cfg, store.clone(), transport.clone()).expect("node starts");
-            transport.register(&m, &node);
+            let node = transport.start_node(&m, Some(view.clone()), Some(n), store.clone());
             c.nodes.push(node);
             c.stores.push(store);
         }

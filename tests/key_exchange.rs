@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvs::node::{Node, NodeConfig};
+use kvs::node::Node;
 use kvs::placement::View;
 use kvs::storage::MemoryStore;
 
@@ -22,20 +22,12 @@ use common::loopback::Loopback;
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn start(transport: &Arc<Loopback>, addr: &str, view: &View) -> Arc<Node> {
-    let cfg = NodeConfig {
-        addr: addr.to_string(),
-        env_view: Some(view.clone()),
-        k: Some(1),
-        secret: "key-exchange-test".into(),
-        admin_token: None,
-        join: None,
-        levels: Default::default(),
-        tombstone_horizon: Duration::from_secs(60),
-        auto_replace_after: None,
-    };
-    let node = Node::start(cfg, Arc::new(MemoryStore::new()), transport.clone()).expect("starts");
-    transport.register(addr, &node);
-    node
+    transport.start_node(
+        addr,
+        Some(view.clone()),
+        Some(1),
+        Arc::new(MemoryStore::new()),
+    )
 }
 
 /// The generator (the view's first member) and a second member have waited long enough

@@ -18,7 +18,7 @@ use std::time::Duration;
 use kvs::clock::CausalToken;
 use kvs::clock::Dot;
 use kvs::keystate::{KeyState, Version};
-use kvs::node::{Node, NodeConfig};
+use kvs::node::Node;
 use kvs::placement::slot_of;
 use kvs::placement::{Change, Layout, Movement, Role, View};
 use kvs::storage::{MemoryStore, Store};
@@ -60,21 +60,9 @@ impl Cluster {
 
     /// Starts a node process: a member of `view`, or a blank node when `None`.
     fn add_process(&mut self, name: &str, view: Option<View>) {
-        let cfg = NodeConfig {
-            addr: name.to_string(),
-            env_view: view,
-            k: None,
-            secret: "shard-test".into(),
-            admin_token: None,
-            join: None,
-            levels: Default::default(),
-            tombstone_horizon: std::time::Duration::from_secs(60),
-            auto_replace_after: None,
-        };
         let store = Arc::new(MemoryStore::new());
-        let node = Node::start(cfg, store.clone(), self.transport.clone()).expect("node starts");
+        let node = self.transport.start_node(name, view, None, store.clone());
         self.stores.insert(name.to_string(), store);
-        self.transport.register(name, &node);
         self.nodes.insert(name.to_string(), node);
     }
 

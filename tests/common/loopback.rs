@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use kvs::node::Node;
+use kvs::node::{Node, NodeConfig};
+use kvs::placement::View;
 use kvs::rpc::{CallError, CallFuture, Envelope, Response, Transport};
+use kvs::storage::MemoryStore;
 
 /// Delivers every call to the named node's `handle_rpc` on its own task, through the
 /// codec. A name with no running node is "nobody there".
@@ -48,5 +50,30 @@ impl Loopback {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), Arc::downgrade(node));
+    }
+
+    /// Starts a node named `addr` on `store` with this transport, a member of `view` (a
+    /// blank node when `None`; `k` as `K` gives it), and delivers calls to it.
+    pub fn start_node(
+        self: &Arc<Self>,
+        addr: &str,
+        view: Option<View>,
+        k: Option<usize>,
+        store: Arc<MemoryStore>,
+    ) -> Arc<Node> {
+        let cfg = NodeConfig {
+            addr: addr.to_string(),
+            env_view: view,
+            k,
+            secret: "loopback-test".into(),
+            admin_token: None,
+            join: None,
+            levels: Default::default(),
+            tombstone_horizon: Duration::from_secs(60),
+            auto_replace_after: None,
+        };
+        let node = Node::start(cfg, store, self.clone()).expect("node starts");
+        self.register(addr, &node);
+        node
     }
 }
