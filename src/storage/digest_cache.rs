@@ -43,6 +43,7 @@
 //! within 2 million (`bench/scale.sh`, BENCHMARKS.md), most of the nodes' time going to
 //! rescans.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::{KeyState, LogEntry, ReadTxn, Recovery, Result, Store, WriteTxn};
@@ -129,7 +130,8 @@ impl DigestCache {
         }
     }
 
-    /// Whether the digest of `slot` is known (a write there need not note a difference).
+    /// Whether the digest of `slot` is known: only then does a write to it need the
+    /// difference it makes.
     fn knows(&self, slot: u32) -> bool {
         self.lock()
             .digests
@@ -310,17 +312,12 @@ impl WriteTxn for TrackedWrite<'_> {
             changes,
         } = *self;
         // One difference per slot (unknown if any change to it was).
-        let mut summed: Vec<(u32, Option<u64>)> = Vec::new();
-        let mut sorted = changes;
-        sorted.sort_by_key(|&(slot, _)| slot);
-        for (slot, delta) in sorted {
-            match summed.last_mut() {
-                Some((last, sum)) if *last == slot => {
-                    *sum = sum.zip(delta).map(|(a, b)| a.wrapping_add(b));
-                }
-                _ => summed.push((slot, delta)),
-            }
+        let mut sums: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+        for (slot, delta) in changes {
+            let sum = sums.entry(slot).or_insert(Some(0));
+            *sum = sum.zip(delta).map(|(a, b)| a.wrapping_add(b));
         }
+        let summed: Vec<(u32, Option<u64>)> = sums.into_iter().collect();
         let slots: Vec<u32> = summed.iter().map(|&(slot, _)| slot).collect();
         cache.bump(&slots);
         let committed = inner.commit();
