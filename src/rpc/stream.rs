@@ -181,6 +181,11 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
             continue;
         }
         batch.extend_from_slice(&first);
+        // Let the tasks that are ready run first: under load, they are the handlers
+        // about to queue more frames, and the write below then carries them too (six
+        // frames per write instead of one and a half, forwarding GETs at 64 clients).
+        // Idle, no task is ready and this returns at once.
+        tokio::task::yield_now().await;
         while batch.len() < WRITE_BATCH {
             match queue.try_recv() {
                 Ok(next) => batch.extend_from_slice(&next),
