@@ -115,6 +115,9 @@ pub struct RedbStore {
     /// clone the `Arc` only to begin a transaction, so dropping this one closes it.
     db: RwLock<Option<Arc<redb::Database>>>,
     wal: Mutex<WalState>,
+    /// The read snapshot of the latest commit, shared by every reader until the next
+    /// commit drops it ([`Store::read`]).
+    snapshot: Mutex<Option<RedbRead>>,
     /// When to checkpoint: [`CHECKPOINT_BYTES`] and [`CHECKPOINT_INTERVAL`] but in tests.
     checkpoint_bytes: u64,
     checkpoint_interval: Duration,
@@ -339,6 +342,7 @@ impl RedbStore {
             }),
             checkpoint_bytes: CHECKPOINT_BYTES,
             checkpoint_interval: CHECKPOINT_INTERVAL,
+            snapshot: Mutex::new(None),
             #[cfg(test)]
             fail_next_commit: std::sync::atomic::AtomicBool::new(false),
         })
@@ -348,6 +352,10 @@ impl RedbStore {
         // A panic mid-commit poisons the lock; the state it guards is still whole (the
         // `fault` flag covers a commit that went half way).
         self.wal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot(&self) -> std::sync::MutexGuard<'_, Option<RedbRead>> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The open database, or why there is none.
@@ -425,6 +433,9 @@ impl RedbStore {
             w.fault = Some(Fault::Broken(e.clone()));
             return Err(StorageError::OutcomeUnknown(e));
         }
+        // Readers from now on must see this batch: the acknowledgements of its writes
+        // are sent after this returns.
+        *self.snapshot() = None;
         if checkpoint {
             w.checkpointed = Instant::now();
             if let Err(e) = w.wal.reset() {
@@ -483,14 +494,27 @@ impl Drop for RedbStore {
 }
 
 impl Store for RedbStore {
+    /// Every reader between two commits shares one read transaction: beginning one
+    /// and opening its `kv` table cost a GET at 64 clients about a tenth of its
+    /// instructions, more than the lookup itself. It is begun under the lock a commit
+    /// takes to drop it, after redb committed: a reader either comes after the drop and
+    /// begins a transaction that sees the commit, or the drop comes after it. Between
+    /// commits, the shared snapshot is as new as any. It pins only pages of the latest
+    /// state, and is let go at the next commit.
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        let mut shared = self.snapshot();
+        if let Some(read) = &*shared {
+            return Ok(Box::new(read.clone()));
+        }
         // The transaction outlives this handle on the database: closing the database
         // (to reopen it) must not wait for readers.
         let txn = self.db()?.begin_read().map_err(engine)?;
-        Ok(Box::new(RedbRead {
-            txn,
-            kv: std::cell::OnceCell::new(),
-        }))
+        let read = RedbRead {
+            txn: Arc::new(txn),
+            kv: Arc::default(),
+        };
+        *shared = Some(read.clone());
+        Ok(Box::new(read))
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
@@ -535,6 +559,7 @@ impl Store for RedbStore {
         // Closing the database releases its file lock (redb ends the read transactions
         // still open on it); a reader holding the handle for a moment delays it to the
         // next attempt.
+        *self.snapshot() = None;
         let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(old);
         let (db, wal, next_seq) = open_engine(&self.dir, self.cache_bytes)?;
@@ -575,6 +600,58 @@ mod tests {
         }
         let err = RedbStore::open(dir.path()).err().expect("refused");
         assert!(err.to_string().contains("storage format 1"), "{err}");
+    }
+
+    /// Readers share one snapshot between commits; a read begun after a commit returned
+    /// (after its writes were acknowledged) must see it, from any thread.
+    #[test]
+    fn a_read_after_a_commit_sees_it_though_readers_share_a_snapshot() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path()).expect("open");
+        let value_of = |s: crate::storage::KeyState| -> u64 {
+            let v = s.versions[0].value.clone().expect("a value");
+            String::from_utf8(v)
+                .expect("utf-8")
+                .parse()
+                .expect("a number")
+        };
+        let commit = |i: u64| {
+            let mut w = store.write().expect("write");
+            w.put(1, "k", &state_of(Some(&i.to_string()))).expect("put");
+            w.commit().expect("commit");
+        };
+        commit(0);
+        let before = store.read().expect("read");
+        commit(1);
+        let after = store.read().expect("read");
+        assert_eq!(value_of(after.get(1, "k").expect("get").expect("state")), 1);
+        // A snapshot taken before keeps reading what it read.
+        assert_eq!(
+            value_of(before.get(1, "k").expect("get").expect("state")),
+            0
+        );
+        drop((before, after));
+
+        const COMMITS: u64 = 500;
+        let acked = AtomicU64::new(1);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| loop {
+                    let seen = acked.load(Ordering::Acquire);
+                    let read = store.read().expect("read");
+                    let got = value_of(read.get(1, "k").expect("get").expect("state"));
+                    assert!(got >= seen, "read {got} after commit {seen} returned");
+                    if seen == COMMITS {
+                        break;
+                    }
+                });
+            }
+            for i in 2..=COMMITS {
+                commit(i);
+                acked.store(i, Ordering::Release);
+            }
+        });
     }
 
     #[test]

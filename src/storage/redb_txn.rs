@@ -3,6 +3,8 @@
 //! batch durable at commit (`redb_store.rs`); the replay at open applies the same
 //! records the same way.
 
+use std::sync::Arc;
+
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -207,10 +209,13 @@ fn scan_slot_in(
 
 /// A redb read transaction. Its `kv` table is opened on first use and kept: serving a
 /// sync page reads many keys from one snapshot, and opening a table (a lookup of its
-/// name in the table tree) cost about as much as the read itself.
+/// name in the table tree) cost about as much as the read itself. A clone reads the
+/// same snapshot through the same open table (`RedbStore::read` hands one snapshot to
+/// every reader until the next commit).
+#[derive(Clone)]
 pub(super) struct RedbRead {
-    pub(super) txn: redb::ReadTransaction,
-    pub(super) kv: std::cell::OnceCell<redb::ReadOnlyTable<KvKey, &'static [u8]>>,
+    pub(super) txn: Arc<redb::ReadTransaction>,
+    pub(super) kv: Arc<std::sync::OnceLock<redb::ReadOnlyTable<KvKey, &'static [u8]>>>,
 }
 
 impl RedbRead {
