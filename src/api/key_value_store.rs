@@ -263,7 +263,7 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                     "message": "Retrieved successfully",
                     "version": version,
                     "causal-metadata": metadata,
-                    "value": String::from_utf8_lossy(&value),
+                    "value": super::value_text(&value),
                 }),
             ))
         }

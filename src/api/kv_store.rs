@@ -318,7 +318,7 @@ impl<'a> KeyAnswer<'a> {
     }
 
     fn to_json(&self) -> Vec<u8> {
-        let value = self.value.map(String::from_utf8_lossy);
+        let value = self.value.map(super::value_text);
         let mut out = Vec::with_capacity(
             128 + self.causal_payload.len() + value.as_ref().map_or(0, |v| v.len()),
         );

@@ -204,7 +204,7 @@ async fn serve(node: &Arc<Node>, request: Request) -> Result<Response, Error> {
                 Some((value, _)) => {
                     answer.insert("doesExist".into(), json!(true));
                     answer.insert("message".into(), json!("Retrieved successfully"));
-                    answer.insert("value".into(), json!(String::from_utf8_lossy(&value)));
+                    answer.insert("value".into(), json!(super::value_text(&value)));
                     StatusCode::OK
                 }
                 None => {
