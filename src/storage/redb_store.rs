@@ -32,6 +32,14 @@
 //! unless every record it could hide is already in the checkpoint. Opening anyway would
 //! lose acknowledged writes; the node's `--rebuild` moves such a directory aside.
 //!
+//! # Reads
+//!
+//! Readers between two commits share one redb read transaction and its open `kv` table
+//! ([`Store::read`]): beginning one per read cost a GET more than its lookup. A commit
+//! drops the shared one after redb committed and before the batch's writes are
+//! acknowledged, so a read that begins after an acknowledgement sees the write; a
+//! reopen after a disk fault drops it too.
+//!
 //! # Disk faults
 //!
 //! A failed commit says what became of its batch:
@@ -469,6 +477,7 @@ impl RedbStore {
 impl Drop for RedbStore {
     /// A clean close leaves everything in redb and the WAL empty.
     fn drop(&mut self) {
+        *self.snapshot() = None;
         let mut w = self.wal();
         if matches!(w.fault, Some(Fault::Broken(_))) || w.wal.is_empty() {
             return;
@@ -564,6 +573,9 @@ impl Store for RedbStore {
         drop(old);
         let (db, wal, next_seq) = open_engine(&self.dir, self.cache_bytes)?;
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        // A reader may have begun a snapshot of the old database between the first drop
+        // and its close; none may outlive the reopen (which can add a replayed batch).
+        *self.snapshot() = None;
         w.wal = wal;
         w.next_seq = next_seq;
         w.checkpointed = Instant::now();
