@@ -88,7 +88,7 @@ measure() { # round system url script op conc
 
 # The markdown table of the median round per cell; $1 names the column of ratios.
 summarize() { # reference-system
-python3 - "$results" "$DURATION" "$ROUNDS" "$1" <<'PY'
+python3 - "$results" "$DURATION" "$ROUNDS" "$1" "${WORKLOAD:-10,000 keys, 256-byte values}" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 def ms(t):
@@ -105,7 +105,7 @@ for key, runs in cells.items():
     runs.sort()
     data[key] = runs[(len(runs) - 1) // 2] + (runs[0][0], runs[-1][0])
 print(f"wrk, {sys.argv[3]} interleaved rounds of {sys.argv[2]} s per cell, median round shown; "
-      "10,000 keys, 256-byte values, one entry node per system\n")
+      f"{sys.argv[5]}, one entry node per system\n")
 ref = sys.argv[4]
 print(f"| system | op | conc | req/s | p50 ms | p99 ms | req/s over the rounds | {ref} / this |")
 print("|---|---|---|---|---|---|---|---|")
